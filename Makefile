@@ -1,0 +1,47 @@
+# ipvs-operator: `make demo` runs it end to end, `make test` runs every test.
+# Both install what they need first (`make setup`, idempotent).
+
+CARGO ?= cargo
+RUSTUP ?= rustup
+# Debian packages the tests and the demo need: qemu and the pieces of the VM's
+# initramfs (busybox, ipvsadm, iproute2, kmod for depmod), cpio to pack it.
+APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio
+RUST_TARGETS := wasm32-wasip2 x86_64-unknown-linux-musl
+
+.PHONY: all setup build test test-unit demo bench clean-vm
+
+all: build
+
+## setup: install the Rust targets and Debian packages (idempotent).
+setup:
+	@installed="$$($(RUSTUP) target list --installed)"; \
+	for t in $(RUST_TARGETS); do \
+	  echo "$$installed" | grep -qx "$$t" || $(RUSTUP) target add "$$t"; \
+	done
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+build: setup
+	$(CARGO) build --release --workspace
+
+## test: every test — unit, policy, CLI, and the kernel tests in the VM.
+test: setup test-unit
+
+## test-unit: the tests that run on this machine without a VM.
+test-unit:
+	$(CARGO) test --release --workspace
+
+## demo: evaluate the original project's example (for now: offline, with `eval`).
+demo: setup
+	$(CARGO) build --release -p ipvs-operator
+	./target/release/ipvs-operator eval --weighted-service examples/seed-canary.yaml --pods examples/seed-canary-pods.yaml
+
+## bench: the benchmarks; each writes target/bench/<name>.json.
+bench: setup
+	$(CARGO) bench -p ipvs-operator --bench policy-eval

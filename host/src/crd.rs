@@ -1,0 +1,277 @@
+//! The `WeightedService` custom resource (`codesink.net/v1alpha1`), in exactly
+//! the format of the original ipvs-operator: a `ServiceSpec` inlined, plus
+//! `scheduler` and `weights`. New here: the optional `policy` and a `status`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ServiceSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The policy used when `spec.policy` is absent.
+pub const DEFAULT_POLICY: &str = "label-selector";
+
+/// The scheduler used when `spec.scheduler` is absent or empty (as in the original).
+pub const DEFAULT_SCHEDULER: &str = "wrr";
+
+/// The IPVS schedulers of the Linux kernel, by the names ipvsadm and kube-proxy use.
+pub const SCHEDULERS: &[&str] = &[
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos",
+];
+
+/// Schedulers under which a weight means only "zero or not": rr, lc and dh.
+pub const WEIGHT_BLIND_SCHEDULERS: &[&str] = &["rr", "lc", "dh"];
+
+/// Schedulers that hash connections to destinations: a weight-0 destination keeps
+/// its slots there, so connections hashing to it fail.
+pub const HASHING_SCHEDULERS: &[&str] = &["sh", "mh"];
+
+/// A Service whose IPVS destinations get weights from a policy.
+///
+/// Every `ServiceSpec` field may appear in the spec, as in the original
+/// ipvs-operator: the owned Service is created from them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "codesink.net",
+    version = "v1alpha1",
+    kind = "WeightedService",
+    plural = "weightedservices",
+    shortname = "wsvc",
+    namespaced,
+    status = "WeightedServiceStatus",
+    printcolumn(name = "Service", type_ = "string", json_path = ".status.serviceName"),
+    printcolumn(name = "Policy", type_ = "string", json_path = ".status.policy.name"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedServiceSpec {
+    /// The Service to create, as a `ServiceSpec` (its fields are inlined).
+    #[serde(flatten)]
+    pub service: ServiceSpec,
+
+    /// The IPVS scheduler for the Service's virtual services (default `wrr`).
+    /// Only wrr, wlc, sed, nq, lblc, lblcr, sh and mh take weights into account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "scheduler_schema")]
+    pub scheduler: Option<String>,
+
+    /// Label groups in order: an endpoint takes the weight of the last group whose
+    /// selector matches its pod's labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<WeightGroup>,
+
+    /// The policy that computes the weights (default: `label-selector`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyRef>,
+}
+
+/// One entry of `spec.weights`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct WeightGroup {
+    /// The IPVS weight of each matching endpoint (0..=65535).
+    #[schemars(range(min = 0, max = 65535))]
+    pub weight: u32,
+    /// Pod labels that must all match (the Service selector is implied).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+/// Which policy computes the weights, and its configuration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRef {
+    /// A built-in policy or a module in the policy directory (`NAME.wasm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Free JSON handed to the policy. `"allowAllZero": true` lets it give every
+    /// ready endpoint weight 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_json_schema")]
+    pub config: Option<serde_json::Value>,
+    /// Pin: the SHA-256 of the module's bytes (hex). A module that differs is not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+/// What the controller observed and decided.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WeightedServiceStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The name of the Service this WeightedService owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// The policy in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyStatus>,
+    /// `PolicyReady`, `ServiceReady`, `Ready`, and warnings (`SchedulerIgnoresWeights`,
+    /// `ZeroWeightUnderHashing`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Per group of `spec.weights`: endpoints matched and their share of new connections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupStatus>,
+    /// The policy's message, or the reason it could not be applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The policy a WeightedService uses.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct PolicyStatus {
+    /// Its name.
+    pub name: String,
+    /// The SHA-256 of its module (hex).
+    pub sha256: String,
+}
+
+/// One group's part of the split.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct GroupStatus {
+    /// The group's selector; empty for the endpoints no group matches.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// The weight `spec.weights` gives the group; absent for the endpoints no group matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Ready endpoints in the group.
+    pub endpoints: u32,
+    /// The group's expected share of new connections, 0..=1, from the weights decided.
+    pub share: f64,
+}
+
+impl WeightedService {
+    /// The scheduler to program: `spec.scheduler`, or `wrr` when absent or empty.
+    pub fn scheduler(&self) -> &str {
+        match self.spec.scheduler.as_deref() {
+            None | Some("") => DEFAULT_SCHEDULER,
+            Some(s) => s,
+        }
+    }
+
+    /// The policy name: `spec.policy.name`, or `label-selector`.
+    pub fn policy_name(&self) -> &str {
+        self.spec
+            .policy
+            .as_ref()
+            .and_then(|p| p.name.as_deref())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(DEFAULT_POLICY)
+    }
+
+    /// The policy config as JSON text (`{}` when absent).
+    pub fn policy_config(&self) -> String {
+        self.spec
+            .policy
+            .as_ref()
+            .and_then(|p| p.config.as_ref())
+            .map_or_else(|| "{}".to_string(), |c| c.to_string())
+    }
+
+    /// The sha256 pin, if any.
+    pub fn policy_sha256(&self) -> Option<&str> {
+        self.spec.policy.as_ref().and_then(|p| p.sha256.as_deref())
+    }
+}
+
+fn scheduler_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut names: Vec<&str> = vec![""];
+    names.extend_from_slice(SCHEDULERS);
+    schemars::json_schema!({
+        "type": "string",
+        "description": "The IPVS scheduler (default wrr; an empty string also means wrr). Only wrr, wlc, sed, nq, lblc, lblcr, sh and mh take weights into account.",
+        "enum": names,
+    })
+}
+
+fn free_json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "description": "Free JSON handed to the policy. \"allowAllZero\": true lets it give every ready endpoint weight 0.",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The WeightedService of the original project's README, verbatim.
+    const SEED_README: &str = r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata:
+  name: example
+spec:
+  selector:
+    app: nginx
+  ports:
+  - protocol: TCP
+    port: 80
+    targetPort: www
+  scheduler: wlc
+  weights:
+  - weight: 10
+    selector:
+      env: prod
+  - weight: 1
+    selector:
+      env: canary
+"#;
+
+    #[test]
+    fn the_original_readme_example_parses() {
+        let ws: WeightedService = serde_yaml::from_str(SEED_README).unwrap();
+        assert_eq!(ws.metadata.name.as_deref(), Some("example"));
+        assert_eq!(ws.scheduler(), "wlc");
+        assert_eq!(ws.policy_name(), DEFAULT_POLICY);
+        assert_eq!(ws.spec.weights.len(), 2);
+        assert_eq!(ws.spec.weights[0].weight, 10);
+        assert_eq!(ws.spec.weights[1].selector.get("env").map(String::as_str), Some("canary"));
+        let ports = ws.spec.service.ports.as_ref().unwrap();
+        assert_eq!(ports[0].port, 80);
+        assert_eq!(
+            ports[0].target_port,
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("www".into()))
+        );
+        let selector = ws.spec.service.selector.as_ref().unwrap();
+        assert_eq!(selector.get("app").map(String::as_str), Some("nginx"));
+    }
+
+    #[test]
+    fn an_empty_scheduler_means_wrr_as_in_the_original() {
+        // The Go type serialized `scheduler` without omitempty, so "" reaches us.
+        let ws: WeightedService = serde_yaml::from_str(&SEED_README.replace("scheduler: wlc", "scheduler: \"\"")).unwrap();
+        assert_eq!(ws.scheduler(), "wrr");
+        let ws: WeightedService = serde_yaml::from_str(&SEED_README.replace("  scheduler: wlc\n", "")).unwrap();
+        assert_eq!(ws.scheduler(), "wrr");
+    }
+
+    #[test]
+    fn the_service_spec_round_trips_inline() {
+        let ws: WeightedService = serde_yaml::from_str(SEED_README).unwrap();
+        let json = serde_json::to_value(&ws).unwrap();
+        assert_eq!(json["spec"]["selector"]["app"], "nginx");
+        assert_eq!(json["spec"]["ports"][0]["targetPort"], "www");
+        assert_eq!(json["spec"]["scheduler"], "wlc");
+        let back: WeightedService = serde_json::from_value(json).unwrap();
+        assert_eq!(back.spec, ws.spec);
+    }
+
+    #[test]
+    fn policy_fields() {
+        let text = SEED_README.to_string()
+            + "  policy:\n    name: gradual-rollout\n    config: {canary: {env: canary}, allowAllZero: true}\n";
+        let ws: WeightedService = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(ws.policy_name(), "gradual-rollout");
+        let config: serde_json::Value = serde_json::from_str(&ws.policy_config()).unwrap();
+        assert_eq!(config["canary"]["env"], "canary");
+        assert_eq!(config["allowAllZero"], true);
+    }
+}

@@ -1,0 +1,358 @@
+//! A `Snapshot` is everything one policy evaluation sees for one WeightedService:
+//! the Service, the weight groups, the config, the endpoints with their pod
+//! labels and ports, the evaluating node, and `now`. The agent builds it from
+//! EndpointSlices and pod metadata; `ipvs-operator eval` builds it from a file of
+//! Pods with [`Snapshot::from_pods`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use k8s_openapi::api::core::v1::{Pod, ServicePort};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{WeightGroup, WeightedService};
+
+/// Labels, annotations and equality selectors.
+pub type Labels = BTreeMap<String, String>;
+
+/// The input of one policy evaluation, plus each endpoint's ports (which the
+/// policy does not see, but which map its weights to IPVS destinations).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The Service being weighted.
+    pub service: ServiceMeta,
+    /// `spec.weights`, in order.
+    pub groups: Vec<WeightGroup>,
+    /// `spec.policy.config` as JSON text.
+    pub config: String,
+    /// The Service's endpoints, one per pod address.
+    pub endpoints: Vec<Endpoint>,
+    /// The evaluating node; `None` for the cluster-wide view.
+    pub node: Option<NodeInfo>,
+    /// The time of evaluation.
+    pub now: Timestamp,
+}
+
+/// The Service's identity and labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// Namespace.
+    pub namespace: String,
+    /// Name (the WeightedService's name).
+    pub name: String,
+    /// `spec.selector`.
+    pub selector: Labels,
+    /// `metadata.labels`.
+    pub labels: Labels,
+    /// `metadata.annotations`.
+    pub annotations: Labels,
+}
+
+/// One backend address of the Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The pod behind the address, if known.
+    pub pod_name: Option<String>,
+    /// The pod IP.
+    pub address: IpAddr,
+    /// The node it runs on.
+    pub node_name: Option<String>,
+    /// That node's zone.
+    pub zone: Option<String>,
+    /// The pod's labels.
+    pub labels: Labels,
+    /// Ready and not terminating.
+    pub ready: bool,
+    /// Able to serve, possibly while terminating.
+    pub serving: bool,
+    /// Being deleted.
+    pub terminating: bool,
+    /// Pod creation time.
+    pub created: Option<Timestamp>,
+    /// Since when the pod has been Ready.
+    pub ready_since: Option<Timestamp>,
+    /// The Service ports this endpoint serves, each with its resolved target port.
+    pub ports: Vec<EndpointPort>,
+}
+
+/// A Service port as served by one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointPort {
+    /// The Service port (`spec.ports[].port`).
+    pub service_port: u16,
+    /// The port on the pod: the IPVS destination port.
+    pub target_port: u16,
+    /// The transport protocol.
+    pub protocol: Protocol,
+}
+
+/// The evaluating node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// Node labels.
+    pub labels: Labels,
+}
+
+/// The label that holds a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// A Service port protocol, as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Protocol {
+    /// TCP (the default).
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+/// Something `from_pods` skipped, for the user to know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The pod.
+    pub pod: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl ServiceMeta {
+    /// The identity and labels of a WeightedService's Service.
+    pub fn of(ws: &WeightedService) -> Self {
+        ServiceMeta {
+            namespace: ws.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: ws.metadata.name.clone().unwrap_or_default(),
+            selector: ws.spec.service.selector.clone().unwrap_or_default(),
+            labels: ws.metadata.labels.clone().unwrap_or_default(),
+            annotations: ws.metadata.annotations.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// The snapshot of `ws` as the endpoints controller would derive it from `pods`:
+    /// pods in the same namespace that match `spec.selector` and have an IP; ready
+    /// from their Ready condition; terminating when they have a deletion timestamp;
+    /// one port per Service port, with named target ports resolved through the
+    /// pod's container ports (a pod without that port is skipped for it).
+    pub fn from_pods(
+        ws: &WeightedService,
+        pods: &[Pod],
+        node: Option<NodeInfo>,
+        now: Timestamp,
+    ) -> (Snapshot, Vec<Skipped>) {
+        let service = ServiceMeta::of(ws);
+        let service_ports = ws.spec.service.ports.clone().unwrap_or_default();
+        let mut endpoints = Vec::new();
+        let mut skipped = Vec::new();
+        let mut pods: Vec<&Pod> = pods.iter().collect();
+        pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for pod in pods {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            let labels = pod.metadata.labels.clone().unwrap_or_default();
+            if namespace != service.namespace
+                || service.selector.is_empty()
+                || !service.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            {
+                continue;
+            }
+            let status = pod.status.as_ref();
+            let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) else {
+                skipped.push(Skipped { pod: name, reason: "has no pod IP yet".into() });
+                continue;
+            };
+            let Ok(address) = ip.parse::<IpAddr>() else {
+                skipped.push(Skipped { pod: name, reason: format!("pod IP {ip:?} is not an IP address") });
+                continue;
+            };
+            let ready_condition = status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+            let pod_ready = ready_condition.is_some_and(|c| c.status == "True");
+            let terminating = pod.metadata.deletion_timestamp.is_some();
+            let mut ports = Vec::new();
+            for sp in &service_ports {
+                match resolve_target_port(sp, pod) {
+                    Ok(port) => ports.push(port),
+                    Err(reason) => skipped.push(Skipped { pod: name.clone(), reason }),
+                }
+            }
+            if ports.is_empty() && !service_ports.is_empty() {
+                continue;
+            }
+            endpoints.push(Endpoint {
+                pod_name: Some(name),
+                address,
+                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                zone: None,
+                labels,
+                ready: pod_ready && !terminating,
+                serving: pod_ready,
+                terminating,
+                created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                ready_since: ready_condition
+                    .filter(|_| pod_ready)
+                    .and_then(|c| c.last_transition_time.as_ref())
+                    .map(|t| t.0),
+                ports,
+            });
+        }
+        let snapshot = Snapshot {
+            service,
+            groups: ws.spec.weights.clone(),
+            config: ws.policy_config(),
+            endpoints,
+            node,
+            now,
+        };
+        (snapshot, skipped)
+    }
+}
+
+/// The port on `pod` that Service port `sp` sends to: `targetPort` as a number, a
+/// name looked up among the pod's container ports (with the same protocol), or
+/// `port` when absent — as the Kubernetes endpoints controller resolves it.
+pub fn resolve_target_port(sp: &ServicePort, pod: &Pod) -> Result<EndpointPort, String> {
+    let protocol: Protocol = sp.protocol.as_deref().unwrap_or("TCP").parse()?;
+    let service_port = u16::try_from(sp.port).map_err(|_| format!("service port {} is out of range", sp.port))?;
+    let target = match &sp.target_port {
+        None | Some(IntOrString::Int(0)) => i32::from(service_port),
+        Some(IntOrString::Int(n)) => *n,
+        Some(IntOrString::String(name)) => pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()) && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string())
+            .map(|p| p.container_port)
+            .ok_or_else(|| format!("has no container port named {name:?} for service port {service_port}"))?,
+    };
+    let target_port = u16::try_from(target).ok().filter(|p| *p != 0).ok_or_else(|| format!("target port {target} is out of range"))?;
+    Ok(EndpointPort { service_port, target_port, protocol })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(yaml: &str) -> Pod {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn ws() -> WeightedService {
+        serde_yaml::from_str(
+            r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {name: example}
+spec:
+  selector: {app: demo}
+  ports:
+  - {protocol: TCP, port: 80, targetPort: www}
+  - {protocol: TCP, port: 443, targetPort: 8443}
+  - {protocol: UDP, port: 53}
+  weights:
+  - {weight: 10, selector: {env: prod}}
+"#,
+        )
+        .unwrap()
+    }
+
+    const READY_POD: &str = r#"
+metadata:
+  name: demo-1
+  namespace: default
+  labels: {app: demo, env: prod}
+  creationTimestamp: "2026-01-01T00:00:00Z"
+spec:
+  nodeName: node-a
+  containers:
+  - name: demo
+    ports:
+    - {name: www, containerPort: 8080}
+status:
+  podIP: 10.1.0.5
+  conditions:
+  - {type: Ready, status: "True", lastTransitionTime: "2026-01-01T00:01:00Z"}
+"#;
+
+    #[test]
+    fn ports_resolve_by_number_name_and_default() {
+        let (snap, skipped) = Snapshot::from_pods(&ws(), &[pod(READY_POD)], None, Timestamp::UNIX_EPOCH);
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let ep = &snap.endpoints[0];
+        assert_eq!(ep.address.to_string(), "10.1.0.5");
+        assert!(ep.ready && ep.serving && !ep.terminating);
+        assert_eq!(ep.node_name.as_deref(), Some("node-a"));
+        assert_eq!(ep.ready_since.unwrap().to_string(), "2026-01-01T00:01:00Z");
+        let ports: Vec<(u16, u16, Protocol)> = ep.ports.iter().map(|p| (p.service_port, p.target_port, p.protocol)).collect();
+        assert_eq!(ports, vec![(80, 8080, Protocol::Tcp), (443, 8443, Protocol::Tcp), (53, 53, Protocol::Udp)]);
+    }
+
+    #[test]
+    fn pods_outside_the_selector_or_namespace_are_not_endpoints() {
+        let other_app = READY_POD.replace("app: demo", "app: other");
+        let other_ns = READY_POD.replace("namespace: default", "namespace: prod");
+        let (snap, _) = Snapshot::from_pods(&ws(), &[pod(&other_app), pod(&other_ns)], None, Timestamp::UNIX_EPOCH);
+        assert!(snap.endpoints.is_empty());
+    }
+
+    #[test]
+    fn terminating_and_unready_pods() {
+        let terminating = READY_POD.replace("  creationTimestamp", "  deletionTimestamp: \"2026-01-01T01:00:00Z\"\n  creationTimestamp");
+        let unready = READY_POD.replace("status: \"True\"", "status: \"False\"").replace("demo-1", "demo-2");
+        let (snap, _) = Snapshot::from_pods(&ws(), &[pod(&terminating), pod(&unready)], None, Timestamp::UNIX_EPOCH);
+        let t = &snap.endpoints[0];
+        assert!(!t.ready && t.serving && t.terminating);
+        let u = &snap.endpoints[1];
+        assert!(!u.ready && !u.serving && !u.terminating && u.ready_since.is_none());
+    }
+
+    #[test]
+    fn a_pod_without_the_named_port_is_skipped_for_that_port() {
+        let no_www = READY_POD.replace("name: www", "name: web");
+        let (snap, skipped) = Snapshot::from_pods(&ws(), &[pod(&no_www)], None, Timestamp::UNIX_EPOCH);
+        assert_eq!(snap.endpoints[0].ports.len(), 2);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].reason.contains("\"www\""), "{skipped:?}");
+    }
+
+    #[test]
+    fn a_pod_without_ip_is_skipped() {
+        let no_ip = READY_POD.replace("  podIP: 10.1.0.5\n", "");
+        let (snap, skipped) = Snapshot::from_pods(&ws(), &[pod(&no_ip)], None, Timestamp::UNIX_EPOCH);
+        assert!(snap.endpoints.is_empty());
+        assert!(skipped[0].reason.contains("no pod IP"));
+    }
+}

@@ -1,0 +1,136 @@
+//! Write ipvs-operator weight policies in Rust.
+//!
+//! A policy is a type that implements [`Policy`], exported with [`export_policy!`]:
+//!
+//! ```
+//! #![cfg_attr(target_family = "wasm", no_std)]
+//! use ipvs_policy_sdk::prelude::*;
+//!
+//! pub struct Everyone;
+//! impl Policy for Everyone {
+//!     fn evaluate(input: &Input) -> Result<Decision, String> {
+//!         Ok(Decision::new(input.endpoints.iter().map(|_| 1).collect()))
+//!     }
+//! }
+//! export_policy!(Everyone);
+//! ```
+//!
+//! Build it with `cargo build --target wasm32-wasip2 --release`; the `.wasm` file
+//! is a component that exports `ipvs-operator:policy/evaluator` and imports
+//! nothing. On wasm the SDK supplies the allocator and the panic handler (a panic
+//! is a trap, which the host reports), which is why policies are `no_std` there:
+//! the standard library would import WASI, and the host grants no imports.
+//! On the host (`cargo test`), policies use `std` and the [`testing`] harness.
+#![no_std]
+#![warn(missing_docs)]
+
+#[doc(hidden)]
+pub extern crate alloc as __alloc;
+extern crate alloc;
+#[cfg(not(target_family = "wasm"))]
+extern crate std;
+
+/// The types and exports generated from `wit/policy.wit`.
+#[allow(missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "policy",
+        pub_export_macro: true,
+        export_macro_name: "__export_policy_bindings",
+        default_bindings_module: "ipvs_policy_sdk::bindings",
+        additional_derives: [PartialEq, Eq],
+    });
+}
+
+pub mod config;
+pub mod selector;
+#[cfg(not(target_family = "wasm"))]
+pub mod testing;
+pub mod time;
+pub mod validate;
+
+#[cfg(target_family = "wasm")]
+mod wasm_runtime;
+
+pub use bindings::exports::ipvs_operator::policy::evaluator::{
+    Decision, Endpoint, Input, Label, Node, Service, Timestamp, WeightGroup,
+};
+
+/// The version of the policy interface this SDK implements (the WIT package version).
+pub const INTERFACE_VERSION: &str = "0.1.0";
+
+/// The largest weight a policy may return. The kernel takes a u32, but kube-proxy
+/// reads IPVS weights as 16 bits, so anything larger would look wrong to it.
+pub const MAX_WEIGHT: u32 = 65535;
+
+/// A weight policy: a pure function from [`Input`] to [`Decision`].
+pub trait Policy {
+    /// Compute one weight per endpoint of `input.endpoints`, in the same order.
+    ///
+    /// An `Err` is a reason for people; the host keeps the last good weights.
+    fn evaluate(input: &Input) -> Result<Decision, alloc::string::String>;
+}
+
+impl Decision {
+    /// A decision with these weights, no requeue and no message.
+    pub fn new(weights: alloc::vec::Vec<u32>) -> Self {
+        Decision {
+            weights,
+            requeue_after_ms: None,
+            message: None,
+        }
+    }
+
+    /// Ask to be evaluated again after `ms` milliseconds.
+    pub fn requeue_after_ms(mut self, ms: u64) -> Self {
+        self.requeue_after_ms = Some(ms);
+        self
+    }
+
+    /// Attach a message for status and events.
+    pub fn message(mut self, message: impl Into<alloc::string::String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+}
+
+/// Export a [`Policy`] implementation as the component's `evaluator`.
+///
+/// Expands to nothing outside wasm, so the same crate builds natively for tests.
+#[macro_export]
+macro_rules! export_policy {
+    ($policy:ty) => {
+        #[cfg(target_family = "wasm")]
+        const _: () = {
+            struct __PolicyExport;
+            impl $crate::bindings::exports::ipvs_operator::policy::evaluator::Guest for __PolicyExport {
+                fn evaluate(
+                    input: $crate::Input,
+                ) -> ::core::result::Result<$crate::Decision, $crate::__alloc::string::String> {
+                    <$policy as $crate::Policy>::evaluate(&input)
+                }
+            }
+            $crate::bindings::__export_policy_bindings!(__PolicyExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// What most policies need: `use ipvs_policy_sdk::prelude::*;`.
+pub mod prelude {
+    pub use crate::config::{self, ConfigError};
+    pub use crate::selector;
+    pub use crate::time::{self, Duration};
+    pub use crate::{
+        export_policy, Decision, Endpoint, Input, Label, Node, Policy, Service, Timestamp,
+        WeightGroup, MAX_WEIGHT,
+    };
+    pub use alloc::borrow::ToOwned;
+    pub use alloc::boxed::Box;
+    pub use alloc::collections::BTreeMap;
+    pub use alloc::format;
+    pub use alloc::string::{String, ToString};
+    pub use alloc::vec;
+    pub use alloc::vec::Vec;
+    pub use serde::Deserialize;
+}
