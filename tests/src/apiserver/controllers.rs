@@ -1,0 +1,677 @@
+//! The cluster's built-in behaviour, emulated: Service IP and node-port
+//! allocation, a ReplicaSet-like Deployment controller, a scheduler plus
+//! kubelet that gives pods a node, an IP and a Ready condition, and the
+//! EndpointSlice controller.
+//!
+//! Simplifications (documented in the crate README): Deployments own their
+//! Pods directly (no ReplicaSet objects), a template change replaces all pods
+//! at once, one EndpointSlice per distinct port mapping, IPv4 only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::resources::{KINDS, ids};
+use super::store::{DeleteOptions, Store, Sub, now};
+
+/// Annotation prefix the emulation reads.
+pub const ANNOTATION_PREFIX: &str = "test-apiserver.codesink.net/";
+/// On a Pod: the IP the emulated kubelet gives it.
+pub const ANNOTATION_POD_IP: &str = "test-apiserver.codesink.net/pod-ip";
+/// On a Pod: `"false"` makes it start unready.
+pub const ANNOTATION_READY: &str = "test-apiserver.codesink.net/ready";
+/// On a Deployment: comma-separated IPs its pods take, in order.
+pub const ANNOTATION_POD_IPS: &str = "test-apiserver.codesink.net/pod-ips";
+/// On a Deployment: comma-separated node names, matched to `pod-ips` by position.
+pub const ANNOTATION_POD_NODES: &str = "test-apiserver.codesink.net/pod-nodes";
+/// The label EndpointSlices carry to name their Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The label naming the controller that manages an EndpointSlice.
+pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
+
+fn s<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
+    v.pointer(ptr).and_then(Value::as_str)
+}
+
+fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.pointer("/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
+}
+
+fn owner_ref(owner: &Value, controller: bool) -> Value {
+    json!({
+        "apiVersion": owner["apiVersion"], "kind": owner["kind"],
+        "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+        "controller": controller, "blockOwnerDeletion": true,
+    })
+}
+
+fn owned_by(obj: &Value, uid: &str) -> bool {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|r| r.iter().any(|o| o.get("uid").and_then(Value::as_str) == Some(uid)))
+}
+
+fn terminating(obj: &Value) -> bool {
+    obj.pointer("/metadata/deletionTimestamp").is_some()
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| {
+        cs.iter().any(|c| c.get("type").and_then(Value::as_str) == Some("Ready") && c.get("status").and_then(Value::as_str) == Some("True"))
+    })
+}
+
+/// Whether a selector map matches an object's labels.
+fn selector_matches(selector: &serde_json::Map<String, Value>, obj: &Value) -> bool {
+    let labels = obj.pointer("/metadata/labels");
+    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// A stable short hash of a JSON value, as `pod-template-hash` labels look.
+fn template_hash(v: &Value) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in v.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..10)
+        .map(|_| {
+            let c = ALPHABET[(h % ALPHABET.len() as u64) as usize] as char;
+            h /= ALPHABET.len() as u64;
+            c
+        })
+        .collect()
+}
+
+impl Store {
+    /// Runs the built-in controllers until nothing changes (bounded).
+    pub fn reconcile(&mut self) {
+        for _ in 0..16 {
+            if self.dirty.is_empty() && !self.nodes_changed {
+                return;
+            }
+            let mut namespaces = std::mem::take(&mut self.dirty);
+            if std::mem::take(&mut self.nodes_changed) {
+                // Node changes affect scheduling and endpoint zones everywhere.
+                namespaces.extend(self.objects[ids::pods()].keys().map(|k| k.0.clone()));
+            }
+            for ns in namespaces {
+                self.reconcile_namespace(&ns);
+            }
+        }
+        tracing::warn!("built-in controllers did not settle after 16 rounds");
+    }
+
+    fn reconcile_namespace(&mut self, ns: &str) {
+        self.reconcile_deployments(ns);
+        self.run_kubelet(ns);
+        self.reconcile_endpoint_slices(ns);
+        self.reconcile_namespace_deletion(ns);
+    }
+
+    fn in_ns(&self, kind: usize, ns: &str) -> Vec<Value> {
+        let lo = (ns.to_string(), String::new());
+        self.objects[kind]
+            .range(lo..)
+            .take_while(|(k, _)| k.0 == ns)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn reconcile_namespace_deletion(&mut self, ns: &str) {
+        let key = (String::new(), ns.to_string());
+        let Some(n) = self.objects[ids::namespaces()].get(&key) else { return };
+        if !terminating(n) {
+            return;
+        }
+        let empty = (0..KINDS.len()).all(|k| !KINDS[k].namespaced || self.in_ns(k, ns).is_empty());
+        if empty {
+            self.remove(ids::namespaces(), &key);
+        }
+    }
+
+    // ---- Services ----
+
+    /// Defaults a Service and allocates its ClusterIP and node ports; a later
+    /// write that omits them keeps the allocated ones.
+    pub(crate) fn prepare_service(&mut self, svc: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+        let rk = &KINDS[ids::services()];
+        let name = s(svc, "/metadata/name").unwrap_or_default().to_string();
+        if !svc.get("spec").is_some_and(Value::is_object) {
+            svc["spec"] = json!({});
+        }
+        let spec = &mut svc["spec"];
+        let typ = spec.get("type").and_then(Value::as_str).unwrap_or("ClusterIP").to_string();
+        spec["type"] = json!(typ);
+        if spec.get("sessionAffinity").is_none() {
+            spec["sessionAffinity"] = json!("None");
+        }
+        if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+            for p in ports.iter_mut() {
+                if p.get("protocol").is_none() {
+                    p["protocol"] = json!("TCP");
+                }
+                if p.get("targetPort").is_none()
+                    && let Some(port) = p.get("port").cloned()
+                {
+                    p["targetPort"] = port;
+                }
+            }
+        }
+        if typ == "ExternalName" {
+            return Ok(());
+        }
+        if spec.get("internalTrafficPolicy").is_none() {
+            spec["internalTrafficPolicy"] = json!("Cluster");
+        }
+        let old_ip = old.and_then(|o| s(o, "/spec/clusterIP")).map(str::to_string);
+        let want = spec.get("clusterIP").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+        let ip = match (old_ip, want) {
+            (Some(o), Some(w)) if o != w => {
+                return Err(ApiError::invalid(rk, &name, &format!("spec.clusterIPs[0]: Invalid value: []string{{{w:?}}}: may not change once set")));
+            }
+            (Some(o), _) => o,
+            (None, Some(w)) => w,
+            (None, None) => self.allocate_service_ip()?,
+        };
+        let spec = &mut svc["spec"];
+        spec["clusterIP"] = json!(ip);
+        spec["clusterIPs"] = json!([ip]);
+        if ip != "None" {
+            spec["ipFamilies"] = json!(["IPv4"]);
+            spec["ipFamilyPolicy"] = json!("SingleStack");
+        }
+        if typ == "NodePort" || typ == "LoadBalancer" {
+            if spec.get("externalTrafficPolicy").is_none() {
+                spec["externalTrafficPolicy"] = json!("Cluster");
+            }
+            let old_ports: Vec<Value> = old.and_then(|o| o.pointer("/spec/ports")).and_then(Value::as_array).cloned().unwrap_or_default();
+            let mut in_use: BTreeSet<u16> = self.node_ports_in_use();
+            for p in &old_ports {
+                if let Some(n) = p.get("nodePort").and_then(Value::as_u64) {
+                    in_use.remove(&(n as u16));
+                }
+            }
+            let n_ports = svc["spec"]["ports"].as_array().map(Vec::len).unwrap_or(0);
+            for i in 0..n_ports {
+                let p = svc["spec"]["ports"][i].clone();
+                if p.get("nodePort").and_then(Value::as_u64).is_some_and(|n| n > 0) {
+                    continue;
+                }
+                let same = old_ports.iter().find(|o| o.get("port") == p.get("port") && o.get("protocol") == p.get("protocol"));
+                let np = match same.and_then(|o| o.get("nodePort")).and_then(Value::as_u64) {
+                    Some(n) => n as u16,
+                    None => self.allocate_node_port(&in_use)?,
+                };
+                in_use.insert(np);
+                svc["spec"]["ports"][i]["nodePort"] = json!(np);
+            }
+        } else if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
+            for p in ports {
+                if let Some(m) = p.as_object_mut() {
+                    m.remove("nodePort");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn node_ports_in_use(&self) -> BTreeSet<u16> {
+        self.objects[ids::services()]
+            .values()
+            .filter_map(|s| s.pointer("/spec/ports").and_then(Value::as_array))
+            .flatten()
+            .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+            .map(|n| n as u16)
+            .collect()
+    }
+
+    fn allocate_node_port(&mut self, in_use: &BTreeSet<u16>) -> Result<u16, ApiError> {
+        let range = self.cfg.node_port_range.clone();
+        let span = u32::from(*range.end() - *range.start()) + 1;
+        for _ in 0..span {
+            let p = self.next_node_port;
+            self.next_node_port = if p >= *range.end() { *range.start() } else { p + 1 };
+            if !in_use.contains(&p) {
+                return Ok(p);
+            }
+        }
+        Err(ApiError::injected(500).with_message("range of node ports is full"))
+    }
+
+    fn allocate_service_ip(&mut self) -> Result<String, ApiError> {
+        let used: BTreeSet<String> = self.objects[ids::services()]
+            .values()
+            .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        let cidr = self.cfg.service_cidr;
+        // .0 is the network, .1 is the `kubernetes` Service's by convention.
+        let size = cidr.size().saturating_sub(2);
+        for _ in 0..size {
+            let off = 10 + self.next_service_ip % size.saturating_sub(9).max(1);
+            self.next_service_ip = self.next_service_ip.wrapping_add(1);
+            let ip = Ipv4Addr::from(cidr.base + off).to_string();
+            if !used.contains(&ip) {
+                return Ok(ip);
+            }
+        }
+        Err(ApiError::injected(500).with_message("range of service IPs is full"))
+    }
+
+    fn allocate_pod_ip(&mut self) -> String {
+        let used: BTreeSet<String> = self.objects[ids::pods()]
+            .values()
+            .filter_map(|p| p.pointer("/status/podIP").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        let cidr = self.cfg.pod_cidr;
+        let size = cidr.size().saturating_sub(11).max(1);
+        for _ in 0..size {
+            let off = 10 + self.next_pod_ip % size;
+            self.next_pod_ip = self.next_pod_ip.wrapping_add(1);
+            let ip = Ipv4Addr::from(cidr.base + off).to_string();
+            if !used.contains(&ip) {
+                return ip;
+            }
+        }
+        // A full pod range in a test is a test bug; reuse rather than fail.
+        Ipv4Addr::from(cidr.base + 10).to_string()
+    }
+
+    // ---- Deployments ----
+
+    fn reconcile_deployments(&mut self, ns: &str) {
+        let deployments = self.in_ns(ids::deployments(), ns);
+        let pods = self.in_ns(ids::pods(), ns);
+        for d in deployments {
+            let Some(uid) = s(&d, "/metadata/uid").map(str::to_string) else { continue };
+            let name = s(&d, "/metadata/name").unwrap_or_default().to_string();
+            if terminating(&d) {
+                continue;
+            }
+            // A pod relabeled out of the selector is released (its owner
+            // reference removed) and replaced, as a ReplicaSet does.
+            let selector = d.pointer("/spec/selector/matchLabels").and_then(Value::as_object).cloned().unwrap_or_default();
+            let (mine, released): (Vec<&Value>, Vec<&Value>) =
+                pods.iter().filter(|p| owned_by(p, &uid)).partition(|p| selector_matches(&selector, p));
+            for p in released {
+                let mut next = p.clone();
+                if let Some(Value::Array(refs)) = next.pointer_mut("/metadata/ownerReferences") {
+                    refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
+                }
+                let pname = s(p, "/metadata/name").unwrap_or_default().to_string();
+                if let Err(e) = self.update(ids::pods(), ns, &pname, next, Sub::Main) {
+                    tracing::debug!(error = %e, "deployment controller: releasing a pod");
+                }
+            }
+            let template = d.pointer("/spec/template").cloned().unwrap_or_else(|| json!({}));
+            let hash = template_hash(&template);
+            let replicas = d.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(1) as usize;
+            let live: Vec<&&Value> = mine.iter().filter(|p| !terminating(p)).collect();
+            let (current, stale): (Vec<&&Value>, Vec<&&Value>) =
+                live.iter().partition(|p| s(p, "/metadata/labels/pod-template-hash") == Some(hash.as_str()));
+            let mut doomed: Vec<String> =
+                stale.iter().filter_map(|p| s(p, "/metadata/name")).map(str::to_string).collect();
+            if current.len() > replicas {
+                let mut extra: Vec<&&&Value> = current.iter().collect();
+                extra.sort_by_key(|p| std::cmp::Reverse(s(p, "/metadata/creationTimestamp").unwrap_or_default().to_string()));
+                doomed.extend(extra.iter().take(current.len() - replicas).filter_map(|p| s(p, "/metadata/name")).map(str::to_string));
+            }
+            for pod in doomed {
+                if let Err(e) = self.delete(ids::pods(), ns, &pod, DeleteOptions::default()) {
+                    tracing::debug!(error = %e, "deployment controller: deleting a pod");
+                }
+            }
+            for _ in current.len()..replicas {
+                let mut pod = json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": template.get("metadata").cloned().unwrap_or_else(|| json!({})),
+                    "spec": template.get("spec").cloned().unwrap_or_else(|| json!({})),
+                });
+                let m = &mut pod["metadata"];
+                m["generateName"] = json!(format!("{name}-{hash}-"));
+                if !m.get("labels").is_some_and(Value::is_object) {
+                    m["labels"] = json!({});
+                }
+                m["labels"]["pod-template-hash"] = json!(hash);
+                m["ownerReferences"] = json!([owner_ref(&d, true)]);
+                if let Some(m) = pod["metadata"].as_object_mut() {
+                    m.remove("name");
+                }
+                if let Err(e) = self.create(ids::pods(), ns, pod) {
+                    tracing::warn!(error = %e, deployment = %name, "deployment controller: creating a pod");
+                }
+            }
+            self.update_deployment_status(ns, &name, &uid, &hash);
+        }
+    }
+
+    fn update_deployment_status(&mut self, ns: &str, name: &str, uid: &str, hash: &str) {
+        let pods: Vec<Value> = self.in_ns(ids::pods(), ns).into_iter().filter(|p| owned_by(p, uid) && !terminating(p)).collect();
+        let Ok(d) = self.get(ids::deployments(), ns, name) else { return };
+        let ready = pods.iter().filter(|p| pod_ready(p)).count();
+        let updated = pods.iter().filter(|p| s(p, "/metadata/labels/pod-template-hash") == Some(hash)).count();
+        let status = json!({
+            "observedGeneration": d["metadata"]["generation"],
+            "replicas": pods.len(), "updatedReplicas": updated,
+            "readyReplicas": ready, "availableReplicas": ready,
+        });
+        if d.get("status") == Some(&status) {
+            return;
+        }
+        let mut next = d.clone();
+        next["status"] = status;
+        if let Err(e) = self.update(ids::deployments(), ns, name, next, Sub::Status) {
+            tracing::debug!(error = %e, "deployment status");
+        }
+    }
+
+    // ---- scheduler and kubelet ----
+
+    fn run_kubelet(&mut self, ns: &str) {
+        let pods = self.in_ns(ids::pods(), ns);
+        for pod in pods {
+            if terminating(&pod) || s(&pod, "/status/podIP").is_some() {
+                continue;
+            }
+            if s(&pod, "/status/phase").is_some_and(|p| p != "Pending") {
+                continue;
+            }
+            let name = s(&pod, "/metadata/name").unwrap_or_default().to_string();
+            let owner = self.owning_deployment(&pod);
+            let (ip, node) = self.place_pod(&pod, owner.as_ref());
+            let Some(node) = node else {
+                continue; // No node to run on: stays Pending, as with a real scheduler.
+            };
+            let host_ip = self.node_ip(&node).unwrap_or_default();
+            let ip = if pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true) {
+                host_ip.clone()
+            } else {
+                ip.unwrap_or_else(|| self.allocate_pod_ip())
+            };
+            let ready = annotation(&pod, ANNOTATION_READY) != Some("false");
+            let mut next = pod.clone();
+            if s(&pod, "/spec/nodeName").is_none() {
+                next["spec"]["nodeName"] = json!(node);
+                if let Err(e) = self.update(ids::pods(), ns, &name, next.clone(), Sub::Main) {
+                    tracing::debug!(error = %e, "scheduler: binding a pod");
+                    continue;
+                }
+                let Ok(bound) = self.get(ids::pods(), ns, &name) else { continue };
+                next = bound;
+            }
+            let t = now();
+            let rs = if ready { "True" } else { "False" };
+            next["status"] = json!({
+                "phase": "Running", "qosClass": "BestEffort",
+                "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+                "startTime": t,
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+                    {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+                    {"type": "ContainersReady", "status": rs, "lastTransitionTime": t},
+                    {"type": "Ready", "status": rs, "lastTransitionTime": t},
+                ],
+            });
+            if let Err(e) = self.update(ids::pods(), ns, &name, next, Sub::Status) {
+                tracing::debug!(error = %e, "kubelet: pod status");
+            }
+        }
+    }
+
+    fn owning_deployment(&self, pod: &Value) -> Option<Value> {
+        let refs = pod.pointer("/metadata/ownerReferences").and_then(Value::as_array)?;
+        let r = refs.iter().find(|r| r.get("kind").and_then(Value::as_str) == Some("Deployment"))?;
+        let ns = s(pod, "/metadata/namespace")?;
+        let d = self.get_obj(ids::deployments(), &(ns.to_string(), r.get("name")?.as_str()?.to_string()))?;
+        (d.pointer("/metadata/uid") == r.get("uid")).then(|| d.clone())
+    }
+
+    /// The IP (if the test fixed one) and node for a pod.
+    fn place_pod(&self, pod: &Value, owner: Option<&Value>) -> (Option<String>, Option<String>) {
+        let mut ip = annotation(pod, ANNOTATION_POD_IP).map(str::to_string);
+        let mut node = s(pod, "/spec/nodeName").map(str::to_string);
+        if ip.is_none()
+            && let Some(d) = owner
+            && let Some(list) = annotation(d, ANNOTATION_POD_IPS)
+        {
+            let used: BTreeSet<&str> = self.objects[ids::pods()]
+                .values()
+                .filter(|p| s(p, "/metadata/uid") != s(pod, "/metadata/uid"))
+                .filter_map(|p| s(p, "/status/podIP"))
+                .collect();
+            let nodes: Vec<&str> = annotation(d, ANNOTATION_POD_NODES).map(|n| n.split(',').map(str::trim).collect()).unwrap_or_default();
+            if let Some((i, free)) = list.split(',').map(str::trim).enumerate().find(|(_, c)| !c.is_empty() && !used.contains(c)) {
+                ip = Some(free.to_string());
+                if node.is_none() {
+                    node = nodes.get(i).filter(|n| !n.is_empty()).map(|n| n.to_string());
+                }
+            }
+        }
+        if node.is_none() {
+            // Least-loaded node first, as a spreading scheduler would.
+            let mut load: BTreeMap<String, usize> =
+                self.objects[ids::nodes()].values().filter_map(|n| s(n, "/metadata/name")).map(|n| (n.to_string(), 0)).collect();
+            for p in self.objects[ids::pods()].values() {
+                if let Some(n) = s(p, "/spec/nodeName")
+                    && let Some(c) = load.get_mut(n)
+                {
+                    *c += 1;
+                }
+            }
+            node = load.into_iter().min_by_key(|(n, c)| (*c, n.clone())).map(|(n, _)| n);
+        }
+        (ip, node)
+    }
+
+    fn node_ip(&self, node: &str) -> Option<String> {
+        let n = self.get_obj(ids::nodes(), &(String::new(), node.to_string()))?;
+        n.pointer("/status/addresses")?
+            .as_array()?
+            .iter()
+            .find(|a| a.get("type").and_then(Value::as_str) == Some("InternalIP"))
+            .and_then(|a| a.get("address"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+
+    fn node_zone(&self, node: &str) -> Option<String> {
+        let n = self.get_obj(ids::nodes(), &(String::new(), node.to_string()))?;
+        s(n, "/metadata/labels/topology.kubernetes.io~1zone").map(str::to_string)
+    }
+
+    // ---- EndpointSlices ----
+
+    fn reconcile_endpoint_slices(&mut self, ns: &str) {
+        let services = self.in_ns(ids::services(), ns);
+        let pods = self.in_ns(ids::pods(), ns);
+        let slices = self.in_ns(ids::endpointslices(), ns);
+        for svc in &services {
+            let name = s(svc, "/metadata/name").unwrap_or_default().to_string();
+            let managed: Vec<&Value> = slices
+                .iter()
+                .filter(|sl| {
+                    s(sl, "/metadata/labels/kubernetes.io~1service-name") == Some(name.as_str())
+                        && s(sl, "/metadata/labels/endpointslice.kubernetes.io~1managed-by") == Some(MANAGED_BY)
+                })
+                .collect();
+            let selector = svc.pointer("/spec/selector").and_then(Value::as_object).filter(|m| !m.is_empty());
+            let external = s(svc, "/spec/type") == Some("ExternalName");
+            let (Some(selector), false) = (selector, external) else {
+                for sl in managed {
+                    if let Some(n) = s(sl, "/metadata/name") {
+                        let _ = self.remove(ids::endpointslices(), &(ns.to_string(), n.to_string()));
+                    }
+                }
+                continue;
+            };
+            if terminating(svc) {
+                continue;
+            }
+            let groups = self.desired_slices(svc, selector, &pods);
+            self.write_slices(ns, svc, &name, groups, managed);
+        }
+        // Slices whose Service is gone are garbage-collected through their owner reference.
+    }
+
+    /// Endpoints grouped by their resolved port list: one slice per group.
+    fn desired_slices(&self, svc: &Value, selector: &serde_json::Map<String, Value>, pods: &[Value]) -> Vec<(Value, Vec<Value>)> {
+        let svc_ports: Vec<Value> = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
+        let mut groups: Vec<(Value, Vec<Value>)> = Vec::new();
+        let mut sorted: Vec<&Value> = pods.iter().filter(|p| selector_matches(selector, p)).collect();
+        sorted.sort_by_key(|p| s(p, "/metadata/name").unwrap_or_default().to_string());
+        for pod in sorted {
+            let (Some(ip), Some(node)) = (s(pod, "/status/podIP"), s(pod, "/spec/nodeName")) else { continue };
+            if matches!(s(pod, "/status/phase"), Some("Succeeded" | "Failed")) {
+                continue;
+            }
+            let ports: Vec<Value> = svc_ports.iter().filter_map(|sp| resolve_port(sp, pod)).collect();
+            let is_ready = pod_ready(pod);
+            let term = terminating(pod);
+            let mut ep = json!({
+                "addresses": [ip],
+                "conditions": {"ready": is_ready && !term, "serving": is_ready, "terminating": term},
+                "nodeName": node,
+                "targetRef": {"kind": "Pod", "namespace": pod["metadata"]["namespace"], "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]},
+            });
+            if let Some(z) = self.node_zone(node) {
+                ep["zone"] = json!(z);
+            }
+            let ports = Value::Array(ports);
+            match groups.iter_mut().find(|(p, _)| *p == ports) {
+                Some((_, eps)) => eps.push(ep),
+                None => groups.push((ports, vec![ep])),
+            }
+        }
+        if groups.is_empty() {
+            groups.push((json!([]), Vec::new()));
+        }
+        groups
+    }
+
+    fn write_slices(&mut self, ns: &str, svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, managed: Vec<&Value>) {
+        let mut unused: Vec<&Value> = managed;
+        let mut labels = svc.pointer("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
+        labels.insert(LABEL_SERVICE_NAME.into(), json!(name));
+        labels.insert(LABEL_MANAGED_BY.into(), json!(MANAGED_BY));
+        for (ports, endpoints) in groups {
+            let pos = unused.iter().position(|sl| sl.get("ports").cloned().unwrap_or(json!([])) == ports)
+                .or(if unused.is_empty() { None } else { Some(0) });
+            match pos {
+                Some(i) => {
+                    let sl = unused.remove(i);
+                    let mut next = sl.clone();
+                    next["ports"] = ports;
+                    next["endpoints"] = Value::Array(endpoints);
+                    next["metadata"]["labels"] = Value::Object(labels.clone());
+                    if next != *sl {
+                        let n = s(sl, "/metadata/name").unwrap_or_default().to_string();
+                        if let Err(e) = self.update(ids::endpointslices(), ns, &n, next, Sub::Main) {
+                            tracing::debug!(error = %e, "endpointslice controller: update");
+                        }
+                    }
+                }
+                None => {
+                    let obj = json!({
+                        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"generateName": format!("{name}-"), "labels": labels, "ownerReferences": [owner_ref(svc, true)]},
+                        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+                    });
+                    if let Err(e) = self.create(ids::endpointslices(), ns, obj) {
+                        tracing::debug!(error = %e, "endpointslice controller: create");
+                    }
+                }
+            }
+        }
+        for sl in unused {
+            if let Some(n) = s(sl, "/metadata/name") {
+                let _ = self.remove(ids::endpointslices(), &(ns.to_string(), n.to_string()));
+            }
+        }
+    }
+
+    /// Changes a pod as a test asks: IP, node, readiness, labels.
+    pub fn update_pod(&mut self, ns: &str, name: &str, u: &super::PodUpdate) -> Result<Value, ApiError> {
+        let mut pod = self.get(ids::pods(), ns, name)?;
+        if u.labels.is_some() || u.node.is_some() {
+            if let Some(l) = &u.labels {
+                pod["metadata"]["labels"] = json!(l);
+            }
+            if let Some(n) = &u.node {
+                pod["spec"]["nodeName"] = json!(n);
+            }
+            // The node of a running pod is immutable on a real server; tests
+            // move pods anyway, so this write goes around validation.
+            pod = self.update(ids::pods(), ns, name, pod, Sub::Main)?;
+        }
+        let mut status = pod.get("status").cloned().unwrap_or_else(|| json!({}));
+        if let Some(ip) = u.ip {
+            status["podIP"] = json!(ip.to_string());
+            status["podIPs"] = json!([{"ip": ip.to_string()}]);
+        }
+        if let Some(n) = &u.node
+            && let Some(h) = self.node_ip(n)
+        {
+            status["hostIP"] = json!(h);
+            status["hostIPs"] = json!([{"ip": h}]);
+        }
+        if let Some(ready) = u.ready {
+            let v = if ready { "True" } else { "False" };
+            let t = now();
+            let conds = status.get("conditions").and_then(Value::as_array).cloned().unwrap_or_default();
+            let mut out: Vec<Value> = conds.into_iter().filter(|c| !matches!(c.get("type").and_then(Value::as_str), Some("Ready" | "ContainersReady"))).collect();
+            out.push(json!({"type": "ContainersReady", "status": v, "lastTransitionTime": t}));
+            out.push(json!({"type": "Ready", "status": v, "lastTransitionTime": t}));
+            status["conditions"] = Value::Array(out);
+        }
+        if status != pod.get("status").cloned().unwrap_or_else(|| json!({})) {
+            pod["status"] = status;
+            pod = self.update(ids::pods(), ns, name, pod, Sub::Status)?;
+        }
+        self.reconcile();
+        Ok(pod)
+    }
+
+}
+
+/// The EndpointSlice port for a Service port on one pod: the target port,
+/// resolved through the pod's named container ports; `None` when a named
+/// port is not found on this pod.
+fn resolve_port(sp: &Value, pod: &Value) -> Option<Value> {
+    let protocol = sp.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+    let target = sp.get("targetPort").or_else(|| sp.get("port"))?;
+    let port = match target {
+        Value::Number(n) => n.as_u64()?,
+        Value::String(name) => match name.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => pod
+                .pointer("/spec/containers")?
+                .as_array()?
+                .iter()
+                .filter_map(|c| c.get("ports").and_then(Value::as_array))
+                .flatten()
+                .find(|p| p.get("name").and_then(Value::as_str) == Some(name) && p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == protocol)?
+                .get("containerPort")?
+                .as_u64()?,
+        },
+        _ => return None,
+    };
+    let mut out = json!({"name": sp.get("name").and_then(Value::as_str).unwrap_or(""), "port": port, "protocol": protocol});
+    if let Some(ap) = sp.get("appProtocol") {
+        out["appProtocol"] = ap.clone();
+    }
+    Some(out)
+}
+
+impl ApiError {
+    /// The same error with another message.
+    pub(crate) fn with_message(mut self, m: &str) -> Self {
+        self.message = m.to_string();
+        self
+    }
+}

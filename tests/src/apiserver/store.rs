@@ -1,0 +1,1072 @@
+//! The object store: objects as JSON per kind, one global resourceVersion
+//! counter (as etcd's revision), and a bounded event log that watches read from.
+//!
+//! Every operation runs under one lock, and the built-in controllers
+//! (`controllers.rs`) run to a fixed point at the end of each external write, so
+//! a client sees their effects in the events that follow its own.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use super::patch;
+use super::resources::{KINDS, KindId, ResourceKind, ids};
+use super::selector::{FieldSelector, LabelSelector};
+use super::Config;
+
+/// `(namespace, name)`; the namespace is empty for cluster-scoped kinds.
+pub(crate) type Key = (String, String);
+
+/// A watch event's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// `ADDED`.
+    Added,
+    /// `MODIFIED`.
+    Modified,
+    /// `DELETED`.
+    Deleted,
+}
+
+impl EventType {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "ADDED",
+            Self::Modified => "MODIFIED",
+            Self::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as the log keeps it: the object after the change (the last state
+/// for a deletion) and before it, so that selector-filtered watches can turn a
+/// label change into ADDED or DELETED as the real server does.
+#[derive(Debug, Clone)]
+pub(crate) struct LogEvent {
+    pub rv: u64,
+    pub kind: KindId,
+    pub namespace: String,
+    pub etype: EventType,
+    pub obj: Arc<Value>,
+    pub prev: Option<Arc<Value>>,
+}
+
+/// Which objects a list or watch is about.
+#[derive(Debug, Clone)]
+pub(crate) struct Filter {
+    pub kind: KindId,
+    pub namespace: Option<String>,
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Filter {
+    pub fn matches(&self, ns: &str, obj: &Value) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == ns) && self.labels.matches(obj) && self.fields.matches(obj)
+    }
+}
+
+/// The answer to a watch from a resourceVersion older than the log keeps.
+#[derive(Debug)]
+pub(crate) struct Gone;
+
+/// Options of a delete.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeleteOptions {
+    /// `Orphan` keeps dependents (their owner reference is removed).
+    pub orphan: bool,
+    /// `gracePeriodSeconds`; for pods, how long they stay terminating.
+    pub grace: Option<Grace>,
+    /// `preconditions.uid`.
+    pub uid: Option<String>,
+    /// `preconditions.resourceVersion`.
+    pub resource_version: Option<String>,
+}
+
+/// How long a deleted pod stays terminating before the emulated kubelet
+/// confirms its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grace {
+    /// Gone at once (`gracePeriodSeconds: 0`).
+    Immediate,
+    /// Terminating for this long.
+    For(Duration),
+    /// Terminating until [`Handle::finish_pod_termination`](super::Handle::finish_pod_termination).
+    UntilFinished,
+}
+
+/// Which part of an object a write addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sub {
+    Main,
+    Status,
+}
+
+/// A pod whose termination the emulated kubelet confirms at `due`.
+#[derive(Debug, Clone)]
+pub(crate) struct Timer {
+    pub due: tokio::time::Instant,
+    pub key: Key,
+    pub uid: String,
+}
+
+pub(crate) struct Store {
+    pub cfg: Config,
+    pub rv: u64,
+    pub objects: Vec<BTreeMap<Key, Value>>,
+    uids: HashMap<String, (KindId, Key)>,
+    pub log: VecDeque<LogEvent>,
+    /// Watches from a resourceVersion below this get 410: the log holds every
+    /// event after it.
+    pub floor: u64,
+    pub timers: Vec<Timer>,
+    /// Namespaces whose pods, services or deployments changed since the
+    /// controllers last ran.
+    pub dirty: BTreeSet<String>,
+    pub nodes_changed: bool,
+    pub next_pod_ip: u32,
+    pub next_service_ip: u32,
+    pub next_node_port: u16,
+    rng: u64,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Now, as Kubernetes timestamps are written.
+pub(crate) fn now() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Now plus `d`, as a Kubernetes timestamp.
+pub(crate) fn now_plus(d: Duration) -> String {
+    let ts = jiff::Timestamp::now();
+    let later = jiff::SignedDuration::try_from(d).ok().and_then(|d| ts.checked_add(d).ok()).unwrap_or(ts);
+    later.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+}
+
+fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.get("metadata").is_some_and(Value::is_object) {
+        obj["metadata"] = json!({});
+    }
+    match obj.get_mut("metadata") {
+        Some(Value::Object(m)) => m,
+        // Just made an object above.
+        _ => unreachable!("metadata is an object"),
+    }
+}
+
+/// Everything but metadata and status: a change here bumps `metadata.generation`.
+fn spec_part(obj: &Value) -> Map<String, Value> {
+    obj.as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status" | "apiVersion" | "kind"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+impl Store {
+    pub fn new(cfg: Config, changed: tokio::sync::watch::Sender<u64>) -> Self {
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+            h.finish() | 1
+        };
+        let next_node_port = *cfg.node_port_range.start();
+        let mut s = Self {
+            cfg,
+            rv: 1,
+            objects: vec![BTreeMap::new(); KINDS.len()],
+            uids: HashMap::new(),
+            log: VecDeque::new(),
+            floor: 0,
+            timers: Vec::new(),
+            dirty: BTreeSet::new(),
+            nodes_changed: false,
+            next_pod_ip: 0,
+            next_service_ip: 0,
+            next_node_port,
+            rng: seed,
+            changed,
+        };
+        for ns in s.cfg.namespaces.clone() {
+            let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            if let Err(e) = s.create(ids::namespaces(), "", obj) {
+                tracing::warn!(error = %e, "could not create a configured namespace");
+            }
+        }
+        for n in s.cfg.nodes.clone() {
+            if let Err(e) = s.create_node(&n) {
+                tracing::warn!(error = %e, "could not create a configured node");
+            }
+        }
+        s
+    }
+
+    /// A pseudo-random u64 (xorshift): names and uids need uniqueness, not secrecy.
+    pub fn random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    /// Five characters from the alphabet Kubernetes uses for generated names.
+    pub fn random_suffix(&mut self) -> String {
+        const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+        let mut r = self.random();
+        (0..5)
+            .map(|_| {
+                let c = ALPHABET[(r % ALPHABET.len() as u64) as usize] as char;
+                r /= ALPHABET.len() as u64;
+                c
+            })
+            .collect()
+    }
+
+    fn new_uid(&mut self) -> String {
+        let (a, b) = (self.random(), self.random());
+        let h = format!("{a:016x}{b:016x}");
+        format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    }
+
+    pub fn get_obj(&self, kind: KindId, key: &Key) -> Option<&Value> {
+        self.objects.get(kind)?.get(key)
+    }
+
+
+    fn key_for(kind: KindId, ns: &str, name: &str) -> Key {
+        if KINDS[kind].namespaced { (ns.to_string(), name.to_string()) } else { (String::new(), name.to_string()) }
+    }
+
+    fn mark_dirty(&mut self, kind: KindId, ns: &str) {
+        if kind == ids::nodes() {
+            self.nodes_changed = true;
+        } else if [ids::pods(), ids::services(), ids::deployments()].contains(&kind) {
+            self.dirty.insert(ns.to_string());
+        }
+    }
+
+    /// Stores `obj` under a new resourceVersion and logs the change.
+    pub fn put(&mut self, kind: KindId, mut obj: Value, etype: EventType) -> Value {
+        self.rv += 1;
+        meta_mut(&mut obj).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let ns = meta_str(&obj, "namespace").unwrap_or_default().to_string();
+        let name = meta_str(&obj, "name").unwrap_or_default().to_string();
+        let key = Self::key_for(kind, &ns, &name);
+        if let Some(uid) = meta_str(&obj, "uid") {
+            self.uids.insert(uid.to_string(), (kind, key.clone()));
+        }
+        let prev = self.objects[kind].insert(key, obj.clone());
+        self.log_event(kind, &ns, etype, obj.clone(), prev);
+        self.mark_dirty(kind, &ns);
+        obj
+    }
+
+    fn log_event(&mut self, kind: KindId, ns: &str, etype: EventType, obj: Value, prev: Option<Value>) {
+        self.log.push_back(LogEvent {
+            rv: self.rv,
+            kind,
+            namespace: ns.to_string(),
+            etype,
+            obj: Arc::new(obj),
+            prev: prev.map(Arc::new),
+        });
+        while self.log.len() > self.cfg.max_events {
+            if let Some(e) = self.log.pop_front() {
+                self.floor = e.rv;
+            }
+        }
+        self.changed.send_replace(self.rv);
+    }
+
+    /// Removes an object for good (a `DELETED` event under a new
+    /// resourceVersion), then collects its dependents.
+    pub fn remove(&mut self, kind: KindId, key: &Key) -> Option<Value> {
+        let mut obj = self.objects[kind].remove(key)?;
+        self.rv += 1;
+        meta_mut(&mut obj).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let uid = meta_str(&obj, "uid").unwrap_or_default().to_string();
+        self.uids.remove(&uid);
+        self.log_event(kind, &key.0, EventType::Deleted, obj.clone(), Some(obj.clone()));
+        self.mark_dirty(kind, &key.0);
+        self.collect_dependents(&uid);
+        if kind == ids::namespaces() {
+            self.empty_namespace(&key.1);
+        }
+        Some(obj)
+    }
+
+    /// Owner-reference garbage collection: a dependent none of whose owners
+    /// exists any more is deleted (background propagation).
+    fn collect_dependents(&mut self, owner_uid: &str) {
+        let mut doomed = Vec::new();
+        for (kind, objs) in self.objects.iter().enumerate() {
+            for (key, obj) in objs {
+                let Some(refs) = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array) else { continue };
+                let owned = refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(owner_uid));
+                let other_alive = refs.iter().any(|r| {
+                    r.get("uid").and_then(Value::as_str).is_some_and(|u| u != owner_uid && self.uids.contains_key(u))
+                });
+                if owned && !other_alive {
+                    doomed.push((kind, key.clone()));
+                }
+            }
+        }
+        for (kind, key) in doomed {
+            if let Err(e) = self.delete(kind, &key.0, &key.1, DeleteOptions::default()) {
+                tracing::debug!(error = %e, "garbage collection of a dependent");
+            }
+        }
+    }
+
+    /// Deletes everything in a namespace that is going away.
+    fn empty_namespace(&mut self, ns: &str) {
+        for kind in 0..KINDS.len() {
+            if !KINDS[kind].namespaced {
+                continue;
+            }
+            let keys: Vec<Key> = self.objects[kind].keys().filter(|k| k.0 == ns).cloned().collect();
+            for key in keys {
+                if let Some(obj) = self.objects[kind].get_mut(&key) {
+                    // The namespace is gone: nothing can remove finalizers any more.
+                    meta_mut(obj).remove("finalizers");
+                }
+                self.remove(kind, &key);
+            }
+        }
+    }
+
+    fn ensure_namespace(&self, kind: &ResourceKind, ns: &str) -> Result<(), ApiError> {
+        if !kind.namespaced {
+            return Ok(());
+        }
+        let key = (String::new(), ns.to_string());
+        match self.objects[ids::namespaces()].get(&key) {
+            None => Err(ApiError::not_found(&KINDS[ids::namespaces()], ns)),
+            Some(n) if n.pointer("/metadata/deletionTimestamp").is_some() => Err(ApiError {
+                code: 403,
+                reason: "Forbidden",
+                message: format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    kind.qualified_plural(),
+                    meta_str(n, "name").unwrap_or_default()
+                ),
+                details: None,
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    // ---- reads ----
+
+    pub fn get(&self, kind: KindId, ns: &str, name: &str) -> Result<Value, ApiError> {
+        self.get_obj(kind, &Self::key_for(kind, ns, name)).cloned().ok_or_else(|| ApiError::not_found(&KINDS[kind], name))
+    }
+
+    /// Lists matching objects in key order, from `start` (exclusive), at most
+    /// `limit`. Returns the page and the key to continue after, if more match.
+    pub fn list(&self, f: &Filter, after: Option<&Key>, limit: Option<usize>) -> (Vec<Value>, Option<Key>, usize) {
+        let objs = &self.objects[f.kind];
+        let iter: Box<dyn Iterator<Item = (&Key, &Value)>> = match after {
+            Some(k) => Box::new(objs.range((std::ops::Bound::Excluded(k.clone()), std::ops::Bound::Unbounded))),
+            None => Box::new(objs.iter()),
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        let mut remaining = 0usize;
+        for (k, v) in iter {
+            if !f.matches(&k.0, v) {
+                continue;
+            }
+            if limit.is_some_and(|l| out.len() >= l) {
+                remaining += 1;
+                continue;
+            }
+            out.push(v.clone());
+            last = Some(k.clone());
+        }
+        let next = if remaining > 0 { last } else { None };
+        (out, next, remaining)
+    }
+
+    /// The events after `after` that a watch with this filter sees, with
+    /// selector transitions turned into ADDED/DELETED.
+    pub fn events_since(&self, f: &Filter, after: u64) -> Result<Vec<(EventType, Arc<Value>)>, Gone> {
+        if after < self.floor {
+            return Err(Gone);
+        }
+        let start = self.log.partition_point(|e| e.rv <= after);
+        let mut out = Vec::new();
+        for e in self.log.range(start..) {
+            if e.kind != f.kind {
+                continue;
+            }
+            let now = f.matches(&e.namespace, &e.obj);
+            let before = e.prev.as_ref().is_some_and(|p| f.matches(&e.namespace, p));
+            let t = match e.etype {
+                EventType::Added if now => EventType::Added,
+                EventType::Modified if now && before => EventType::Modified,
+                EventType::Modified if now => EventType::Added,
+                EventType::Modified if before => EventType::Deleted,
+                EventType::Deleted if now => EventType::Deleted,
+                _ => continue,
+            };
+            out.push((t, e.obj.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Declares every resourceVersion issued so far too old: the next watch from
+    /// any of them gets 410. Bumps the revision so new lists return a valid one.
+    pub fn expire(&mut self) {
+        self.rv += 1;
+        self.floor = self.rv;
+        self.log.clear();
+        self.changed.send_replace(self.rv);
+    }
+
+    // ---- writes ----
+
+    /// Creates an object (POST). Fills name from generateName, uid,
+    /// creationTimestamp, generation; resets status where the real server does.
+    pub fn create(&mut self, kind: KindId, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+        let rk = &KINDS[kind];
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the body of the request is not an object"));
+        }
+        obj["apiVersion"] = json!(rk.api_version());
+        obj["kind"] = json!(rk.kind);
+        let body_ns = meta_str(&obj, "namespace").map(str::to_string);
+        if rk.namespaced {
+            if let Some(b) = body_ns.as_deref()
+                && !b.is_empty()
+                && b != ns
+            {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            meta_mut(&mut obj).insert("namespace".into(), json!(ns));
+        } else {
+            meta_mut(&mut obj).remove("namespace");
+        }
+        let mut name = meta_str(&obj, "name").unwrap_or_default().to_string();
+        if name.is_empty() {
+            let Some(prefix) = meta_str(&obj, "generateName").map(str::to_string) else {
+                return Err(ApiError::invalid(rk, "", "metadata.name: Required value: name or generateName is required"));
+            };
+            name = format!("{prefix}{}", self.random_suffix());
+            meta_mut(&mut obj).insert("name".into(), json!(name));
+        }
+        if !valid_name(&name) {
+            return Err(ApiError::invalid(
+                rk,
+                &name,
+                &format!("metadata.name: Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"),
+            ));
+        }
+        self.ensure_namespace(rk, ns)?;
+        let key = Self::key_for(kind, ns, &name);
+        if self.objects[kind].contains_key(&key) {
+            return Err(ApiError::already_exists(rk, &name));
+        }
+        let uid = self.new_uid();
+        {
+            let m = meta_mut(&mut obj);
+            for f in ["resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
+                m.remove(f);
+            }
+            m.insert("uid".into(), json!(uid));
+            m.insert("creationTimestamp".into(), json!(now()));
+            m.insert("generation".into(), json!(1));
+        }
+        self.prepare(kind, &mut obj, None)?;
+        Ok(self.put(kind, obj, EventType::Added))
+    }
+
+    /// Replaces an object (PUT), or its status (PUT …/status).
+    pub fn update(&mut self, kind: KindId, ns: &str, name: &str, mut new: Value, sub: Sub) -> Result<Value, ApiError> {
+        let rk = &KINDS[kind];
+        let key = Self::key_for(kind, ns, name);
+        let Some(old) = self.objects[kind].get(&key).cloned() else {
+            return Err(ApiError::not_found(rk, name));
+        };
+        if !new.is_object() {
+            return Err(ApiError::bad_request("the body of the request is not an object"));
+        }
+        if let Some(n) = meta_str(&new, "name")
+            && n != name
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            )));
+        }
+        if let Some(rv) = meta_str(&new, "resourceVersion")
+            && !rv.is_empty()
+            && Some(rv) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                rk,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        let mut next = match sub {
+            Sub::Status => {
+                let mut n = old.clone();
+                match new.get("status") {
+                    Some(s) => n["status"] = s.clone(),
+                    None => {
+                        if let Some(m) = n.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+                if let Some(mf) = new.pointer("/metadata/managedFields") {
+                    meta_mut(&mut n).insert("managedFields".into(), mf.clone());
+                }
+                n
+            }
+            Sub::Main => {
+                if rk.status {
+                    match old.get("status") {
+                        Some(s) => new["status"] = s.clone(),
+                        None => {
+                            if let Some(m) = new.as_object_mut() {
+                                m.remove("status");
+                            }
+                        }
+                    }
+                }
+                let old_meta = old.get("metadata").cloned().unwrap_or_else(|| json!({}));
+                let m = meta_mut(&mut new);
+                for f in ["uid", "creationTimestamp", "name", "namespace", "generation", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+                    match old_meta.get(f) {
+                        Some(v) => m.insert(f.into(), v.clone()),
+                        None => m.remove(f),
+                    };
+                }
+                if !m.contains_key("managedFields")
+                    && let Some(mf) = old_meta.get("managedFields")
+                {
+                    m.insert("managedFields".into(), mf.clone());
+                }
+                new
+            }
+        };
+        next["apiVersion"] = json!(rk.api_version());
+        next["kind"] = json!(rk.kind);
+        self.prepare(kind, &mut next, Some(&old))?;
+        if spec_part(&next) != spec_part(&old) {
+            let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+            meta_mut(&mut next).insert("generation".into(), json!(g + 1));
+        }
+        let mut a = next.clone();
+        meta_mut(&mut a).remove("resourceVersion");
+        let mut b = old.clone();
+        meta_mut(&mut b).remove("resourceVersion");
+        if a == b {
+            // A no-op write does not bump the resourceVersion, as on a real server.
+            return Ok(old);
+        }
+        if self.deletion_due(kind, &next) {
+            self.objects[kind].insert(key.clone(), next);
+            return Ok(self.remove(kind, &key).unwrap_or(old));
+        }
+        Ok(self.put(kind, next, EventType::Modified))
+    }
+
+    /// Whether an object marked for deletion can go now: no finalizers left and,
+    /// for a pod, its grace period confirmed over.
+    fn deletion_due(&self, kind: KindId, obj: &Value) -> bool {
+        if obj.pointer("/metadata/deletionTimestamp").is_none() {
+            return false;
+        }
+        let finalizers = obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        let grace_over = kind != ids::pods()
+            || obj.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0) == 0;
+        !finalizers && grace_over
+    }
+
+    /// Patches an object. `content_type` selects merge, strategic merge, JSON
+    /// patch or server-side apply. Apply creates a missing object.
+    #[allow(clippy::too_many_arguments)]
+    pub fn patch(
+        &mut self,
+        kind: KindId,
+        ns: &str,
+        name: &str,
+        content_type: &str,
+        body: &[u8],
+        sub: Sub,
+        field_manager: Option<&str>,
+    ) -> Result<(Value, bool), ApiError> {
+        let rk = &KINDS[kind];
+        let ct = content_type.split(';').next().unwrap_or_default().trim();
+        if ct == "application/apply-patch+yaml" {
+            let applied: Value = serde_yaml::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+            let Some(manager) = field_manager.filter(|m| !m.is_empty()) else {
+                return Err(ApiError::invalid(rk, name, "fieldManager: Required value: is required for apply patch"));
+            };
+            return self.apply(kind, ns, name, applied, manager, sub);
+        }
+        let key = Self::key_for(kind, ns, name);
+        let Some(old) = self.objects[kind].get(&key).cloned() else {
+            return Err(ApiError::not_found(rk, name));
+        };
+        let mut next = old.clone();
+        match ct {
+            "application/merge-patch+json" | "application/json" => {
+                let p: Value = parse_json(body)?;
+                patch::merge_patch(&mut next, &p);
+            }
+            "application/strategic-merge-patch+json" => {
+                if kind == 0 || rk.group == "apiextensions.k8s.io" {
+                    return Err(ApiError::unsupported_media_type(ct));
+                }
+                let p: Value = parse_json(body)?;
+                patch::strategic_merge_patch(&mut next, &p);
+            }
+            "application/json-patch+json" => {
+                let p: json_patch::Patch = serde_json::from_slice(body)
+                    .map_err(|e| ApiError::bad_request(format!("error decoding JSON patch: {e}")))?;
+                json_patch::patch(&mut next, &p)
+                    .map_err(|e| ApiError { code: 422, reason: "Invalid", message: e.to_string(), details: None })?;
+            }
+            other => return Err(ApiError::unsupported_media_type(other)),
+        }
+        // A resourceVersion in the patch is a precondition; otherwise the patch
+        // applies to the latest version.
+        let patched_rv = meta_str(&next, "resourceVersion").map(str::to_string);
+        if patched_rv.as_deref() != meta_str(&old, "resourceVersion") {
+            return Err(ApiError::conflict(
+                rk,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        Ok((self.update(kind, ns, name, next, sub)?, false))
+    }
+
+    /// Server-side apply, simplified: ownership is tracked per Apply manager
+    /// with lists atomic; fields this manager applied before and omits now are
+    /// removed unless another manager applied them; conflicts are not reported.
+    fn apply(
+        &mut self,
+        kind: KindId,
+        ns: &str,
+        name: &str,
+        mut applied: Value,
+        manager: &str,
+        sub: Sub,
+    ) -> Result<(Value, bool), ApiError> {
+        let rk = &KINDS[kind];
+        if applied.get("apiVersion").and_then(Value::as_str) != Some(&rk.api_version())
+            || applied.get("kind").and_then(Value::as_str) != Some(rk.kind)
+        {
+            return Err(ApiError::bad_request(format!(
+                "the apiVersion/kind of the applied object must be {}/{}",
+                rk.api_version(),
+                rk.kind
+            )));
+        }
+        match meta_str(&applied, "name") {
+            // The real server takes the name from the URL when the body has none.
+            None => {
+                meta_mut(&mut applied).insert("name".into(), json!(name));
+            }
+            Some(n) if n != name => {
+                return Err(ApiError::bad_request("the name of the applied object does not match the name on the URL"));
+            }
+            Some(_) => {}
+        }
+        if let Some(m) = applied.as_object_mut() {
+            match sub {
+                Sub::Status => m.retain(|k, _| matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")),
+                Sub::Main if rk.status => {
+                    m.remove("status");
+                }
+                Sub::Main => {}
+            }
+        }
+        {
+            let m = meta_mut(&mut applied);
+            if sub == Sub::Status {
+                m.retain(|k, _| matches!(k.as_str(), "name" | "namespace"));
+            }
+            for f in ["uid", "creationTimestamp", "generation", "managedFields", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
+                m.remove(f);
+            }
+        }
+        let precondition = meta_str(&applied, "resourceVersion").map(str::to_string);
+        meta_mut(&mut applied).remove("resourceVersion");
+        let paths = patch::field_paths(&applied);
+        let subresource = if sub == Sub::Status { "status" } else { "" };
+        let entry = json!({
+            "manager": manager, "operation": "Apply", "apiVersion": rk.api_version(),
+            "time": now(), "fieldsType": "FieldsV1", "fieldsV1": patch::to_fields_v1(&paths),
+        });
+        let mut entry = entry;
+        if !subresource.is_empty() {
+            entry["subresource"] = json!(subresource);
+        }
+        let key = Self::key_for(kind, ns, name);
+        let Some(old) = self.objects[kind].get(&key).cloned() else {
+            if sub == Sub::Status {
+                return Err(ApiError::not_found(rk, name));
+            }
+            meta_mut(&mut applied).insert("managedFields".into(), json!([entry]));
+            return Ok((self.create(kind, ns, applied)?, true));
+        };
+        if let Some(rv) = precondition
+            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(rk, name, "the object has been modified; please apply your changes to the latest version and try again"));
+        }
+        let mut managed: Vec<Value> =
+            old.pointer("/metadata/managedFields").and_then(Value::as_array).cloned().unwrap_or_default();
+        let is_mine = |e: &Value| {
+            e.get("manager").and_then(Value::as_str) == Some(manager)
+                && e.get("operation").and_then(Value::as_str) == Some("Apply")
+                && e.get("subresource").and_then(Value::as_str).unwrap_or("") == subresource
+        };
+        let mine_before: BTreeSet<patch::FieldPath> =
+            managed.iter().filter(|e| is_mine(e)).filter_map(|e| e.get("fieldsV1")).flat_map(patch::from_fields_v1).collect();
+        let others: BTreeSet<patch::FieldPath> =
+            managed.iter().filter(|e| !is_mine(e)).filter_map(|e| e.get("fieldsV1")).flat_map(patch::from_fields_v1).collect();
+        let mut next = old.clone();
+        for p in mine_before.difference(&paths) {
+            if !others.contains(p) {
+                patch::remove_path(&mut next, p);
+            }
+        }
+        patch::apply_merge(&mut next, &applied);
+        match managed.iter().position(is_mine) {
+            Some(i) if managed[i].get("fieldsV1") == entry.get("fieldsV1") => {}
+            Some(i) => managed[i] = entry,
+            None => managed.push(entry),
+        }
+        meta_mut(&mut next).insert("managedFields".into(), Value::Array(managed));
+        Ok((self.update(kind, ns, name, next, sub)?, false))
+    }
+
+    /// Deletes an object: marks it (deletionTimestamp) while finalizers or a
+    /// pod's grace period hold it, else removes it and collects its dependents.
+    pub fn delete(&mut self, kind: KindId, ns: &str, name: &str, opts: DeleteOptions) -> Result<Value, ApiError> {
+        let rk = &KINDS[kind];
+        let key = Self::key_for(kind, ns, name);
+        let Some(old) = self.objects[kind].get(&key).cloned() else {
+            return Err(ApiError::not_found(rk, name));
+        };
+        if let Some(uid) = &opts.uid
+            && Some(uid.as_str()) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(rk, name, &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta_str(&old, "uid").unwrap_or_default())));
+        }
+        if let Some(rv) = &opts.resource_version
+            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(rk, name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", meta_str(&old, "resourceVersion").unwrap_or_default())));
+        }
+        let uid = meta_str(&old, "uid").unwrap_or_default().to_string();
+        if opts.orphan {
+            self.orphan_dependents(&uid);
+        }
+        let mut next = old.clone();
+        let already = old.pointer("/metadata/deletionTimestamp").is_some();
+        if kind == ids::pods() && !already {
+            let scheduled = old.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+            let grace = if scheduled { opts.grace.unwrap_or(self.cfg.pod_grace) } else { Grace::Immediate };
+            let (ts, secs) = match grace {
+                Grace::Immediate => (now(), 0),
+                Grace::For(d) => (now_plus(d), d.as_secs().max(1) as i64),
+                Grace::UntilFinished => (now_plus(Duration::from_secs(30)), 30),
+            };
+            let m = meta_mut(&mut next);
+            m.insert("deletionTimestamp".into(), json!(ts));
+            m.insert("deletionGracePeriodSeconds".into(), json!(secs));
+            if let Grace::For(d) = grace {
+                self.timers.push(Timer { due: tokio::time::Instant::now() + d, key: key.clone(), uid: uid.clone() });
+            }
+        } else if kind == ids::pods() && opts.grace == Some(Grace::Immediate) {
+            meta_mut(&mut next).insert("deletionGracePeriodSeconds".into(), json!(0));
+        } else if !already {
+            let m = meta_mut(&mut next);
+            m.insert("deletionTimestamp".into(), json!(now()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(0));
+        }
+        if kind == ids::namespaces() {
+            next["status"] = json!({"phase": "Terminating"});
+        }
+        if self.deletion_due(kind, &next) {
+            self.objects[kind].insert(key.clone(), next);
+            return Ok(self.remove(kind, &key).unwrap_or(old));
+        }
+        if next == old {
+            return Ok(old);
+        }
+        Ok(self.put(kind, next, EventType::Modified))
+    }
+
+    /// Removes the owner reference to `owner_uid` from every dependent.
+    fn orphan_dependents(&mut self, owner_uid: &str) {
+        let mut changed = Vec::new();
+        for (kind, objs) in self.objects.iter().enumerate() {
+            for (key, obj) in objs {
+                let Some(refs) = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array) else { continue };
+                if refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(owner_uid)) {
+                    let mut o = obj.clone();
+                    let kept: Vec<Value> =
+                        refs.iter().filter(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid)).cloned().collect();
+                    meta_mut(&mut o).insert("ownerReferences".into(), Value::Array(kept));
+                    changed.push((kind, key.clone(), o));
+                }
+            }
+        }
+        for (kind, _, o) in changed {
+            self.put(kind, o, EventType::Modified);
+        }
+    }
+
+    /// The emulated kubelet confirms a terminating pod is gone.
+    pub fn finish_pod(&mut self, key: &Key, uid: Option<&str>) -> Result<(), ApiError> {
+        let kind = ids::pods();
+        let Some(pod) = self.objects[kind].get(key).cloned() else {
+            return Err(ApiError::not_found(&KINDS[kind], &key.1));
+        };
+        if uid.is_some_and(|u| Some(u) != meta_str(&pod, "uid")) || pod.pointer("/metadata/deletionTimestamp").is_none() {
+            return Ok(());
+        }
+        self.delete(kind, &key.0, &key.1, DeleteOptions { grace: Some(Grace::Immediate), ..Default::default() })?;
+        Ok(())
+    }
+
+    /// Fires the kubelet timers that are due.
+    pub fn fire_timers(&mut self) {
+        let now = tokio::time::Instant::now();
+        let (due, rest): (Vec<Timer>, Vec<Timer>) = std::mem::take(&mut self.timers).into_iter().partition(|t| t.due <= now);
+        self.timers = rest;
+        for t in due {
+            if let Err(e) = self.finish_pod(&t.key, Some(&t.uid)) {
+                tracing::debug!(error = %e, "pod termination timer");
+            }
+        }
+        self.reconcile();
+    }
+
+    fn create_node(&mut self, n: &super::NodeConfig) -> Result<Value, ApiError> {
+        let mut labels = n.labels.clone();
+        labels.entry("kubernetes.io/hostname".into()).or_insert_with(|| n.name.clone());
+        labels.entry("kubernetes.io/os".into()).or_insert_with(|| "linux".into());
+        let obj = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": n.name, "labels": labels},
+            "spec": {},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": n.address.to_string()}, {"type": "Hostname", "address": n.name}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status (emulated)", "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
+            }
+        });
+        let key = (String::new(), n.name.clone());
+        if self.objects[ids::nodes()].contains_key(&key) {
+            let mut cur = self.get(ids::nodes(), "", &n.name)?;
+            cur["metadata"]["labels"] = json!(labels);
+            cur["status"] = obj["status"].clone();
+            let cur = self.update(ids::nodes(), "", &n.name, cur.clone(), Sub::Main)?;
+            let mut with_status = cur;
+            with_status["status"] = obj["status"].clone();
+            return self.update(ids::nodes(), "", &n.name, with_status, Sub::Status);
+        }
+        self.create(ids::nodes(), "", obj)
+    }
+
+    /// Adds (or replaces) a Node with an InternalIP address.
+    pub fn add_node(&mut self, n: &super::NodeConfig) -> Result<Value, ApiError> {
+        let r = self.create_node(n);
+        self.reconcile();
+        r
+    }
+
+    /// Kind-specific defaulting and allocation, as the real registry does
+    /// before storing.
+    fn prepare(&mut self, kind: KindId, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+        let rk = &KINDS[kind];
+        if old.is_none() && rk.status && kind != ids::nodes() {
+            // Real registries drop status on create for these kinds.
+            if let Some(m) = obj.as_object_mut() {
+                m.remove("status");
+            }
+        }
+        if kind == ids::services() {
+            self.prepare_service(obj, old)?;
+        } else if kind == ids::pods() && old.is_none() {
+            prepare_pod(obj);
+        } else if kind == ids::namespaces() {
+            let name = meta_str(obj, "name").unwrap_or_default().to_string();
+            let m = meta_mut(obj);
+            let labels = m.entry("labels").or_insert_with(|| json!({}));
+            if labels.is_object() {
+                labels["kubernetes.io/metadata.name"] = json!(name);
+            }
+            if obj.pointer("/status/phase").is_none() {
+                obj["status"] = json!({"phase": "Active"});
+            }
+        } else if kind == ids::deployments() && obj.pointer("/spec/replicas").is_none() {
+            obj["spec"]["replicas"] = json!(1);
+        } else if kind == ids::endpointslices()
+            && let Some(Value::Array(ports)) = obj.get_mut("ports")
+        {
+            for p in ports {
+                if p.is_object() && p.get("protocol").is_none() {
+                    p["protocol"] = json!("TCP");
+                }
+            }
+        }
+        Ok(())
+    }
+
+
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))
+}
+
+/// Pod defaults, and the status a freshly created pod has.
+fn prepare_pod(obj: &mut Value) {
+    let spec = &mut obj["spec"];
+    if !spec.is_object() {
+        *spec = json!({});
+    }
+    for (k, v) in [
+        ("restartPolicy", json!("Always")),
+        ("terminationGracePeriodSeconds", json!(30)),
+        ("dnsPolicy", json!("ClusterFirst")),
+        ("schedulerName", json!("default-scheduler")),
+    ] {
+        if spec.get(k).is_none() {
+            spec[k] = v;
+        }
+    }
+    if let Some(Value::Array(cs)) = spec.get_mut("containers") {
+        for c in cs {
+            if let Some(Value::Array(ps)) = c.get_mut("ports") {
+                for p in ps {
+                    if p.is_object() && p.get("protocol").is_none() {
+                        p["protocol"] = json!("TCP");
+                    }
+                }
+            }
+        }
+    }
+    obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+}
+
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn store() -> Store {
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        Store::new(Config::default(), tx)
+    }
+
+    fn cm(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": {"a": "1"}}, "data": {"k": "v"}})
+    }
+
+    fn cms() -> KindId {
+        super::super::resources::find("", "v1", "configmaps").unwrap_or(usize::MAX)
+    }
+
+    #[test]
+    fn create_get_update_conflict() {
+        let mut s = store();
+        let c = s.create(cms(), "default", cm("a")).expect("create");
+        assert_eq!(c["metadata"]["generation"], 1);
+        assert!(matches!(s.create(cms(), "default", cm("a")), Err(e) if e.code == 409 && e.reason == "AlreadyExists"));
+        let mut stale = c.clone();
+        stale["data"]["k"] = json!("w");
+        let u = s.update(cms(), "default", "a", stale.clone(), Sub::Main).expect("update");
+        assert_eq!(u["metadata"]["generation"], 2);
+        assert!(matches!(s.update(cms(), "default", "a", stale, Sub::Main), Err(e) if e.code == 409 && e.reason == "Conflict"));
+        assert!(matches!(s.create(cms(), "nope", cm("b")), Err(e) if e.code == 404));
+    }
+
+    #[test]
+    fn finalizers_hold_deletion_and_gc_follows_owners() {
+        let mut s = store();
+        let mut owner = cm("owner");
+        owner["metadata"]["finalizers"] = json!(["x/y"]);
+        let owner = s.create(cms(), "default", owner).expect("owner");
+        let mut dep = cm("dep");
+        dep["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}]);
+        s.create(cms(), "default", dep).expect("dependent");
+        let marked = s.delete(cms(), "default", "owner", DeleteOptions::default()).expect("delete");
+        assert!(marked["metadata"]["deletionTimestamp"].is_string());
+        assert!(s.get(cms(), "default", "dep").is_ok(), "dependent stays while the owner exists");
+        let mut cleared = marked.clone();
+        cleared["metadata"]["finalizers"] = json!([]);
+        s.update(cms(), "default", "owner", cleared, Sub::Main).expect("clear finalizers");
+        assert!(s.get(cms(), "default", "owner").is_err());
+        assert!(s.get(cms(), "default", "dep").is_err(), "dependent collected");
+    }
+
+    #[test]
+    fn watch_log_and_expiry() {
+        let mut s = store();
+        let start = s.rv;
+        s.create(cms(), "default", cm("a")).expect("create");
+        let f = Filter { kind: cms(), namespace: None, labels: LabelSelector::parse("a=1").unwrap_or_default(), fields: FieldSelector::default() };
+        let evs = s.events_since(&f, start).expect("events");
+        assert_eq!(evs.len(), 1);
+        let mut relabel = s.get(cms(), "default", "a").expect("get");
+        relabel["metadata"]["labels"]["a"] = json!("2");
+        let after_create = s.rv;
+        s.update(cms(), "default", "a", relabel, Sub::Main).expect("relabel");
+        let evs = s.events_since(&f, after_create).expect("events");
+        assert_eq!(evs[0].0, EventType::Deleted, "leaving the selector reads as DELETED");
+        s.expire();
+        assert!(s.events_since(&f, after_create).is_err());
+        assert!(s.events_since(&f, s.rv).is_ok());
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_removes_dropped_fields() {
+        let mut s = store();
+        let applied = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "default"}, "data": {"k": "v", "j": "w"}});
+        let body = serde_json::to_vec(&applied).unwrap_or_default();
+        let (first, created) = s.patch(cms(), "default", "a", "application/apply-patch+yaml", &body, Sub::Main, Some("m")).expect("apply");
+        assert!(created);
+        let (second, _) = s.patch(cms(), "default", "a", "application/apply-patch+yaml", &body, Sub::Main, Some("m")).expect("apply again");
+        assert_eq!(first["metadata"]["resourceVersion"], second["metadata"]["resourceVersion"]);
+        let less = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "v"}});
+        let body = serde_json::to_vec(&less).unwrap_or_default();
+        let (third, _) = s.patch(cms(), "default", "a", "application/apply-patch+yaml", &body, Sub::Main, Some("m")).expect("apply less");
+        assert_eq!(third["data"], json!({"k": "v"}));
+    }
+}

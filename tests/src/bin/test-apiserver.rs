@@ -1,0 +1,84 @@
+//! `test-apiserver`: the Kubernetes test API server (a test double), standalone.
+//!
+//! Prints `listening on http://ADDR` once ready; the test controls live under
+//! `/_test/` (see `ipvs_operator_tests::apiserver::admin`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use ipvs_operator_tests::apiserver::{Config, Grace, NodeConfig, TestApiServer, kubeconfig_yaml};
+
+/// A Kubernetes test API server (a test double, not a real API server).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Address to listen on, e.g. 127.0.0.1:6443 (port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Manifest files to load at start (repeatable).
+    #[arg(long)]
+    load: Vec<PathBuf>,
+    /// Nodes as NAME=IP (repeatable); default: node-1=192.0.2.1.
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Range pod IPs come from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pod_cidr: String,
+    /// Range ClusterIPs come from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
+    /// Seconds a deleted pod stays terminating when the delete names no grace period.
+    #[arg(long, default_value_t = 1)]
+    pod_grace_seconds: u64,
+    /// Seconds between watch bookmarks.
+    #[arg(long, default_value_t = 5)]
+    bookmark_seconds: u64,
+    /// Write a kubeconfig pointing at the server to this file.
+    #[arg(long)]
+    write_kubeconfig: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = Config {
+        pod_cidr: args.pod_cidr.parse().context("--pod-cidr")?,
+        service_cidr: args.service_cidr.parse().context("--service-cidr")?,
+        pod_grace: if args.pod_grace_seconds == 0 {
+            Grace::Immediate
+        } else {
+            Grace::For(Duration::from_secs(args.pod_grace_seconds))
+        },
+        bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
+        ..Config::default()
+    };
+    if !args.nodes.is_empty() {
+        cfg.nodes = args
+            .nodes
+            .iter()
+            .map(|n| {
+                let (name, ip) = n.split_once('=').context("--node wants NAME=IP")?;
+                Ok(NodeConfig { name: name.to_string(), address: ip.parse().context("--node IP")?, labels: Default::default() })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    let server = TestApiServer::start_on(args.listen, cfg).await.context("starting the server")?;
+    for f in &args.load {
+        let loaded = server.handle().load_file(f).with_context(|| format!("loading {}", f.display()))?;
+        tracing::info!(file = %f.display(), objects = loaded.len(), "loaded manifests");
+    }
+    if let Some(path) = &args.write_kubeconfig {
+        std::fs::write(path, kubeconfig_yaml(server.url())).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("listening on {}", server.url());
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    server.shutdown().await;
+    Ok(())
+}
