@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, ServicePort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -62,8 +63,8 @@ pub struct Endpoint {
     pub node_name: Option<String>,
     /// That node's zone.
     pub zone: Option<String>,
-    /// The pod's labels.
-    pub labels: Labels,
+    /// The pod's labels; endpoints whose pods have the same labels share one map.
+    pub labels: Arc<Labels>,
     /// Ready and not terminating.
     pub ready: bool,
     /// Able to serve, possibly while terminating.
@@ -175,6 +176,7 @@ impl Snapshot {
         let service_ports = ws.spec.service.ports.clone().unwrap_or_default();
         let mut endpoints = Vec::new();
         let mut skipped = Vec::new();
+        let mut label_sets = LabelSets::default();
         let mut pods: Vec<&Pod> = pods.iter().collect();
         pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         for pod in pods {
@@ -216,7 +218,7 @@ impl Snapshot {
                 address,
                 node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                 zone: None,
-                labels,
+                labels: label_sets.share(labels),
                 ready: pod_ready && !terminating,
                 serving: pod_ready,
                 terminating,
@@ -237,6 +239,25 @@ impl Snapshot {
             now,
         };
         (snapshot, skipped)
+    }
+}
+
+/// Hands out one shared map per distinct label set, so that the pods of one
+/// ReplicaSet share theirs (and the policy input passes each set once).
+#[derive(Debug, Default)]
+pub struct LabelSets {
+    seen: std::collections::HashMap<Labels, Arc<Labels>>,
+}
+
+impl LabelSets {
+    /// The shared map equal to `labels`.
+    pub fn share(&mut self, labels: Labels) -> Arc<Labels> {
+        if let Some(shared) = self.seen.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels.clone());
+        self.seen.insert(labels, shared.clone());
+        shared
     }
 }
 

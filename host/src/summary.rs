@@ -104,7 +104,7 @@ mod tests {
             address: "10.0.0.1".parse().unwrap(),
             node_name: None,
             zone: None,
-            labels: [("env".to_string(), env.to_string())].into(),
+            labels: std::sync::Arc::new([("env".to_string(), env.to_string())].into()),
             ready,
             serving: ready,
             terminating: false,

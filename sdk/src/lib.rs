@@ -54,7 +54,7 @@ pub mod validate;
 mod wasm_runtime;
 
 pub use bindings::exports::ipvs_operator::policy::evaluator::{
-    Decision, Endpoint, Input, Label, Node, Service, Timestamp, WeightGroup,
+    Conditions, Decision, Endpoint, Input, Label, Location, Node, Service, Timestamp, WeightGroup,
 };
 
 /// The version of the policy interface this SDK implements (the WIT package version).
@@ -95,6 +95,37 @@ impl Decision {
     }
 }
 
+impl Endpoint {
+    /// Ready to receive new connections (and not terminating).
+    pub fn is_ready(&self) -> bool {
+        self.conditions.contains(Conditions::READY)
+    }
+
+    /// Able to serve, possibly while terminating.
+    pub fn is_serving(&self) -> bool {
+        self.conditions.contains(Conditions::SERVING)
+    }
+
+    /// Being deleted.
+    pub fn is_terminating(&self) -> bool {
+        self.conditions.contains(Conditions::TERMINATING)
+    }
+}
+
+impl Input {
+    /// The labels of `endpoint`'s pod (from `label_sets`).
+    pub fn labels(&self, endpoint: &Endpoint) -> &[Label] {
+        self.label_sets
+            .get(endpoint.label_set as usize)
+            .map_or(&[], |set| set.as_slice())
+    }
+
+    /// The node (and zone) `endpoint` runs on, if known (from `locations`).
+    pub fn location(&self, endpoint: &Endpoint) -> Option<&Location> {
+        endpoint.location.and_then(|i| self.locations.get(i as usize))
+    }
+}
+
 /// Export a [`Policy`] implementation as the component's `evaluator`.
 ///
 /// Expands to nothing outside wasm, so the same crate builds natively for tests.
@@ -122,8 +153,8 @@ pub mod prelude {
     pub use crate::selector;
     pub use crate::time::{self, Duration};
     pub use crate::{
-        export_policy, Decision, Endpoint, Input, Label, Node, Policy, Service, Timestamp,
-        WeightGroup, MAX_WEIGHT,
+        export_policy, Conditions, Decision, Endpoint, Input, Label, Location, Node, Policy,
+        Service, Timestamp, WeightGroup, MAX_WEIGHT,
     };
     pub use alloc::borrow::ToOwned;
     pub use alloc::boxed::Box;

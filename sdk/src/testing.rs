@@ -24,7 +24,7 @@ use alloc::vec::Vec;
 
 use crate::selector::labels;
 use crate::time::Duration;
-use crate::{config, validate, Decision, Endpoint, Input, Label, Node, Policy, Service, Timestamp, WeightGroup};
+use crate::{config, validate, Conditions, Decision, Endpoint, Input, Label, Location, Node, Policy, Service, Timestamp, WeightGroup};
 
 /// The `now` of every test case unless set: 2026-01-01T00:00:00Z.
 pub const DEFAULT_NOW: Timestamp = Timestamp {
@@ -58,6 +58,8 @@ impl Testcase {
                 },
                 groups: Vec::new(),
                 config: "{}".into(),
+                label_sets: Vec::new(),
+                locations: Vec::new(),
                 endpoints: Vec::new(),
                 node: None,
                 now: DEFAULT_NOW,
@@ -80,8 +82,12 @@ impl Testcase {
         self
     }
 
-    /// Add an endpoint (see [`pod`]).
-    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+    /// Add an endpoint (see [`pod`]). Its labels join `input.label_sets`,
+    /// shared with earlier endpoints that have the same ones, as the host does.
+    pub fn endpoint(mut self, endpoint: TestEndpoint) -> Self {
+        let TestEndpoint { mut endpoint, labels, location } = endpoint;
+        endpoint.label_set = intern(&mut self.input.label_sets, labels);
+        endpoint.location = location.map(|l| intern(&mut self.input.locations, l));
         self.input.endpoints.push(endpoint);
         self
     }
@@ -116,7 +122,7 @@ impl Testcase {
     /// Run policy `P` and apply the host's checks to its decision, as the host would.
     pub fn evaluate<P: Policy>(&self) -> Result<Decision, String> {
         let decision = P::evaluate(&self.input)?;
-        let ready: Vec<bool> = self.input.endpoints.iter().map(|e| e.ready).collect();
+        let ready: Vec<bool> = self.input.endpoints.iter().map(Endpoint::is_ready).collect();
         validate::check(&decision.weights, &ready, config::allow_all_zero(&self.input.config))
             .map_err(|e| format!("the host would refuse this decision: {e}"))?;
         Ok(decision)
@@ -131,30 +137,48 @@ impl Testcase {
     }
 }
 
+/// The index of `item` in `table`, added if new.
+fn intern<T: PartialEq>(table: &mut Vec<T>, item: T) -> u32 {
+    let index = table.iter().position(|t| *t == item).unwrap_or_else(|| {
+        table.push(item);
+        table.len() - 1
+    });
+    index as u32
+}
+
+/// An endpoint under construction, with its pod's labels and location.
+#[derive(Debug, Clone)]
+pub struct TestEndpoint {
+    endpoint: Endpoint,
+    labels: Vec<Label>,
+    location: Option<Location>,
+}
+
 /// A ready, serving pod endpoint named `name`, with a made-up address, created an
 /// hour before [`DEFAULT_NOW`] and ready since then.
-pub fn pod(name: &str) -> Endpoint {
+pub fn pod(name: &str) -> TestEndpoint {
     // A stable address per name keeps test output readable and deterministic.
     let h = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     let an_hour_ago = Timestamp {
         seconds: DEFAULT_NOW.seconds - 3600,
         nanos: 0,
     };
-    Endpoint {
-        pod_name: Some(name.into()),
-        address: format!("10.{}.{}.{}", (h >> 16) & 0xff, (h >> 8) & 0xff, (h & 0xff).max(1)),
-        node_name: None,
-        zone: None,
+    TestEndpoint {
+        endpoint: Endpoint {
+            pod_name: Some(name.into()),
+            address: format!("10.{}.{}.{}", (h >> 16) & 0xff, (h >> 8) & 0xff, (h & 0xff).max(1)),
+            location: None,
+            label_set: 0,
+            conditions: Conditions::READY | Conditions::SERVING,
+            created: Some(an_hour_ago),
+            ready_since: Some(an_hour_ago),
+        },
         labels: Vec::new(),
-        ready: true,
-        serving: true,
-        terminating: false,
-        created: Some(an_hour_ago),
-        ready_since: Some(an_hour_ago),
+        location: None,
     }
 }
 
-impl Endpoint {
+impl TestEndpoint {
     /// Add a pod label.
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.push(Label {
@@ -166,35 +190,35 @@ impl Endpoint {
 
     /// Mark as terminating: no longer ready, still serving.
     pub fn terminating(mut self) -> Self {
-        self.terminating = true;
-        self.ready = false;
+        self.endpoint.conditions = Conditions::SERVING | Conditions::TERMINATING;
         self
     }
 
     /// Mark as not ready (and not serving).
     pub fn not_ready(mut self) -> Self {
-        self.ready = false;
-        self.serving = false;
-        self.ready_since = None;
+        self.endpoint.conditions = Conditions::empty();
+        self.endpoint.ready_since = None;
         self
     }
 
     /// Place on a node, optionally in a zone.
     pub fn on_node(mut self, node: &str, zone: Option<&str>) -> Self {
-        self.node_name = Some(node.into());
-        self.zone = zone.map(Into::into);
+        self.location = Some(Location {
+            node_name: node.into(),
+            zone: zone.map(Into::into),
+        });
         self
     }
 
     /// Set the creation time.
     pub fn created_at(mut self, t: Timestamp) -> Self {
-        self.created = Some(t);
+        self.endpoint.created = Some(t);
         self
     }
 
     /// Set the time it became ready.
     pub fn ready_since(mut self, t: Timestamp) -> Self {
-        self.ready_since = Some(t);
+        self.endpoint.ready_since = Some(t);
         self
     }
 }

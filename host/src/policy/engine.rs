@@ -5,13 +5,15 @@
 //! import check and type check are done at load), with an epoch deadline and a
 //! memory limit. The bench `policy-eval` measures what instantiation costs.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ipvs_policy_sdk::validate;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, EngineWeak, ResourceLimiter, Store, Trap};
+use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 
 use super::PolicyError;
 use crate::snapshot::{Labels, Snapshot};
@@ -20,6 +22,8 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../sdk/wit",
         world: "policy",
+        // The input is lowered straight from borrowed strings: no copies on the host.
+        ownership: Borrowing { duplicate_if_necessary: false },
     });
 }
 
@@ -30,6 +34,12 @@ pub const INTERFACE_EXPORT: &str = "ipvs-operator:policy/evaluator@0.1.0";
 
 /// How often the deadline clock ticks while an evaluation runs.
 const TICK: Duration = Duration::from_millis(5);
+
+/// Instances that can exist at once (evaluations running concurrently).
+const POOL_SLOTS: u32 = 64;
+
+/// Linear memory kept mapped (and zeroed with memset) between instances.
+const KEEP_RESIDENT: usize = 4 << 20;
 
 /// Limits for every evaluation.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +121,14 @@ impl PolicyEngine {
             .epoch_interruption(true)
             // Unbounded recursion ends in a stack-overflow trap well before the host's stack.
             .max_wasm_stack(1 << 20);
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(POOL_SLOTS)
+            .total_core_instances(POOL_SLOTS)
+            .total_memories(POOL_SLOTS)
+            .total_tables(POOL_SLOTS)
+            .max_memory_size(config.memory_limit)
+            .linear_memory_keep_resident(KEEP_RESIDENT);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(|e| PolicyError::Host {
             policy: String::new(),
             reason: format!("cannot create the wasm engine: {e:#}"),
@@ -127,6 +145,24 @@ impl PolicyEngine {
     /// The limits in force.
     pub fn config(&self) -> EngineConfig {
         self.config
+    }
+
+    /// A fresh store with this engine's memory limit and deadline.
+    fn store(&self) -> Store<StoreState> {
+        let mut store = Store::new(
+            &self.engine,
+            StoreState {
+                limits: MemoryLimit {
+                    max: self.config.memory_limit,
+                    refused: false,
+                },
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let ticks = self.config.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64;
+        store.set_epoch_deadline(ticks.max(1));
+        store.epoch_deadline_trap();
+        store
     }
 
     /// Compile and check a component: it must import nothing and export
@@ -163,6 +199,11 @@ impl PolicyEngine {
             .instantiate_pre(&component)
             .and_then(bindings::PolicyPre::new)
             .map_err(|e| interface_error(Some(format!("{e:#}"))))?;
+        // The function's type is checked when an instance is made: do it now, so a
+        // module with the right export name but the wrong signature fails at load.
+        let _running = self.ticker.running();
+        pre.instantiate(&mut self.store())
+            .map_err(|e| interface_error(Some(format!("{e:#}"))))?;
         Ok(LoadedPolicy {
             name: name.into(),
             sha256,
@@ -185,8 +226,7 @@ impl LoadedPolicy {
 
     /// Evaluate for `snapshot` and check the decision.
     pub fn evaluate(&self, snapshot: &Snapshot) -> Result<Evaluation, PolicyError> {
-        let input = to_wit(snapshot);
-        let decision = self.call(&input)?;
+        let decision = with_input(snapshot, |input| self.call(input))?;
         let ready: Vec<bool> = snapshot.endpoints.iter().map(|e| e.ready).collect();
         validate::check(
             &decision.weights,
@@ -205,23 +245,9 @@ impl LoadedPolicy {
     }
 
     /// Instantiate afresh and call `evaluate`, mapping every failure to its kind.
-    fn call(&self, input: &wit::Input) -> Result<wit::Decision, PolicyError> {
-        let engine = &self.engine;
-        let mut store = Store::new(
-            &engine.engine,
-            StoreState {
-                limits: MemoryLimit {
-                    max: engine.config.memory_limit,
-                    refused: false,
-                },
-            },
-        );
-        store.limiter(|s| &mut s.limits);
-        let ticks = engine.config.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64;
-        store.set_epoch_deadline(ticks.max(1));
-        store.epoch_deadline_trap();
-
-        let _running = engine.ticker.running();
+    fn call(&self, input: wit::Input<'_>) -> Result<wit::Decision, PolicyError> {
+        let mut store = self.engine.store();
+        let _running = self.engine.ticker.running();
         let result = self
             .pre
             .instantiate(&mut store)
@@ -234,6 +260,35 @@ impl LoadedPolicy {
             }),
             Err(e) => Err(self.classify(e, store.data().limits.refused)),
         }
+    }
+
+    /// For the benchmark: the time of `times` instantiations alone.
+    #[doc(hidden)]
+    pub fn measure_instantiation(&self, times: u32) -> Result<Duration, PolicyError> {
+        let started = std::time::Instant::now();
+        for _ in 0..times {
+            let mut store = self.engine.store();
+            self.pre
+                .instantiate(&mut store)
+                .map_err(|e| self.classify(e, false))?;
+        }
+        Ok(started.elapsed() / times.max(1))
+    }
+
+    /// For the benchmark: the alternative to a fresh instance per evaluation —
+    /// one instance called `times` times (input conversion included, checks not).
+    #[doc(hidden)]
+    pub fn measure_reused_instance(&self, snapshot: &Snapshot, times: u32) -> Result<Duration, PolicyError> {
+        let mut store = self.engine.store();
+        store.set_epoch_deadline(u64::MAX / 2);
+        let policy = self.pre.instantiate(&mut store).map_err(|e| self.classify(e, false))?;
+        let started = std::time::Instant::now();
+        for _ in 0..times {
+            with_input(snapshot, |input| policy.ipvs_operator_policy_evaluator().call_evaluate(&mut store, input))
+                .map_err(|e| self.classify(e, false))?
+                .map_err(|reason| PolicyError::Failed { policy: self.name.clone(), reason })?;
+        }
+        Ok(started.elapsed() / times.max(1))
     }
 
     fn classify(&self, error: wasmtime::Error, memory_refused: bool) -> PolicyError {
@@ -280,13 +335,22 @@ pub fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn labels(map: &Labels) -> Vec<wit::Label> {
-    map.iter()
-        .map(|(k, v)| wit::Label {
-            key: k.clone(),
-            value: v.clone(),
-        })
-        .collect()
+fn labels(map: &Labels) -> Vec<wit::Label<'_>> {
+    map.iter().map(|(key, value)| wit::Label { key, value }).collect()
+}
+
+fn conditions(e: &crate::snapshot::Endpoint) -> wit::Conditions {
+    let mut c = wit::Conditions::empty();
+    for (on, flag) in [
+        (e.ready, wit::Conditions::READY),
+        (e.serving, wit::Conditions::SERVING),
+        (e.terminating, wit::Conditions::TERMINATING),
+    ] {
+        if on {
+            c |= flag;
+        }
+    }
+    c
 }
 
 fn timestamp(t: k8s_openapi::jiff::Timestamp) -> wit::Timestamp {
@@ -296,47 +360,89 @@ fn timestamp(t: k8s_openapi::jiff::Timestamp) -> wit::Timestamp {
     }
 }
 
-fn to_wit(s: &Snapshot) -> wit::Input {
-    wit::Input {
+/// Build the policy input for `s`, borrowing its strings, and hand it to `f`.
+fn with_input<R>(s: &Snapshot, f: impl FnOnce(wit::Input<'_>) -> R) -> R {
+    // Endpoints share label maps (see `LabelSets`): pass each map once.
+    let mut index: HashMap<*const Labels, u32> = HashMap::new();
+    let mut label_sets: Vec<Vec<wit::Label<'_>>> = Vec::new();
+    let label_set_of: Vec<u32> = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            *index.entry(Arc::as_ptr(&e.labels)).or_insert_with(|| {
+                label_sets.push(labels(&e.labels));
+                (label_sets.len() - 1) as u32
+            })
+        })
+        .collect();
+    let label_set_slices: Vec<&[wit::Label<'_>]> = label_sets.iter().map(Vec::as_slice).collect();
+    let mut location_index: HashMap<(&str, Option<&str>), u32> = HashMap::new();
+    let mut locations: Vec<wit::Location<'_>> = Vec::new();
+    let location_of: Vec<Option<u32>> = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            let node_name = e.node_name.as_deref()?;
+            let zone = e.zone.as_deref();
+            Some(*location_index.entry((node_name, zone)).or_insert_with(|| {
+                locations.push(wit::Location { node_name, zone });
+                (locations.len() - 1) as u32
+            }))
+        })
+        .collect();
+    // All addresses in one buffer: one allocation instead of one per endpoint.
+    let mut address_text = String::with_capacity(s.endpoints.len() * 16);
+    let address_ends: Vec<usize> = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            let _ = write!(address_text, "{}", e.address);
+            address_text.len()
+        })
+        .collect();
+    let service_labels = [labels(&s.service.selector), labels(&s.service.labels), labels(&s.service.annotations)];
+    let group_selectors: Vec<Vec<wit::Label<'_>>> = s.groups.iter().map(|g| labels(&g.selector)).collect();
+    let groups: Vec<wit::WeightGroup<'_>> = s
+        .groups
+        .iter()
+        .zip(&group_selectors)
+        .map(|(g, selector)| wit::WeightGroup { weight: g.weight, selector })
+        .collect();
+    let endpoints: Vec<wit::Endpoint<'_>> = s
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| wit::Endpoint {
+            pod_name: e.pod_name.as_deref(),
+            address: &address_text[if i == 0 { 0 } else { address_ends[i - 1] }..address_ends[i]],
+            location: location_of[i],
+            label_set: label_set_of[i],
+            conditions: conditions(e),
+            created: e.created.map(timestamp),
+            ready_since: e.ready_since.map(timestamp),
+        })
+        .collect();
+    let node_labels = s.node.as_ref().map(|n| labels(&n.labels)).unwrap_or_default();
+    f(wit::Input {
         service: wit::Service {
-            namespace: s.service.namespace.clone(),
-            name: s.service.name.clone(),
-            selector: labels(&s.service.selector),
-            labels: labels(&s.service.labels),
-            annotations: labels(&s.service.annotations),
+            namespace: &s.service.namespace,
+            name: &s.service.name,
+            selector: &service_labels[0],
+            labels: &service_labels[1],
+            annotations: &service_labels[2],
         },
-        groups: s
-            .groups
-            .iter()
-            .map(|g| wit::WeightGroup {
-                weight: g.weight,
-                selector: labels(&g.selector),
-            })
-            .collect(),
-        config: s.config.clone(),
-        endpoints: s
-            .endpoints
-            .iter()
-            .map(|e| wit::Endpoint {
-                pod_name: e.pod_name.clone(),
-                address: e.address.to_string(),
-                node_name: e.node_name.clone(),
-                zone: e.zone.clone(),
-                labels: labels(&e.labels),
-                ready: e.ready,
-                serving: e.serving,
-                terminating: e.terminating,
-                created: e.created.map(timestamp),
-                ready_since: e.ready_since.map(timestamp),
-            })
-            .collect(),
+        groups: &groups,
+        config: &s.config,
+        label_sets: &label_set_slices,
+        locations: &locations,
+        endpoints: &endpoints,
         node: s.node.as_ref().map(|n| wit::Node {
-            name: n.name.clone(),
-            zone: n.zone.clone(),
-            labels: labels(&n.labels),
+            name: &n.name,
+            zone: n.zone.as_deref(),
+            labels: &node_labels,
         }),
         now: timestamp(s.now),
-    }
+    })
 }
 
 /// Advances the engine's epoch every [`TICK`] while at least one evaluation is

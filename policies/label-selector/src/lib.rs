@@ -24,17 +24,28 @@ pub struct LabelSelector;
 impl Policy for LabelSelector {
     fn evaluate(input: &Input) -> Result<Decision, String> {
         let config: Config = config::parse(&input.config)?;
-        let weights = input
-            .endpoints
+        // Pods of one ReplicaSet share a label set: find each set's group once.
+        let set_weights: Vec<u32> = input
+            .label_sets
             .iter()
-            .map(|endpoint| match endpoint.terminating {
-                true => 0,
-                false => input
+            .map(|labels| {
+                input
                     .groups
                     .iter()
                     .rev()
-                    .find(|group| selector::matches(&group.selector, &endpoint.labels))
-                    .map_or(config.default_weight, |group| group.weight),
+                    .find(|group| selector::matches(&group.selector, labels))
+                    .map_or(config.default_weight, |group| group.weight)
+            })
+            .collect();
+        let weights = input
+            .endpoints
+            .iter()
+            .map(|endpoint| match endpoint.is_terminating() {
+                true => 0,
+                false => set_weights
+                    .get(endpoint.label_set as usize)
+                    .copied()
+                    .unwrap_or(config.default_weight),
             })
             .collect();
         Ok(Decision::new(weights))

@@ -1,0 +1,201 @@
+//! The policy sandbox against real components: the built-in policy, a fixture
+//! that misbehaves on request, and hand-written components for what a Rust
+//! guest built with the SDK cannot do (import WASI, export another version).
+
+use std::time::{Duration, Instant};
+
+use ipvs_operator::crd::WeightGroup;
+use ipvs_operator::policy::{Catalog, EngineConfig, LoadedPolicy, PolicyEngine, PolicyError, FIXTURE_POLICIES};
+use ipvs_operator::snapshot::{Endpoint, ServiceMeta, Snapshot};
+use k8s_openapi::jiff::Timestamp;
+
+fn engine() -> PolicyEngine {
+    PolicyEngine::new(EngineConfig::default()).expect("engine")
+}
+
+fn misbehaving(engine: &PolicyEngine) -> LoadedPolicy {
+    let (name, bytes) = FIXTURE_POLICIES.iter().find(|(n, _)| *n == "misbehaving").expect("fixture");
+    engine.load(name, bytes).expect("the fixture loads")
+}
+
+fn endpoint(i: usize, env: &str) -> Endpoint {
+    Endpoint {
+        pod_name: Some(format!("{env}-{i}")),
+        address: format!("10.0.0.{}", i + 1).parse().unwrap(),
+        node_name: None,
+        zone: None,
+        labels: std::sync::Arc::new([("app".into(), "demo".into()), ("env".into(), env.into())].into()),
+        ready: true,
+        serving: true,
+        terminating: false,
+        created: None,
+        ready_since: None,
+        ports: vec![],
+    }
+}
+
+fn seed(config: &str) -> Snapshot {
+    Snapshot {
+        service: ServiceMeta {
+            namespace: "default".into(),
+            name: "example".into(),
+            ..Default::default()
+        },
+        groups: vec![
+            WeightGroup { weight: 10, selector: [("env".into(), "prod".into())].into() },
+            WeightGroup { weight: 1, selector: [("env".into(), "canary".into())].into() },
+        ],
+        config: config.into(),
+        endpoints: (0..3).map(|i| endpoint(i, "prod")).chain((3..6).map(|i| endpoint(i, "canary"))).collect(),
+        node: None,
+        now: Timestamp::UNIX_EPOCH,
+    }
+}
+
+fn behave(how: &str) -> Snapshot {
+    seed(&format!(r#"{{"behave": "{how}"}}"#))
+}
+
+#[test]
+fn the_builtin_label_selector_gives_the_seed_weights() {
+    let catalog = Catalog::builtin(engine());
+    let policy = catalog.get("label-selector").unwrap();
+    assert_eq!(policy.sha256().len(), 64);
+    let evaluation = policy.evaluate(&seed("{}")).unwrap();
+    assert_eq!(evaluation.weights, vec![10, 10, 10, 1, 1, 1]);
+    assert_eq!(evaluation.requeue_after, None);
+}
+
+#[test]
+fn an_unknown_policy_lists_the_known_ones() {
+    let err = Catalog::builtin(engine()).get("no-such-policy").err().unwrap();
+    assert!(matches!(err, PolicyError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains("label-selector"), "{err}");
+}
+
+#[test]
+fn a_trap_is_reported_as_a_trap() {
+    let err = misbehaving(&engine()).evaluate(&behave("trap")).unwrap_err();
+    assert!(matches!(err, PolicyError::Trap { .. }), "{err}");
+    assert!(err.to_string().contains("\"misbehaving\""), "{err}");
+}
+
+#[test]
+fn an_endless_loop_is_stopped_at_the_deadline() {
+    let engine = PolicyEngine::new(EngineConfig { timeout: Duration::from_millis(50), ..Default::default() }).unwrap();
+    let policy = misbehaving(&engine);
+    let started = Instant::now();
+    let err = policy.evaluate(&behave("loop")).unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, PolicyError::Timeout { .. }), "{err}");
+    assert!(took >= Duration::from_millis(50), "stopped after {took:?}, before its deadline");
+    assert!(took < Duration::from_millis(1000), "stopped only after {took:?}");
+    // The engine is still good for the next evaluation.
+    assert_eq!(policy.evaluate(&behave("ok")).unwrap().weights, vec![1; 6]);
+}
+
+#[test]
+fn unbounded_allocation_hits_the_memory_limit() {
+    let engine = PolicyEngine::new(EngineConfig { memory_limit: 16 << 20, ..Default::default() }).unwrap();
+    let err = misbehaving(&engine).evaluate(&behave("grow")).unwrap_err();
+    assert!(matches!(err, PolicyError::OutOfMemory { limit_mib: 16, .. }), "{err}");
+}
+
+#[test]
+fn unbounded_recursion_is_a_trap() {
+    let err = misbehaving(&engine()).evaluate(&behave("recurse")).unwrap_err();
+    assert!(matches!(err, PolicyError::Trap { .. }), "{err}");
+}
+
+#[test]
+fn the_wrong_number_of_weights_is_refused() {
+    let err = misbehaving(&engine()).evaluate(&behave("wrong-length")).unwrap_err();
+    assert!(matches!(err, PolicyError::InvalidDecision { .. }), "{err}");
+    assert!(err.to_string().contains("returned 5 weights for 6 endpoints"), "{err}");
+}
+
+#[test]
+fn a_weight_above_65535_is_refused_naming_the_endpoint() {
+    let err = misbehaving(&engine()).evaluate(&behave("too-heavy")).unwrap_err();
+    assert!(matches!(err, PolicyError::InvalidDecision { .. }), "{err}");
+    assert!(err.to_string().contains("weight 70000 for endpoint prod-0"), "{err}");
+}
+
+#[test]
+fn all_zero_is_refused_unless_the_config_allows_it() {
+    let policy = misbehaving(&engine());
+    let err = policy.evaluate(&behave("all-zero")).unwrap_err();
+    assert!(matches!(err, PolicyError::InvalidDecision { .. }), "{err}");
+    assert!(err.to_string().contains("allowAllZero"), "{err}");
+    let allowed = policy.evaluate(&seed(r#"{"behave": "all-zero", "allowAllZero": true}"#)).unwrap();
+    assert_eq!(allowed.weights, vec![0; 6]);
+}
+
+#[test]
+fn a_policy_error_is_passed_on() {
+    let err = misbehaving(&engine()).evaluate(&behave("error")).unwrap_err();
+    assert!(matches!(err, PolicyError::Failed { .. }), "{err}");
+    assert!(err.to_string().contains("asked to fail"), "{err}");
+}
+
+#[test]
+fn a_bad_config_is_a_policy_error_naming_the_field() {
+    let err = misbehaving(&engine()).evaluate(&seed(r#"{"behave": 3}"#)).unwrap_err();
+    assert!(matches!(err, PolicyError::Failed { .. }), "{err}");
+    assert!(err.to_string().contains("behave"), "{err}");
+}
+
+#[test]
+fn every_evaluation_gets_a_fresh_instance() {
+    let policy = misbehaving(&engine());
+    for _ in 0..3 {
+        assert_eq!(policy.evaluate(&behave("count")).unwrap().weights, vec![1; 6]);
+    }
+}
+
+#[test]
+fn a_component_that_imports_wasi_is_refused_at_load() {
+    let wat = r#"(component
+        (import "wasi:cli/environment@0.2.0" (instance
+            (export "get-arguments" (func (result (list string))))
+        ))
+    )"#;
+    let err = engine().load("wants-env", wat.as_bytes()).err().unwrap();
+    assert!(matches!(err, PolicyError::Imports { .. }), "{err}");
+    assert!(err.to_string().contains("wasi:cli/environment@0.2.0"), "{err}");
+}
+
+#[test]
+fn another_interface_version_is_refused_at_load() {
+    let wat = r#"(component
+        (core module $m (func (export "f") (result i32) i32.const 1))
+        (core instance $i (instantiate $m))
+        (func $f (result u32) (canon lift (core func $i "f")))
+        (instance $evaluator (export "evaluate" (func $f)))
+        (export "ipvs-operator:policy/evaluator@0.2.0" (instance $evaluator))
+    )"#;
+    let err = engine().load("future", wat.as_bytes()).err().unwrap();
+    assert!(matches!(err, PolicyError::Interface { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("@0.1.0") && text.contains("@0.2.0"), "{text}");
+}
+
+#[test]
+fn the_right_name_with_the_wrong_signature_is_refused_at_load() {
+    let wat = r#"(component
+        (core module $m (func (export "f") (result i32) i32.const 1))
+        (core instance $i (instantiate $m))
+        (func $f (result u32) (canon lift (core func $i "f")))
+        (instance $evaluator (export "evaluate" (func $f)))
+        (export "ipvs-operator:policy/evaluator@0.1.0" (instance $evaluator))
+    )"#;
+    let err = engine().load("liar", wat.as_bytes()).err().unwrap();
+    assert!(matches!(err, PolicyError::Interface { .. }), "{err}");
+}
+
+#[test]
+fn bytes_that_are_not_a_component_do_not_compile() {
+    let err = engine().load("garbage", b"\0asm but not really").err().unwrap();
+    assert!(matches!(err, PolicyError::Compile { .. }), "{err}");
+    assert!(err.to_string().contains("\"garbage\""), "{err}");
+}
