@@ -31,7 +31,7 @@ build: setup
 	$(CARGO) build --release --workspace
 
 ## test: every test — unit, policy, CLI, and the kernel tests in the VM.
-test: setup test-unit
+test: setup test-unit test-kernel
 
 ## test-unit: the tests that run on this machine without a VM.
 test-unit:
@@ -43,5 +43,7 @@ demo: setup
 	./target/release/ipvs-operator eval --weighted-service examples/seed-canary.yaml --pods examples/seed-canary-pods.yaml
 
 ## bench: the benchmarks; each writes target/bench/<name>.json.
-bench: setup
+bench: setup bench-ipvs
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
+
+include tests/vm/vm.mk

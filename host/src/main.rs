@@ -12,6 +12,8 @@ use ipvs_operator::snapshot::Snapshot;
 use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
 
+mod cli_ipvs;
+
 /// Sets IPVS load-balancing weights on Kubernetes Services, computed by
 /// WebAssembly policies, beside kube-proxy in IPVS mode.
 #[derive(Parser)]
@@ -31,6 +33,9 @@ enum Command {
     Eval(EvalArgs),
     /// Print the WeightedService CustomResourceDefinition as YAML (deploy/crd.yaml).
     Crd,
+    /// Read the kernel's IPVS table (needs CAP_NET_ADMIN and the ip_vs module).
+    #[command(subcommand)]
+    Ipvs(cli_ipvs::IpvsCommand),
 }
 
 #[derive(Args)]
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Crd => print_crd(),
+        Command::Ipvs(command) => cli_ipvs::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,217 @@
+//! Test traffic for IPVS: servers that answer every connection (or datagram)
+//! with their own name, and a client that opens many connections to a
+//! virtual address and counts which server answered each.
+//!
+//! The binaries `traffic-server` and `traffic-client` wrap [`serve_tcp`],
+//! [`serve_udp`] and [`run_client`]; tests in the VM run them in network
+//! namespaces behind IPVS. Everything is blocking std networking: one thread
+//! per concurrent client connection, which is fast enough to count thousands
+//! of connections in seconds even under QEMU's TCG.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Answers every accepted connection with `name` and a newline, then closes
+/// it. Runs until accepting fails.
+pub fn serve_tcp(listener: TcpListener, name: &str) -> io::Result<()> {
+    let answer = format!("{name}\n");
+    loop {
+        let (mut stream, _) = match listener.accept() {
+            Ok(accepted) => accepted,
+            // A client that gave up before accept: not the server's problem.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e),
+        };
+        // A client that vanished is its own problem: keep serving.
+        let _ = stream.write_all(answer.as_bytes());
+    }
+}
+
+/// Answers every datagram with `name` and a newline, to its sender. Runs
+/// until receiving fails.
+pub fn serve_udp(socket: UdpSocket, name: &str) -> io::Result<()> {
+    let answer = format!("{name}\n");
+    let mut buf = [0u8; 2048];
+    loop {
+        let (_, peer) = socket.recv_from(&mut buf)?;
+        let _ = socket.send_to(answer.as_bytes(), peer);
+    }
+}
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One TCP connection per request.
+    Tcp,
+    /// One datagram from a fresh socket (so a fresh source port) per request.
+    Udp,
+}
+
+/// What [`run_client`] does.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The virtual address and port.
+    pub target: SocketAddr,
+    /// How many connections in total.
+    pub connections: usize,
+    /// How many at a time (threads).
+    pub concurrency: usize,
+    /// Limit of each connect and each read.
+    pub timeout: Duration,
+    /// TCP or UDP.
+    pub transport: Transport,
+}
+
+/// The outcome of [`run_client`], printed as JSON by `traffic-client`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Connections attempted.
+    pub connections: usize,
+    /// How many were answered by each server name.
+    pub counts: BTreeMap<String, usize>,
+    /// Connections that failed (refused, timed out, no answer).
+    pub errors: usize,
+    /// The first few error messages, to say what went wrong.
+    pub error_samples: Vec<String>,
+    /// Wall time of the run in milliseconds.
+    pub elapsed_ms: u128,
+}
+
+impl Report {
+    /// The share (0..=1) of answered connections that `name` answered.
+    pub fn share(&self, name: &str) -> f64 {
+        let answered: usize = self.counts.values().sum();
+        if answered == 0 {
+            return 0.0;
+        }
+        self.counts.get(name).copied().unwrap_or(0) as f64 / answered as f64
+    }
+}
+
+/// Opens `config.connections` connections to `config.target`, `concurrency`
+/// at a time, reads each answer, and counts them by answer.
+pub fn run_client(config: &ClientConfig) -> Report {
+    let started = Instant::now();
+    let report = Mutex::new(Report { connections: config.connections, ..Report::default() });
+    let workers = config.concurrency.clamp(1, config.connections.max(1));
+    std::thread::scope(|scope| {
+        for worker in 0..workers {
+            // Split the connections as evenly as possible between workers.
+            let share = config.connections / workers + usize::from(worker < config.connections % workers);
+            let report = &report;
+            scope.spawn(move || {
+                let mut local: BTreeMap<String, usize> = BTreeMap::new();
+                let mut errors = Vec::new();
+                for _ in 0..share {
+                    match one_request(config) {
+                        Ok(name) => *local.entry(name).or_default() += 1,
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                let mut report = report.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                for (name, n) in local {
+                    *report.counts.entry(name).or_default() += n;
+                }
+                report.errors += errors.len();
+                for e in errors {
+                    if report.error_samples.len() < 5 {
+                        report.error_samples.push(e);
+                    }
+                }
+            });
+        }
+    });
+    let mut report = report.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    report.elapsed_ms = started.elapsed().as_millis();
+    report
+}
+
+fn one_request(config: &ClientConfig) -> io::Result<String> {
+    let answer = match config.transport {
+        Transport::Tcp => {
+            let mut stream = TcpStream::connect_timeout(&config.target, config.timeout)?;
+            stream.set_read_timeout(Some(config.timeout))?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            answer
+        }
+        Transport::Udp => {
+            let local: SocketAddr = if config.target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let socket = UdpSocket::bind(local)?;
+            socket.set_read_timeout(Some(config.timeout))?;
+            socket.connect(config.target)?;
+            socket.send(b"?")?;
+            let mut buf = [0u8; 2048];
+            let n = socket.recv(&mut buf)?;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }
+    };
+    let name = answer.trim();
+    if name.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "empty answer"));
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_every_tcp_answer_on_loopback() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        std::thread::spawn(move || serve_tcp(listener, "alpha"));
+        let report = run_client(&ClientConfig {
+            target,
+            connections: 500,
+            concurrency: 8,
+            timeout: Duration::from_secs(5),
+            transport: Transport::Tcp,
+        });
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert_eq!(report.counts.get("alpha"), Some(&500));
+        assert_eq!(report.share("alpha"), 1.0);
+    }
+
+    #[test]
+    fn counts_every_udp_answer_on_loopback() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let target = socket.local_addr().unwrap();
+        std::thread::spawn(move || serve_udp(socket, "beta"));
+        let report = run_client(&ClientConfig {
+            target,
+            connections: 200,
+            concurrency: 4,
+            timeout: Duration::from_secs(5),
+            transport: Transport::Udp,
+        });
+        assert_eq!(report.errors, 0, "{report:?}");
+        assert_eq!(report.counts.get("beta"), Some(&200));
+    }
+
+    #[test]
+    fn refused_connections_are_counted_as_errors() {
+        // Bind then drop: nothing listens on that port any more.
+        let target = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let report = run_client(&ClientConfig {
+            target,
+            connections: 3,
+            concurrency: 2,
+            timeout: Duration::from_secs(1),
+            transport: Transport::Tcp,
+        });
+        assert_eq!(report.errors, 3);
+        assert!(report.counts.is_empty());
+        assert_eq!(report.error_samples.len(), 3);
+        assert_eq!(report.share("anyone"), 0.0);
+    }
+}

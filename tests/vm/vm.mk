@@ -1,0 +1,29 @@
+# The test VM (tests/vm/README.md): the kernel tests and the IPVS benchmark
+# run inside QEMU with Debian's cloud kernel, downloaded once into target/vm.
+# Included by the top-level Makefile.
+
+VM_RUN := $(CURDIR)/tests/vm/run
+# Cargo runs each test (or bench) executable as `tests/vm/run -- EXE ARGS…`.
+VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
+
+.PHONY: test-kernel bench-ipvs vm-binaries
+
+## vm-binaries: the project binaries the VM tests start (the VM runner copies
+## every executable of target/release into the guest).
+vm-binaries:
+	$(CARGO) build --release -p ipvs-operator -p traffic
+
+## test-kernel: the ipvs crate's kernel tests, inside the VM.
+test-kernel: setup vm-binaries
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs --features kernel-tests --test kernel --test kernel_no_module
+
+## bench-ipvs: 10,000 weight changes, ours against ipvsadm -R, in the VM;
+## writes target/bench/ipvs-apply.json (the guest's target/bench comes back).
+bench-ipvs: setup vm-binaries
+	mkdir -p target/bench
+	IPVS_VM_OUT="$(CURDIR)/target/bench" $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs --features kernel-tests --bench ipvs-apply
+	@cat target/bench/ipvs-apply.json
+
+## clean-vm: forget the downloaded kernel and the cached base initramfs.
+clean-vm:
+	rm -rf target/vm
