@@ -69,7 +69,7 @@ pub struct WeightedServiceSpec {
 }
 
 /// One entry of `spec.weights`.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub struct WeightGroup {
     /// The IPVS weight of each matching endpoint (0..=65535).
     #[schemars(range(min = 0, max = 65535))]

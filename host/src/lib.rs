@@ -4,10 +4,19 @@
 //! - [`crd`]: the `WeightedService` custom resource;
 //! - [`snapshot`]: what one policy evaluation sees;
 //! - [`policy`]: the wasmtime sandbox and the built-in policies;
-//! - [`eval`]: offline evaluation (`ipvs-operator eval`).
+//! - [`eval`]: offline evaluation (`ipvs-operator eval`);
+//! - [`cluster`]: the watch caches the agent and the controller share;
+//! - [`agent`]: the node agent that writes IPVS weights;
+//! - [`events`], [`metrics`]: what they report.
 
+pub mod agent;
+pub mod cluster;
+pub mod controller;
 pub mod crd;
 pub mod eval;
+pub mod events;
+pub mod metrics;
 pub mod policy;
 pub mod snapshot;
+pub mod status;
 pub mod summary;

@@ -1,12 +1,18 @@
 //! The `ipvs-operator` command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipvs_operator::agent::{self, AgentConfig};
+use ipvs_operator::controller;
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::eval;
+use ipvs_operator::metrics::{self, Health, Metrics};
 use ipvs_operator::policy::{Catalog, EngineConfig, PolicyEngine};
 use ipvs_operator::snapshot::Snapshot;
 use k8s_openapi::jiff::Timestamp;
@@ -33,6 +39,19 @@ enum Command {
     Eval(EvalArgs),
     /// Print the WeightedService CustomResourceDefinition as YAML (deploy/crd.yaml).
     Crd,
+    /// Run the controller: owns each WeightedService's Service, evaluates its
+    /// policy cluster-wide and writes its status (a Deployment, one replica).
+    ///
+    /// Talks to the API server of the kubeconfig (KUBECONFIG) or, in a pod, of its
+    /// ServiceAccount.
+    Controller(ControllerArgs),
+    /// Run the node agent: evaluates policies for this node and writes IPVS
+    /// weights and schedulers beside kube-proxy (a DaemonSet, hostNetwork,
+    /// NET_ADMIN).
+    ///
+    /// Talks to the API server of the kubeconfig (KUBECONFIG) or, in a pod, of its
+    /// ServiceAccount.
+    Agent(AgentArgs),
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN and the ip_vs module).
     #[command(subcommand)]
     Ipvs(cli_ipvs::IpvsCommand),
@@ -66,6 +85,64 @@ struct EvalArgs {
     output: Output,
     #[command(flatten)]
     limits: LimitArgs,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    logs: LogArgs,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// This node's name (from the downward API: spec.nodeName).
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    node_name: String,
+    /// How often the kernel's table is compared with the desired state, to repair
+    /// what kube-proxy reverted (IPVS has no change notifications).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    drift_interval: Duration,
+    /// Where to serve /metrics, /healthz and /readyz (the agent runs on the host network).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9494")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    limits: LimitArgs,
+    #[command(flatten)]
+    logs: LogArgs,
+}
+
+/// Logging.
+#[derive(Args)]
+struct LogArgs {
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogArgs {
+    fn init(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        match self.log_format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().flatten_event(true).init(),
+        }
+    }
 }
 
 /// Sandbox limits of every policy evaluation.
@@ -103,6 +180,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(args) => run_eval(args),
         Command::Crd => print_crd(),
+        Command::Controller(args) => run_async(run_controller(args)),
+        Command::Agent(args) => run_async(run_agent(args)),
         Command::Ipvs(command) => cli_ipvs::run(command),
     };
     match result {
@@ -111,6 +190,63 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_async(future: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(future)
+}
+
+/// The API client, the built-in policies and the metrics endpoint both roles share.
+async fn common(limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) -> Result<(kube::Client, Arc<Catalog>, Arc<Metrics>, Arc<Health>)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API to talk to: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
+    let catalog = Arc::new(Catalog::builtin(PolicyEngine::new(limits.engine_config())?));
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let listener = metrics::serve(listen, metrics.clone(), health.clone(), alive_window);
+    tokio::spawn(async move {
+        if let Err(error) = listener.await {
+            tracing::error!(%error, %listen, "cannot serve /metrics and health checks");
+        }
+    });
+    Ok((client, catalog, metrics, health))
+}
+
+async fn run_controller(args: ControllerArgs) -> Result<()> {
+    args.logs.init();
+    let (client, catalog, metrics, health) = common(&args.limits, args.listen, Duration::from_secs(60)).await?;
+    tracing::info!(policies = ?catalog.names(), "controller starting");
+    controller::run(client, catalog, metrics, health).await;
+    Ok(())
+}
+
+async fn run_agent(args: AgentArgs) -> Result<()> {
+    args.logs.init();
+    let (client, catalog, metrics, health) = common(&args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
+    let config = AgentConfig { node_name: args.node_name, drift_interval: args.drift_interval, ..AgentConfig::default() };
+    tracing::info!(node = %config.node_name, drift_interval = ?config.drift_interval, policies = ?catalog.names(), "agent starting");
+    tokio::select! {
+        result = agent::run(client, config, catalog, metrics, health) => result.context("the agent stopped")?,
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        _ = terminated() => tracing::info!("terminated: stopping"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM (what the kubelet sends).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -150,12 +286,12 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     if let Some(pin) = ws.policy_sha256()
         && pin != policy.sha256()
     {
-        bail!(
-            "policy {:?} has sha256 {}, but WeightedService {} pins {pin}",
-            policy.name(),
-            policy.sha256(),
-            ws.metadata.name.as_deref().unwrap_or_default()
-        );
+        return Err(ipvs_operator::policy::PolicyError::PinMismatch {
+            policy: policy.name().into(),
+            expected: pin.into(),
+            actual: policy.sha256().into(),
+        })
+        .with_context(|| format!("WeightedService {}", ws.metadata.name.as_deref().unwrap_or_default()));
     }
 
     let now = args.now.unwrap_or_else(Timestamp::now);

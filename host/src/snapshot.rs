@@ -4,13 +4,13 @@
 //! EndpointSlices and pod metadata; `ipvs-operator eval` builds it from a file of
 //! Pods with [`Snapshot::from_pods`].
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 
@@ -38,7 +38,7 @@ pub struct Snapshot {
 }
 
 /// The Service's identity and labels.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ServiceMeta {
     /// Namespace.
     pub namespace: String,
@@ -53,7 +53,7 @@ pub struct ServiceMeta {
 }
 
 /// One backend address of the Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// The pod behind the address, if known.
     pub pod_name: Option<String>,
@@ -91,7 +91,7 @@ pub struct EndpointPort {
 }
 
 /// The evaluating node.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
     /// Node name.
     pub name: String,
@@ -104,37 +104,17 @@ pub struct NodeInfo {
 /// The label that holds a node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// A Service port protocol, as Kubernetes spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub enum Protocol {
-    /// TCP (the default).
-    #[default]
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
+/// The transport protocol of a Service port (the IPVS crate's type, so that
+/// endpoints and virtual services compare directly).
+pub use ipvs::Protocol;
 
-impl FromStr for Protocol {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "TCP" => Ok(Protocol::Tcp),
-            "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Ok(Protocol::Sctp),
-            other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        })
+/// A Kubernetes protocol name (`TCP` when absent) as a [`Protocol`].
+pub fn protocol(name: Option<&str>) -> Result<Protocol, String> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => Err(format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)")),
     }
 }
 
@@ -242,6 +222,64 @@ impl Snapshot {
     }
 }
 
+/// What the snapshot needs of a pod (from a metadata-only watch).
+#[derive(Debug, Clone, Default)]
+pub struct PodMeta {
+    /// The pod's labels.
+    pub labels: Labels,
+    /// Its creation time.
+    pub created: Option<Timestamp>,
+}
+
+/// A snapshot that cannot be built yet: evaluating it would give wrong weights.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Incomplete {
+    /// An EndpointSlice names a pod whose metadata has not arrived yet.
+    #[error("pod {namespace}/{name} (endpoint {address}) is not known yet")]
+    UnknownPod {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+        /// The endpoint's address.
+        address: IpAddr,
+    },
+}
+
+/// Since when each endpoint address has been ready, as this process saw it.
+///
+/// EndpointSlices carry no times and the agent watches pod metadata only, so
+/// the transition is observed: the first time an address is seen ready. What is
+/// already ready when the process starts is taken as ready since its pod's
+/// creation (a lower bound: such endpoints count as warm).
+#[derive(Debug, Default)]
+pub struct ReadySince {
+    since: HashMap<IpAddr, Timestamp>,
+    started: bool,
+}
+
+impl ReadySince {
+    /// Record what was seen of `address` at `now`; its ready-since time if ready.
+    pub fn observe(&mut self, address: IpAddr, ready: bool, created: Option<Timestamp>, now: Timestamp) -> Option<Timestamp> {
+        if !ready {
+            self.since.remove(&address);
+            return None;
+        }
+        let started = self.started;
+        Some(*self.since.entry(address).or_insert_with(|| if started { now } else { created.unwrap_or(now) }))
+    }
+
+    /// The initial state has been seen: from now on, a newly ready address became ready now.
+    pub fn mark_started(&mut self) {
+        self.started = true;
+    }
+
+    /// Forget addresses for which `keep` is false.
+    pub fn retain(&mut self, keep: impl Fn(&IpAddr) -> bool) {
+        self.since.retain(|a, _| keep(a));
+    }
+}
+
 /// Hands out one shared map per distinct label set, so that the pods of one
 /// ReplicaSet share theirs (and the policy input passes each set once).
 #[derive(Debug, Default)]
@@ -261,11 +299,126 @@ impl LabelSets {
     }
 }
 
+impl Snapshot {
+    /// The snapshot of `ws` from the cluster's state: its Service, the
+    /// EndpointSlices of that Service, and pod metadata (`pod(namespace, name)`).
+    /// Endpoints are merged across slices by address; each slice port is matched
+    /// to the Service port of the same name and protocol.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_cluster<'a>(
+        ws: &WeightedService,
+        service: &Service,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        pod: impl Fn(&str, &str) -> Option<PodMeta>,
+        node: Option<NodeInfo>,
+        now: Timestamp,
+        ready_since: &mut ReadySince,
+        label_sets: &mut LabelSets,
+    ) -> Result<Snapshot, Incomplete> {
+        let meta = ServiceMeta::of(ws);
+        let service_ports: Vec<&ServicePort> = service.spec.iter().flat_map(|s| s.ports.iter().flatten()).collect();
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        let mut by_address: HashMap<IpAddr, usize> = HashMap::new();
+        for slice in slices {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                continue;
+            }
+            // (service port, target port, protocol) for each port of this slice.
+            let ports: Vec<EndpointPort> = slice
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    let proto = protocol(p.protocol.as_deref()).ok()?;
+                    let target_port = u16::try_from(p.port?).ok()?;
+                    let sp = service_ports.iter().find(|sp| {
+                        sp.name.as_deref().unwrap_or("") == p.name.as_deref().unwrap_or("")
+                            && protocol(sp.protocol.as_deref()).ok() == Some(proto)
+                    })?;
+                    Some(EndpointPort { service_port: u16::try_from(sp.port).ok()?, target_port, protocol: proto })
+                })
+                .collect();
+            for ep in slice.endpoints.iter().flatten() {
+                let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                    continue;
+                };
+                if let Some(&i) = by_address.get(&address) {
+                    for port in &ports {
+                        if !endpoints[i].ports.contains(port) {
+                            endpoints[i].ports.push(*port);
+                        }
+                    }
+                    continue;
+                }
+                // EndpointSlice semantics: an unknown `ready` is ready, `serving` defaults to `ready`.
+                let conditions = ep.conditions.clone().unwrap_or_default();
+                let ready = conditions.ready.unwrap_or(true);
+                let serving = conditions.serving.unwrap_or(ready);
+                let terminating = conditions.terminating.unwrap_or(false);
+                let pod_ref = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
+                let pod_meta = match pod_ref {
+                    Some(r) => {
+                        let namespace = r.namespace.clone().unwrap_or_else(|| meta.namespace.clone());
+                        let name = r.name.clone().unwrap_or_default();
+                        match pod(&namespace, &name) {
+                            Some(m) => Some((name, m)),
+                            None => return Err(Incomplete::UnknownPod { namespace, name, address }),
+                        }
+                    }
+                    None => None,
+                };
+                let (pod_name, pod_meta) = match pod_meta {
+                    Some((name, m)) => (Some(name), m),
+                    None => (None, PodMeta::default()),
+                };
+                let ready_now = ready && !terminating;
+                by_address.insert(address, endpoints.len());
+                endpoints.push(Endpoint {
+                    pod_name,
+                    address,
+                    node_name: ep.node_name.clone(),
+                    zone: ep.zone.clone(),
+                    labels: label_sets.share(pod_meta.labels),
+                    ready: ready_now,
+                    serving,
+                    terminating,
+                    created: pod_meta.created,
+                    ready_since: ready_since.observe(address, ready_now, pod_meta.created, now),
+                    ports: ports.clone(),
+                });
+            }
+        }
+        // A stable order: the policy's input, and so its decision, does not depend
+        // on the order slices arrived in.
+        endpoints.sort_by(|a, b| (&a.pod_name, a.address).cmp(&(&b.pod_name, b.address)));
+        Ok(Snapshot {
+            service: meta,
+            groups: ws.spec.weights.clone(),
+            config: ws.policy_config(),
+            endpoints,
+            node,
+            now,
+        })
+    }
+
+    /// A hash of everything but `now`: equal hashes, equal policy input (for a
+    /// policy that does not look at the time).
+    pub fn input_hash(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.service.hash(&mut h);
+        self.groups.hash(&mut h);
+        self.config.hash(&mut h);
+        self.endpoints.hash(&mut h);
+        self.node.hash(&mut h);
+        h.finish()
+    }
+}
+
 /// The port on `pod` that Service port `sp` sends to: `targetPort` as a number, a
 /// name looked up among the pod's container ports (with the same protocol), or
 /// `port` when absent — as the Kubernetes endpoints controller resolves it.
 pub fn resolve_target_port(sp: &ServicePort, pod: &Pod) -> Result<EndpointPort, String> {
-    let protocol: Protocol = sp.protocol.as_deref().unwrap_or("TCP").parse()?;
+    let protocol = protocol(sp.protocol.as_deref())?;
     let service_port = u16::try_from(sp.port).map_err(|_| format!("service port {} is out of range", sp.port))?;
     let target = match &sp.target_port {
         None | Some(IntOrString::Int(0)) => i32::from(service_port),

@@ -35,6 +35,19 @@ impl Catalog {
         self.modules.keys().cloned().collect()
     }
 
+    /// The policy called `name`, whose module must hash to `pin` if given.
+    pub fn get_pinned(&self, name: &str, pin: Option<&str>) -> Result<LoadedPolicy, PolicyError> {
+        let policy = self.get(name)?;
+        match pin {
+            Some(pin) if pin != policy.sha256() => Err(PolicyError::PinMismatch {
+                policy: name.into(),
+                expected: pin.into(),
+                actual: policy.sha256().into(),
+            }),
+            _ => Ok(policy),
+        }
+    }
+
     /// The policy called `name`, compiled.
     pub fn get(&self, name: &str) -> Result<LoadedPolicy, PolicyError> {
         if let Some(policy) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(name) {

@@ -24,6 +24,16 @@ pub enum PolicyError {
         /// The names that exist, comma-separated.
         known: String,
     },
+    /// The module's bytes do not hash to the WeightedService's `policy.sha256`.
+    #[error("policy {policy:?} has sha256 {actual}, but the WeightedService pins {expected}")]
+    PinMismatch {
+        /// The policy.
+        policy: String,
+        /// The pin.
+        expected: String,
+        /// What the module hashes to.
+        actual: String,
+    },
     /// The bytes are not a valid component for this host.
     #[error("policy {policy:?} does not compile: {reason}")]
     Compile {
@@ -108,6 +118,7 @@ impl PolicyError {
     pub fn kind(&self) -> &'static str {
         match self {
             PolicyError::NotFound { .. } => "not_found",
+            PolicyError::PinMismatch { .. } => "pin_mismatch",
             PolicyError::Compile { .. } => "compile",
             PolicyError::Imports { .. } => "imports",
             PolicyError::Interface { .. } => "interface",

@@ -1,0 +1,674 @@
+//! The node agent: evaluates each WeightedService's policy for this node and
+//! writes weights and schedulers into the kernel's IPVS table, beside kube-proxy.
+//!
+//! Watches feed [`Change`]s to one work loop (a thread: netlink and wasmtime are
+//! synchronous). A pass rebuilds the snapshots of what changed, evaluates the
+//! policies whose input changed (or that asked to be evaluated again), reads the
+//! kernel's virtual services of those WeightedServices, and writes only the
+//! difference. Besides passes after changes — and short retries after
+//! EndpointSlice changes, since kube-proxy acts asynchronously — a periodic pass
+//! over everything repairs what kube-proxy reverted (IPVS has no change
+//! notifications, so polling is the only way). See DESIGN.md, "Coexisting with
+//! kube-proxy".
+
+pub mod plan;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipvs::{DesiredService, IpvsClient, IpvsError, ServiceEntry, ServiceKey, Write};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use crate::cluster::{Change, Stores};
+use crate::crd::WeightedService;
+use crate::events::{EventSink, Notice};
+use crate::metrics::{Health, Metrics};
+use crate::policy::{Catalog, PolicyError};
+use crate::snapshot::{LabelSets, ReadySince, Snapshot};
+use plan::{desired, ServicePlan};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's name (the Node object's).
+    pub node_name: String,
+    /// How often everything is compared with the kernel (kube-proxy's reverts are
+    /// repaired within this long).
+    pub drift_interval: Duration,
+    /// After an EndpointSlice changes, look again after these delays: kube-proxy
+    /// creates the new destinations asynchronously.
+    pub slice_retries: Vec<Duration>,
+    /// Gather the changes of this long into one pass.
+    pub debounce: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node_name: String::new(),
+            drift_interval: Duration::from_secs(2),
+            slice_retries: vec![Duration::from_millis(200), Duration::from_millis(1000), Duration::from_millis(3000)],
+            debounce: Duration::from_millis(5),
+        }
+    }
+}
+
+/// A WeightedService, by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WsKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for WsKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A failed policy is tried again after this long even if nothing changed
+/// (a timeout under load may pass).
+const FAILED_RETRY: Duration = Duration::from_secs(30);
+
+/// What the agent knows about one WeightedService.
+struct WsState {
+    uid: String,
+    /// Hash of the last snapshot evaluated (without `now`) and the policy module.
+    input_hash: Option<u64>,
+    /// When the policy asked to be evaluated again (or a failed one is retried).
+    due: Option<Instant>,
+    /// The last good weights, by endpoint address: what stays when the policy fails.
+    weights: Option<HashMap<IpAddr, u16>>,
+    /// The last policy error, not to repeat its Event.
+    error: Option<String>,
+    /// Where the weights go, from the current snapshot.
+    plan: Option<ServicePlan>,
+    /// The plan has been written once; later writes for it repair drift.
+    plan_applied: bool,
+    /// The reference Events about it attach to.
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+}
+
+/// What the agent changed in the kernel for one WeightedService, to put back
+/// when the WeightedService goes away.
+#[derive(Default)]
+struct Changed {
+    /// Destinations whose weight we set to something other than 1.
+    weights: HashSet<(ServiceKey, SocketAddr)>,
+    /// Virtual services whose scheduler we changed, with the one they had.
+    schedulers: HashMap<ServiceKey, String>,
+}
+
+/// Which WeightedServices a pass looks at.
+#[derive(Default)]
+struct Dirty {
+    all: bool,
+    keys: HashSet<WsKey>,
+    namespaces: HashSet<String>,
+}
+
+impl Dirty {
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::WeightedService(namespace, name) | Change::Service(namespace, name) | Change::Slices(namespace, name) => {
+                self.keys.insert(WsKey { namespace, name });
+            }
+            Change::Pods(namespace) => {
+                self.namespaces.insert(namespace);
+            }
+            Change::Node | Change::All => self.all = true,
+        }
+    }
+
+    fn contains(&self, key: &WsKey) -> bool {
+        self.all || self.keys.contains(key) || self.namespaces.contains(&key.namespace)
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.all && self.keys.is_empty() && self.namespaces.is_empty()
+    }
+}
+
+/// The outcome of one pass, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassReport {
+    /// WeightedServices whose policy was evaluated.
+    pub evaluated: usize,
+    /// Writes sent.
+    pub writes: usize,
+    /// Writes the kernel refused.
+    pub errors: usize,
+    /// Desired virtual services or destinations the kernel does not have yet.
+    pub missing: usize,
+}
+
+/// The work loop's state.
+pub struct Worker {
+    config: AgentConfig,
+    stores: Stores,
+    catalog: Arc<Catalog>,
+    ipvs: Option<IpvsClient>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    events: EventSink,
+    states: HashMap<WsKey, WsState>,
+    changed: HashMap<WsKey, Changed>,
+    ready_since: ReadySince,
+    label_sets: LabelSets,
+}
+
+impl Worker {
+    /// A worker over these caches; call [`Worker::run`] once they are ready.
+    pub fn new(
+        config: AgentConfig,
+        stores: Stores,
+        catalog: Arc<Catalog>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        events: EventSink,
+    ) -> Self {
+        Worker {
+            config,
+            stores,
+            catalog,
+            ipvs: None,
+            metrics,
+            health,
+            events,
+            states: HashMap::new(),
+            changed: HashMap::new(),
+            ready_since: ReadySince::default(),
+            label_sets: LabelSets::default(),
+        }
+    }
+
+    /// Run passes until `changes` is closed.
+    pub fn run(mut self, changes: Receiver<Change>) {
+        let mut dirty = Dirty { all: true, ..Dirty::default() };
+        let mut next_full = Instant::now();
+        let mut retries: BTreeSet<Instant> = BTreeSet::new();
+        let mut retry_keys: HashSet<WsKey> = HashSet::new();
+        loop {
+            self.health.beat();
+            let now = Instant::now();
+            let due = self.states.values().filter_map(|s| s.due).min();
+            let wake = [Some(next_full), due, retries.first().copied()].into_iter().flatten().min().unwrap_or(next_full);
+            if dirty.is_empty() && wake > now {
+                match changes.recv_timeout(wake - now) {
+                    Ok(change) => {
+                        self.note(change, &mut dirty, &mut retries, &mut retry_keys);
+                        // Gather a burst of watch events into one pass.
+                        std::thread::sleep(self.config.debounce);
+                        while let Ok(change) = changes.try_recv() {
+                            self.note(change, &mut dirty, &mut retries, &mut retry_keys);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            let now = Instant::now();
+            if now >= next_full {
+                dirty.all = true;
+                next_full = now + self.config.drift_interval;
+            }
+            while retries.first().is_some_and(|r| *r <= now) {
+                retries.pop_first();
+                dirty.keys.extend(retry_keys.iter().cloned());
+            }
+            if retries.is_empty() {
+                retry_keys.clear();
+            }
+            for (key, state) in &self.states {
+                if state.due.is_some_and(|d| d <= now) {
+                    dirty.keys.insert(key.clone());
+                }
+            }
+            if dirty.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let report = self.pass(&dirty);
+            self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            if report.writes > 0 || report.errors > 0 || report.evaluated > 0 {
+                tracing::info!(
+                    evaluated = report.evaluated,
+                    writes = report.writes,
+                    errors = report.errors,
+                    missing = report.missing,
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "pass"
+                );
+            }
+            if report.missing > 0 && retries.is_empty() {
+                // Not created by kube-proxy yet: look again soon (the periodic pass
+                // keeps looking after these).
+                retry_keys.extend(dirty.keys.iter().cloned());
+                for delay in &self.config.slice_retries {
+                    retries.insert(Instant::now() + *delay);
+                }
+            }
+            dirty = Dirty::default();
+            if self.ipvs.is_some() && !self.health.is_ready() {
+                self.ready_since.mark_started();
+                self.health.set_ready();
+                tracing::info!("first pass done: ready");
+            }
+        }
+    }
+
+    fn note(&self, change: Change, dirty: &mut Dirty, retries: &mut BTreeSet<Instant>, retry_keys: &mut HashSet<WsKey>) {
+        if let Change::Slices(namespace, name) = &change {
+            retry_keys.insert(WsKey { namespace: namespace.clone(), name: name.clone() });
+            let now = Instant::now();
+            for delay in &self.config.slice_retries {
+                retries.insert(now + *delay);
+            }
+        }
+        dirty.add(change);
+    }
+
+    /// One pass over the dirty WeightedServices (or all of them).
+    fn pass(&mut self, dirty: &Dirty) -> PassReport {
+        let mut report = PassReport::default();
+        let now = Timestamp::now();
+        let instant = Instant::now();
+
+        // What exists now; what went away is restored below.
+        let current: HashMap<WsKey, Arc<WeightedService>> = self
+            .stores
+            .weighted_services
+            .state()
+            .into_iter()
+            .map(|ws| (WsKey { namespace: ws.namespace().unwrap_or_default(), name: ws.name_any() }, ws))
+            .collect();
+        let gone: Vec<WsKey> = self
+            .states
+            .iter()
+            .filter(|(k, s)| current.get(*k).and_then(|ws| ws.metadata.uid.as_deref()) != Some(s.uid.as_str()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &gone {
+            self.states.remove(key);
+            tracing::info!(weighted_service = %key, "WeightedService gone: restoring what it changed");
+        }
+
+        for (key, ws) in &current {
+            if dirty.contains(key) || !self.states.contains_key(key) {
+                if self.refresh(key, ws, now, instant) {
+                    report.evaluated += 1;
+                }
+            }
+        }
+
+        let mut ipvs = match self.ipvs.take() {
+            Some(client) => client,
+            None => match IpvsClient::new() {
+                Ok(client) => client,
+                Err(error) => {
+                    tracing::error!(%error, "cannot open IPVS; retrying at the next pass");
+                    return report;
+                }
+            },
+        };
+        match self.sync_kernel(&mut ipvs, dirty, &gone, &mut report) {
+            Ok(()) => self.ipvs = Some(ipvs),
+            // A fresh socket next time.
+            Err(error) => tracing::warn!(%error, "reading the IPVS table"),
+        }
+        report
+    }
+
+    /// Read the kernel's virtual services of what is in scope (or restored) and
+    /// write the difference.
+    fn sync_kernel(&mut self, ipvs: &mut IpvsClient, dirty: &Dirty, gone: &[WsKey], report: &mut PassReport) -> Result<(), IpvsError> {
+        let services = ipvs.services()?;
+        let in_scope: Vec<(WsKey, ServicePlan)> = self
+            .states
+            .iter()
+            .filter(|(k, _)| dirty.contains(k))
+            .filter_map(|(k, s)| s.plan.clone().map(|p| (k.clone(), p)))
+            .collect();
+        let matcher = plan::Matcher::new(in_scope.iter().map(|(k, p)| (k, p)));
+        let restoring: HashSet<ServiceKey> = gone
+            .iter()
+            .filter_map(|k| self.changed.get(k))
+            .flat_map(|c| c.weights.iter().map(|(s, _)| *s).chain(c.schedulers.keys().copied()))
+            .collect();
+        let mut entries: Vec<ServiceEntry> = Vec::new();
+        for service in services {
+            if matcher.find(&service.key).is_none() && !restoring.contains(&service.key) {
+                continue;
+            }
+            match ipvs.destinations(&service.key) {
+                Ok(destinations) => entries.push(ServiceEntry { service, destinations }),
+                Err(error) => tracing::debug!(%error, "virtual service vanished while reading it"),
+            }
+        }
+
+        let mut wanted: Vec<(WsKey, DesiredService)> = desired(in_scope.iter().map(|(k, p)| (k, p)), &entries)
+            .into_iter()
+            .map(|(k, d)| (k.clone(), d))
+            .collect();
+        for key in gone {
+            if let Some(changed) = self.changed.remove(key) {
+                wanted.extend(restore(&changed, &entries).into_iter().map(|d| (key.clone(), d)));
+            }
+        }
+        let owner: HashMap<ServiceKey, WsKey> = wanted.iter().map(|(k, d)| (d.service, k.clone())).collect();
+        let desired_services: Vec<DesiredService> = wanted.into_iter().map(|(_, d)| d).collect();
+        let plan = ipvs::plan(&desired_services, &entries);
+        report.missing = plan.missing_services.len() + plan.missing_destinations.len();
+        let originals: HashMap<ServiceKey, String> =
+            entries.iter().map(|e| (e.service.key, e.service.scheduler.clone())).collect();
+        let results = if plan.writes.is_empty() { Vec::new() } else { ipvs.apply(&plan.writes) };
+        report.writes = plan.writes.len();
+        let mut failed: HashSet<WsKey> = HashSet::new();
+        for (write, result) in plan.writes.iter().zip(results) {
+            let (service, kind) = match write {
+                Write::EditService(s) => (s.key, "scheduler"),
+                Write::EditDestination { service, .. } => (*service, "weight"),
+                _ => continue,
+            };
+            let Some(key) = owner.get(&service) else { continue };
+            match result {
+                Ok(()) => {
+                    Metrics::count(&self.metrics.netlink_writes, kind, 1);
+                    if self.states.get(key).is_some_and(|s| s.plan_applied) {
+                        Metrics::count(&self.metrics.drift_repairs, kind, 1);
+                    }
+                    self.record(key, write, &originals);
+                }
+                Err(error) => {
+                    report.errors += 1;
+                    Metrics::count(&self.metrics.netlink_errors, kind, 1);
+                    match error {
+                        // Gone between the read and the write: kube-proxy's business, not an error.
+                        IpvsError::ServiceNotFound { .. } | IpvsError::DestinationNotFound { .. } => {
+                            tracing::debug!(weighted_service = %key, %error, "IPVS entry vanished before the write");
+                        }
+                        error => {
+                            tracing::warn!(weighted_service = %key, %error, "IPVS write failed");
+                            if failed.insert(key.clone())
+                                && let Some(state) = self.states.get(key)
+                            {
+                                self.events.send(Notice {
+                                    reference: state.reference.clone(),
+                                    type_: EventType::Warning,
+                                    reason: "IpvsWriteFailed".into(),
+                                    note: format!("on node {}: {error}", self.config.node_name),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (key, _) in &in_scope {
+            if !failed.contains(key)
+                && let Some(state) = self.states.get_mut(key)
+            {
+                state.plan_applied = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remember what a successful write changed, to put it back later.
+    fn record(&mut self, key: &WsKey, write: &Write, originals: &HashMap<ServiceKey, String>) {
+        let changed = self.changed.entry(key.clone()).or_default();
+        match write {
+            Write::EditService(s) => {
+                if let Some(original) = originals.get(&s.key) {
+                    changed.schedulers.entry(s.key).or_insert_with(|| original.clone());
+                }
+            }
+            Write::EditDestination { service, destination } => {
+                let id = (*service, destination.socket_addr());
+                if destination.weight == 1 {
+                    changed.weights.remove(&id);
+                } else {
+                    changed.weights.insert(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Rebuild the snapshot and plan of one WeightedService, evaluating its
+    /// policy if its input changed or it is due. True if it was evaluated.
+    fn refresh(&mut self, key: &WsKey, ws: &WeightedService, now: Timestamp, instant: Instant) -> bool {
+        let uid = ws.metadata.uid.clone().unwrap_or_default();
+        let state = self.states.entry(key.clone()).or_insert_with(|| WsState {
+            uid,
+            input_hash: None,
+            due: None,
+            weights: None,
+            error: None,
+            plan: None,
+            plan_applied: false,
+            reference: ws.object_ref(&()),
+        });
+        let Some(service) = self.stores.owned_service(ws) else {
+            // The controller has not created it (or it is someone else's): nothing to program.
+            state.plan = None;
+            return false;
+        };
+        let node = self.stores.node_info(&self.config.node_name);
+        let stores = &self.stores;
+        let slices = stores.slices_of(&key.namespace, &key.name);
+        let snapshot = match Snapshot::from_cluster(
+            ws,
+            &service,
+            slices.iter().map(|s| s.as_ref()),
+            |ns, name| stores.pod(ns, name),
+            Some(node),
+            now,
+            &mut self.ready_since,
+            &mut self.label_sets,
+        ) {
+            Ok(snapshot) => snapshot,
+            Err(incomplete) => {
+                // Evaluating now could give wrong weights: keep the last plan, look again soon.
+                tracing::debug!(weighted_service = %key, %incomplete, "snapshot incomplete");
+                state.due = Some(instant + Duration::from_millis(200));
+                return false;
+            }
+        };
+
+        let policy = self.catalog.get_pinned(ws.policy_name(), ws.policy_sha256());
+        let input_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            snapshot.input_hash().hash(&mut h);
+            policy.as_ref().map(|p| p.sha256().to_string()).unwrap_or_default().hash(&mut h);
+            h.finish()
+        };
+        let changed_input = state.input_hash != Some(input_hash);
+        let is_due = state.due.is_some_and(|d| d <= instant);
+        let mut evaluated = false;
+        if changed_input || is_due {
+            state.input_hash = Some(input_hash);
+            state.due = None;
+            evaluated = true;
+            let started = Instant::now();
+            let outcome = policy.and_then(|p| p.evaluate(&snapshot).map(|e| (p, e)));
+            let took = started.elapsed();
+            match outcome {
+                Ok((policy, evaluation)) => {
+                    self.metrics.evaluated(policy.name(), "ok", took);
+                    state.weights = Some(
+                        snapshot
+                            .endpoints
+                            .iter()
+                            .zip(&evaluation.weights)
+                            .map(|(e, w)| (e.address, *w))
+                            .collect(),
+                    );
+                    state.due = evaluation.requeue_after.map(|d| instant + d);
+                    if state.error.take().is_some() {
+                        tracing::info!(weighted_service = %key, policy = policy.name(), "policy works again");
+                    }
+                }
+                Err(error) => {
+                    self.metrics.evaluated(ws.policy_name(), error.kind(), took);
+                    state.due = Some(instant + FAILED_RETRY);
+                    let text = error.to_string();
+                    if state.error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(weighted_service = %key, %error, "policy failed: the last good weights stay");
+                        self.events.send(Notice {
+                            reference: state.reference.clone(),
+                            type_: EventType::Warning,
+                            reason: reason_for(&error).into(),
+                            note: format!("on node {}: {text}; the last good weights stay", self.config.node_name),
+                        });
+                        state.error = Some(text);
+                    }
+                }
+            }
+        }
+        let weights = state.weights.as_ref();
+        let plan = ServicePlan::new(&service, &snapshot, ws.scheduler(), |_, endpoint| {
+            weights.and_then(|w| w.get(&endpoint.address).copied())
+        });
+        if state.plan.as_ref() != Some(&plan) {
+            state.plan_applied = false;
+            state.plan = Some(plan);
+        }
+        evaluated
+    }
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The watch caches went away before their first sync.
+    #[error("the watch caches stopped before their first sync")]
+    WatchesStopped,
+    /// The work loop could not start or died.
+    #[error("the agent's work loop {0}")]
+    Worker(String),
+}
+
+/// Run the agent: watch, wait for the first full sync, then run passes until
+/// the process ends. Events are published as `ipvs-operator-agent` on this node.
+pub async fn run(
+    client: kube::Client,
+    config: AgentConfig,
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<(), AgentError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (stores, watches) = crate::cluster::watch(client.clone(), Some(config.node_name.clone()), metrics.clone(), move |c| {
+        let _ = tx.send(c);
+    });
+    tokio::spawn(watches);
+    let reporter = kube::runtime::events::Reporter {
+        controller: "ipvs-operator-agent".into(),
+        instance: Some(config.node_name.clone()),
+    };
+    let (events, publisher) = crate::events::publisher(client, reporter);
+    tokio::spawn(publisher);
+    tracing::info!(node = %config.node_name, "waiting for the first full sync of the watch caches");
+    stores.wait_until_ready().await.map_err(|_| AgentError::WatchesStopped)?;
+    tracing::info!(
+        weighted_services = stores.weighted_services.len(),
+        services = stores.services.len(),
+        endpoint_slices = stores.slices.len(),
+        pods = stores.pods.len(),
+        "watch caches synced"
+    );
+    let worker = Worker::new(config, stores, catalog, metrics, health, events);
+    let thread = std::thread::Builder::new()
+        .name("agent-passes".into())
+        .spawn(move || worker.run(rx))
+        .map_err(|e| AgentError::Worker(format!("could not start: {e}")))?;
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .map_err(|e| AgentError::Worker(format!("could not be joined: {e}")))?
+        .map_err(|_| AgentError::Worker("panicked".into()))?;
+    Ok(())
+}
+
+/// The Event reason for a policy failure.
+pub fn reason_for(error: &PolicyError) -> &'static str {
+    match error {
+        PolicyError::NotFound { .. } => "PolicyNotFound",
+        PolicyError::PinMismatch { .. } => "PolicyPinMismatch",
+        PolicyError::InvalidDecision { .. } => "PolicyDecisionInvalid",
+        _ => "PolicyFailed",
+    }
+}
+
+/// What to write to put back what we changed: weight 1 on destinations we set
+/// otherwise (unless kube-proxy is draining them at 0), and the scheduler each
+/// virtual service had.
+fn restore(changed: &Changed, entries: &[ServiceEntry]) -> Vec<DesiredService> {
+    let mut out: HashMap<ServiceKey, DesiredService> = HashMap::new();
+    for entry in entries {
+        let key = entry.service.key;
+        if let Some(original) = changed.schedulers.get(&key) {
+            out.entry(key).or_insert_with(|| DesiredService::new(key)).scheduler = Some(original.clone());
+        }
+        for destination in &entry.destinations {
+            let address = destination.socket_addr();
+            if changed.weights.contains(&(key, address)) && destination.weight != 0 {
+                out.entry(key).or_insert_with(|| DesiredService::new(key)).weights.insert(address, 1);
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipvs::{Destination, ForwardMethod, Service as VirtualService};
+
+    #[test]
+    fn restore_puts_back_weight_one_and_the_scheduler_but_not_drained_destinations() {
+        let vip = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
+        let a: SocketAddr = "10.244.1.5:8080".parse().unwrap();
+        let b: SocketAddr = "10.244.1.6:8080".parse().unwrap();
+        let c: SocketAddr = "10.244.1.7:8080".parse().unwrap();
+        let changed = Changed {
+            weights: [(vip, a), (vip, b)].into(),
+            schedulers: [(vip, "rr".to_string())].into(),
+        };
+        let entries = vec![ServiceEntry {
+            service: VirtualService::new(vip, "wrr"),
+            destinations: vec![
+                Destination::new(a, ForwardMethod::Masquerade, 10),
+                Destination::new(b, ForwardMethod::Masquerade, 0), // kube-proxy is draining it
+                Destination::new(c, ForwardMethod::Masquerade, 5), // never ours
+            ],
+        }];
+        let desired = restore(&changed, &entries);
+        assert_eq!(desired.len(), 1);
+        assert_eq!(desired[0].scheduler.as_deref(), Some("rr"));
+        assert_eq!(desired[0].weights, [(a, 1)].into());
+    }
+
+    #[test]
+    fn dirty_tracks_keys_namespaces_and_everything() {
+        let mut dirty = Dirty::default();
+        assert!(dirty.is_empty());
+        dirty.add(Change::Slices("shop".into(), "web".into()));
+        dirty.add(Change::Pods("blog".into()));
+        let key = |ns: &str, n: &str| WsKey { namespace: ns.into(), name: n.into() };
+        assert!(dirty.contains(&key("shop", "web")));
+        assert!(dirty.contains(&key("blog", "anything")));
+        assert!(!dirty.contains(&key("shop", "api")));
+        dirty.add(Change::All);
+        assert!(dirty.contains(&key("shop", "api")));
+    }
+}

@@ -1,0 +1,259 @@
+//! The cluster as the agent and the controller see it: watch caches
+//! (reflectors) of WeightedServices, their Services, EndpointSlices, pod
+//! metadata and the agent's Node, and a stream of what changed.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use crate::crd::WeightedService;
+use crate::metrics::{KindLabels, Metrics};
+use crate::snapshot::{PodMeta, ZONE_LABEL};
+
+/// The label the controller puts on the Services it owns; its value is the
+/// WeightedService's name. The agent watches only Services with it.
+pub const OWNER_LABEL: &str = "codesink.net/weighted-service";
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What changed in the cluster, for the work loop to look at again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// A WeightedService (namespace, name).
+    WeightedService(String, String),
+    /// The Service of the WeightedService of that name.
+    Service(String, String),
+    /// An EndpointSlice of the Service of that name.
+    Slices(String, String),
+    /// A pod in that namespace.
+    Pods(String),
+    /// The agent's Node.
+    Node,
+    /// A watch (re)listed everything of a kind: look at everything again.
+    All,
+}
+
+/// Read access to the watch caches.
+#[derive(Clone)]
+pub struct Stores {
+    /// WeightedServices, all namespaces.
+    pub weighted_services: Store<WeightedService>,
+    /// Services the controller owns (label [`OWNER_LABEL`]).
+    pub services: Store<Service>,
+    /// EndpointSlices (label [`SERVICE_NAME_LABEL`]).
+    pub slices: Store<EndpointSlice>,
+    /// Pod metadata.
+    pub pods: Store<PartialObjectMeta<Pod>>,
+    /// The agent's own Node, if watched.
+    pub node: Option<Store<Node>>,
+}
+
+impl Stores {
+    /// Wait until every cache has had its first full list.
+    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.weighted_services.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.slices.wait_until_ready().await?;
+        self.pods.wait_until_ready().await?;
+        if let Some(node) = &self.node {
+            node.wait_until_ready().await?;
+        }
+        Ok(())
+    }
+
+    /// The Service of `ws`, if it exists and `ws` controls it.
+    pub fn owned_service(&self, ws: &WeightedService) -> Option<Arc<Service>> {
+        let service = self
+            .services
+            .get(&ObjectRef::new(&ws.name_any()).within(&ws.namespace().unwrap_or_default()))?;
+        is_controlled_by(&service, ws).then_some(service)
+    }
+
+    /// The EndpointSlices of the Service `name` in `namespace`.
+    pub fn slices_of(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
+        self.slices
+            .state()
+            .into_iter()
+            .filter(|s| {
+                s.metadata.namespace.as_deref() == Some(namespace)
+                    && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
+            })
+            .collect()
+    }
+
+    /// Labels and creation time of a pod.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<PodMeta> {
+        self.pods.get(&ObjectRef::new(name).within(namespace)).map(|p| PodMeta {
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        })
+    }
+
+    /// The agent's Node: name, zone and labels.
+    pub fn node_info(&self, name: &str) -> crate::snapshot::NodeInfo {
+        let labels = self
+            .node
+            .as_ref()
+            .and_then(|s| s.get(&ObjectRef::new(name)))
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        crate::snapshot::NodeInfo {
+            name: name.into(),
+            zone: labels.get(ZONE_LABEL).cloned(),
+            labels,
+        }
+    }
+}
+
+/// Whether `ws` is the controlling owner of `service`.
+pub fn is_controlled_by(service: &Service, ws: &WeightedService) -> bool {
+    let Some(uid) = ws.metadata.uid.as_deref() else {
+        return false;
+    };
+    service
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.uid == uid && o.kind == WeightedService::kind(&()))
+}
+
+/// Start watching. Returns the caches and the future that drives the watches
+/// (it runs until the process ends); every change is passed to `changed`.
+pub fn watch(
+    client: Client,
+    node_name: Option<String>,
+    metrics: Arc<Metrics>,
+    changed: impl Fn(Change) + Send + Sync + 'static,
+) -> (Stores, impl std::future::Future<Output = ()> + Send) {
+    let changed = Arc::new(changed);
+    let config = watcher::Config::default();
+
+    let (weighted_services, ws_stream) = reflect(
+        "WeightedService",
+        watcher(Api::<WeightedService>::all(client.clone()), config.clone()),
+        metrics.clone(),
+    );
+    let (services, svc_stream) = reflect(
+        "Service",
+        watcher(Api::<Service>::all(client.clone()), config.clone().labels(OWNER_LABEL)),
+        metrics.clone(),
+    );
+    let (slices, slice_stream) = reflect(
+        "EndpointSlice",
+        watcher(Api::<EndpointSlice>::all(client.clone()), config.clone().labels(SERVICE_NAME_LABEL)),
+        metrics.clone(),
+    );
+    let (pods, pod_stream) = reflect(
+        "Pod",
+        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), config.clone()),
+        metrics.clone(),
+    );
+    let node_watch = node_name.map(|name| {
+        reflect(
+            "Node",
+            watcher(Api::<Node>::all(client.clone()), config.clone().fields(&format!("metadata.name={name}"))),
+            metrics.clone(),
+        )
+    });
+    let node = node_watch.as_ref().map(|(store, _)| store.clone());
+
+    let stores = Stores { weighted_services, services, slices, pods, node };
+    let c = changed.clone();
+    let ws_changes = ws_stream.for_each(move |ws| {
+        c(ws.map_or(Change::All, |ws| Change::WeightedService(ws.namespace().unwrap_or_default(), ws.name_any())));
+        async {}
+    });
+    let c = changed.clone();
+    let svc_changes = svc_stream.for_each(move |svc| {
+        c(svc.map_or(Change::All, |svc| Change::Service(svc.namespace().unwrap_or_default(), svc.name_any())));
+        async {}
+    });
+    let c = changed.clone();
+    let slice_changes = slice_stream.for_each(move |slice| {
+        match slice {
+            None => c(Change::All),
+            Some(slice) => {
+                if let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) {
+                    c(Change::Slices(slice.namespace().unwrap_or_default(), service.clone()));
+                }
+            }
+        }
+        async {}
+    });
+    let c = changed.clone();
+    let pod_changes = pod_stream.for_each(move |pod| {
+        c(pod.map_or(Change::All, |pod| Change::Pods(pod.namespace().unwrap_or_default())));
+        async {}
+    });
+    let c = changed;
+    let node_changes = async move {
+        if let Some((_, stream)) = node_watch {
+            stream
+                .for_each(|_| {
+                    c(Change::Node);
+                    async {}
+                })
+                .await;
+        }
+    };
+    let drive = async move {
+        futures::join!(ws_changes, svc_changes, slice_changes, pod_changes, node_changes);
+    };
+    (stores, drive)
+}
+
+/// A reflector over `stream`: the cache, and the changes (objects applied or
+/// deleted as `Some`, a completed relist as `None`), with watch errors logged and
+/// counted (the watcher retries with backoff). Fields no one here reads are
+/// dropped before caching: this runs on every node.
+pub fn reflect<K>(
+    kind: &'static str,
+    stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    metrics: Arc<Metrics>,
+) -> (Store<K>, impl Stream<Item = Option<K>> + Send)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let count = reader.clone();
+    let gauge = metrics.watched_objects.get_or_create(&KindLabels { kind: kind.into() }).clone();
+    let changes = stream
+        .default_backoff()
+        .modify(|object: &mut K| {
+            let meta = object.meta_mut();
+            meta.managed_fields = None;
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
+        .filter_map(move |event| {
+            let result = match event {
+                Ok(event) => {
+                    gauge.set(count.len() as i64);
+                    match event {
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(Some(o)),
+                        // The cache is swapped in at InitDone: that is when to look again.
+                        watcher::Event::InitDone => Some(None),
+                        watcher::Event::Init | watcher::Event::InitApply(_) => None,
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(kind, %error, "watch failed; retrying with backoff");
+                    Metrics::count(&metrics.watch_errors, kind, 1);
+                    None
+                }
+            };
+            async move { result }
+        });
+    (reader, changes)
+}

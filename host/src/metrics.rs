@@ -1,0 +1,235 @@
+//! Prometheus metrics, and the HTTP endpoint that serves them with the health
+//! checks: `/metrics`, `/healthz` (the work loop is alive), `/readyz` (the first
+//! full sync is done, and for the agent the first IPVS pass).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a policy evaluation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvaluationLabels {
+    /// The policy's name.
+    pub policy: String,
+    /// `ok`, or the error's kind (`trap`, `timeout`, …).
+    pub result: String,
+}
+
+/// Labels naming a kind of thing.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind.
+    pub kind: String,
+}
+
+/// Labels of a policy module load.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// The policy's name.
+    pub policy: String,
+}
+
+/// Every metric the agent and the controller export.
+pub struct Metrics {
+    registry: Registry,
+    /// Policy evaluations by policy and result.
+    pub evaluations: Family<EvaluationLabels, Counter>,
+    /// Time of one evaluation, in seconds.
+    pub evaluation_seconds: Histogram,
+    /// Netlink writes applied, by kind (`weight`, `scheduler`).
+    pub netlink_writes: Family<KindLabels, Counter>,
+    /// Netlink writes the kernel refused, by kind.
+    pub netlink_errors: Family<KindLabels, Counter>,
+    /// Writes that undid someone else's change (kube-proxy's), by kind.
+    pub drift_repairs: Family<KindLabels, Counter>,
+    /// Time of one reconcile (controller) or IPVS pass (agent), in seconds.
+    pub reconcile_seconds: Histogram,
+    /// Policy modules loaded, by policy.
+    pub policy_loads: Family<PolicyLabels, Counter>,
+    /// Policy modules refused at load, by policy.
+    pub policy_load_failures: Family<PolicyLabels, Counter>,
+    /// Objects in the watch caches, by kind.
+    pub watched_objects: Family<KindLabels, Gauge>,
+    /// Watch errors (the watch restarts with backoff), by kind.
+    pub watch_errors: Family<KindLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric, prefixed `ipvs_operator_`.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ipvs_operator");
+        let metrics = Metrics {
+            evaluations: Family::default(),
+            evaluation_seconds: Histogram::new(exponential_buckets(0.000_01, 4.0, 10)),
+            netlink_writes: Family::default(),
+            netlink_errors: Family::default(),
+            drift_repairs: Family::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 4.0, 10)),
+            policy_loads: Family::default(),
+            policy_load_failures: Family::default(),
+            watched_objects: Family::default(),
+            watch_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("policy_evaluations", "Policy evaluations, by policy and result", metrics.evaluations.clone());
+        registry.register("policy_evaluation_seconds", "Time of one policy evaluation", metrics.evaluation_seconds.clone());
+        registry.register("netlink_writes", "IPVS writes applied, by kind", metrics.netlink_writes.clone());
+        registry.register("netlink_errors", "IPVS writes the kernel refused, by kind", metrics.netlink_errors.clone());
+        registry.register("drift_repairs", "Writes that undid a change made by someone else (kube-proxy), by kind", metrics.drift_repairs.clone());
+        registry.register("reconcile_seconds", "Time of one reconcile (controller) or IPVS pass (agent)", metrics.reconcile_seconds.clone());
+        registry.register("policy_loads", "Policy modules loaded, by policy", metrics.policy_loads.clone());
+        registry.register("policy_load_failures", "Policy modules refused at load, by policy", metrics.policy_load_failures.clone());
+        registry.register("watched_objects", "Objects in the watch caches, by kind", metrics.watched_objects.clone());
+        registry.register("watch_errors", "Watch errors (the watch restarts with backoff), by kind", metrics.watch_errors.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    /// Count an evaluation.
+    pub fn evaluated(&self, policy: &str, result: &str, took: Duration) {
+        self.evaluations
+            .get_or_create(&EvaluationLabels { policy: policy.into(), result: result.into() })
+            .inc();
+        self.evaluation_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Add to a counter of a kind.
+    pub fn count(family: &Family<KindLabels, Counter>, kind: &str, n: u64) {
+        if n > 0 {
+            family.get_or_create(&KindLabels { kind: kind.into() }).inc_by(n);
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What `/healthz` and `/readyz` answer.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+    heartbeat_ms: AtomicU64,
+}
+
+impl Health {
+    /// Ready from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The work loop is alive.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Alive: the work loop beat within `window` (or has not started yet).
+    pub fn is_alive(&self, window: Duration) -> bool {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        last == 0 || now_ms().saturating_sub(last) <= window.as_millis() as u64
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
+/// `alive_window` is how long the work loop may go without a heartbeat.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>, alive_window: Duration) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accepting a metrics connection");
+                continue;
+            }
+        };
+        let (metrics, health) = (metrics.clone(), health.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let response = answer(req.uri().path(), &metrics, &health, alive_window);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(path: &str, metrics: &Metrics, health: &Health, alive_window: Duration) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+        "/healthz" if health.is_alive(alive_window) => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "the work loop is stuck\n".into()),
+        "/readyz" if health.is_ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: waiting for the first full sync\n".into()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_exposed_with_the_prefix() {
+        let metrics = Metrics::new();
+        metrics.evaluated("label-selector", "ok", Duration::from_micros(40));
+        Metrics::count(&metrics.netlink_writes, "weight", 3);
+        let text = metrics.encode();
+        assert!(text.contains("ipvs_operator_policy_evaluations_total{policy=\"label-selector\",result=\"ok\"} 1"), "{text}");
+        assert!(text.contains("ipvs_operator_netlink_writes_total{kind=\"weight\"} 3"), "{text}");
+    }
+
+    #[test]
+    fn health_answers() {
+        let metrics = Metrics::new();
+        let health = Health::default();
+        let window = Duration::from_secs(10);
+        assert_eq!(answer("/readyz", &metrics, &health, window).status(), StatusCode::SERVICE_UNAVAILABLE);
+        health.set_ready();
+        assert_eq!(answer("/readyz", &metrics, &health, window).status(), StatusCode::OK);
+        assert_eq!(answer("/healthz", &metrics, &health, window).status(), StatusCode::OK);
+        health.heartbeat_ms.store(1, Ordering::Relaxed);
+        assert_eq!(answer("/healthz", &metrics, &health, window).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer("/nope", &metrics, &health, window).status(), StatusCode::NOT_FOUND);
+    }
+}
