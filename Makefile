@@ -8,7 +8,7 @@ RUSTUP ?= rustup
 APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio
 RUST_TARGETS := wasm32-wasip2 x86_64-unknown-linux-musl
 
-.PHONY: all setup build test test-unit demo bench clean-vm
+.PHONY: all setup build test test-unit demo bench clean-vm crd
 
 all: build
 
@@ -41,6 +41,10 @@ test-unit:
 demo: setup
 	$(CARGO) build --release -p ipvs-operator
 	./target/release/ipvs-operator eval --weighted-service examples/seed-canary.yaml --pods examples/seed-canary-pods.yaml
+
+## crd: regenerate deploy/crd.yaml from the Rust types (a test checks they agree).
+crd:
+	$(CARGO) run --release -q -p ipvs-operator -- crd > deploy/crd.yaml
 
 ## bench: the benchmarks; each writes target/bench/<name>.json.
 bench: setup bench-ipvs

@@ -39,6 +39,7 @@ pub const HASHING_SCHEDULERS: &[&str] = &["sh", "mh"];
     kind = "WeightedService",
     plural = "weightedservices",
     shortname = "wsvc",
+    doc = "A Service whose IPVS destinations get weights from a policy (ipvs-operator).",
     namespaced,
     status = "WeightedServiceStatus",
     printcolumn(name = "Service", type_ = "string", json_path = ".status.serviceName"),
