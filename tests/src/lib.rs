@@ -3,7 +3,11 @@
 //! - [`apiserver`]: a Kubernetes **test API server** (a test double) that kube-rs
 //!   and kubectl run against unmodified, with an emulated cluster behind it
 //!   (Deployments, pods with IPs, EndpointSlices) and fault injection.
+//! - [`kube_proxy`]: a **kube-proxy emulator** (a test double) that programs the
+//!   kernel's IPVS table from Services and EndpointSlices as kube-proxy's IPVS
+//!   mode does.
 //!
 //! Neither is meant for production: `deploy/` is what runs on real clusters.
 
 pub mod apiserver;
+pub mod kube_proxy;

@@ -13,9 +13,11 @@ VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
 vm-binaries:
 	$(CARGO) build --release -p ipvs-operator -p traffic
 
-## test-kernel: the ipvs crate's kernel tests, inside the VM.
+## test-kernel: the kernel tests, inside the VM: the ipvs crate's, and the
+## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs).
 test-kernel: setup vm-binaries
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs --features kernel-tests --test kernel --test kernel_no_module
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test kube_proxy_kernel
 
 ## bench-ipvs: 10,000 weight changes, ours against ipvsadm -R, in the VM;
 ## writes target/bench/ipvs-apply.json (the guest's target/bench comes back).
