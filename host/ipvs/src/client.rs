@@ -15,6 +15,7 @@ use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_GENERIC};
 
+use crate::constants::{IPVS_CMD_ATTR_DEST, IPVS_CMD_ATTR_SERVICE};
 use crate::error::{IpvsError, Operation, Result};
 use crate::message::{IpvsAttr, IpvsCmd, IpvsMessage};
 use crate::types::{Destination, Info, Service, ServiceEntry, ServiceKey};
@@ -155,15 +156,7 @@ impl IpvsClient {
     pub fn services(&mut self) -> Result<Vec<Service>> {
         let op = Operation::ListServices;
         let replies = self.dump_request(IpvsCmd::GetService, vec![], &op)?;
-        replies
-            .iter()
-            .flat_map(|m| &m.attrs)
-            .filter_map(|attr| match attr {
-                IpvsAttr::Service(attrs) => Some(Service::from_attrs(attrs)),
-                _ => None,
-            })
-            .collect::<Result<Vec<_>, DecodeError>>()
-            .map_err(|source| IpvsError::Decode { op, source })
+        attributes(&replies, IPVS_CMD_ATTR_SERVICE, Service::parse).map_err(|source| IpvsError::Decode { op, source })
     }
 
     /// One virtual service; [`IpvsError::ServiceNotFound`] if it does not exist.
@@ -187,14 +180,7 @@ impl IpvsClient {
         let op = Operation::ListDestinations(*service);
         let replies = self.dump_request(IpvsCmd::GetDest, vec![IpvsAttr::Service(service.to_attrs())], &op)?;
         let family = service.family();
-        replies
-            .iter()
-            .flat_map(|m| &m.attrs)
-            .filter_map(|attr| match attr {
-                IpvsAttr::Destination(attrs) => Some(Destination::from_attrs(attrs, family)),
-                _ => None,
-            })
-            .collect::<Result<Vec<_>, DecodeError>>()
+        attributes(&replies, IPVS_CMD_ATTR_DEST, |payload| Destination::parse(payload, family))
             .map_err(|source| IpvsError::Decode { op, source })
     }
 
@@ -205,9 +191,17 @@ impl IpvsClient {
     /// between the two (kube-proxy works concurrently) shows no destinations,
     /// rather than failing the whole dump.
     pub fn dump(&mut self) -> Result<Vec<ServiceEntry>> {
+        self.dump_services(|_| true)
+    }
+
+    /// Like [`IpvsClient::dump`], but dumps destinations only of the
+    /// services `wanted` picks (the others are left out): one dump of the
+    /// services plus one per picked service. The agent's periodic check
+    /// costs what its own services cost, not what the whole node's do.
+    pub fn dump_services(&mut self, wanted: impl Fn(&Service) -> bool) -> Result<Vec<ServiceEntry>> {
         let services = self.services()?;
-        let mut entries = Vec::with_capacity(services.len());
-        for service in services {
+        let mut entries = Vec::new();
+        for service in services.into_iter().filter(|s| wanted(s)) {
             let destinations = self.destinations(&service.key)?;
             entries.push(ServiceEntry { service, destinations });
         }
@@ -352,18 +346,22 @@ impl IpvsClient {
         self.exchange(cmd, attrs, NLM_F_REQUEST | NLM_F_ACK, op)
     }
 
-    /// A dump: multi-part replies ended by `NLMSG_DONE`.
-    fn dump_request(&mut self, cmd: IpvsCmd, attrs: Vec<IpvsAttr>, op: &Operation) -> Result<Vec<IpvsMessage>> {
+    /// A dump: multi-part replies ended by `NLMSG_DONE`, kept raw for the
+    /// caller to parse (see [`RawReply`]).
+    fn dump_request(&mut self, cmd: IpvsCmd, attrs: Vec<IpvsAttr>, op: &Operation) -> Result<Vec<RawReply>> {
         self.counters.dumps += 1;
         self.exchange(cmd, attrs, NLM_F_REQUEST | NLM_F_DUMP, op)
     }
 
-    fn exchange(&mut self, cmd: IpvsCmd, attrs: Vec<IpvsAttr>, flags: u16, op: &Operation) -> Result<Vec<IpvsMessage>> {
+    fn exchange<F>(&mut self, cmd: IpvsCmd, attrs: Vec<IpvsAttr>, flags: u16, op: &Operation) -> Result<Vec<F>>
+    where
+        F: ParseableParametrized<[u8], GenlHeader> + Debug,
+    {
         let seq = self.next_seq();
         let mut datagram = Vec::new();
         self.encode(cmd, attrs, flags, seq, &mut datagram);
         let family_id = self.family_id;
-        self.send_and_collect::<IpvsMessage>(&datagram, seq, op, |header_type| header_type == family_id)
+        self.send_and_collect::<F>(&datagram, seq, op, |header_type| header_type == family_id)
             .map_err(|e| match e {
                 // The kernel's errno, in terms of this operation.
                 Collected::Errno(errno) => IpvsError::from_errno(op.clone(), errno, None),
@@ -565,6 +563,38 @@ where
     message.serialize(&mut out[start..]);
     // Messages in one datagram start 4-byte aligned.
     out.resize((out.len() + 3) & !3, 0);
+}
+
+/// A reply kept as its attributes' bytes. Dump replies are parsed from these
+/// straight into services and destinations (which need the service's
+/// family), without a list of attribute enums in between.
+#[derive(Debug)]
+struct RawReply {
+    attrs: Vec<u8>,
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for RawReply {
+    fn parse_with_param(buf: &[u8], _header: GenlHeader) -> Result<Self, DecodeError> {
+        Ok(Self { attrs: buf.to_vec() })
+    }
+}
+
+/// Parses every first-level attribute of type `kind` in `replies` with `parse`.
+fn attributes<T>(
+    replies: &[RawReply],
+    kind: u16,
+    parse: impl Fn(&[u8]) -> Result<T, DecodeError>,
+) -> Result<Vec<T>, DecodeError> {
+    let mut out = Vec::with_capacity(replies.len());
+    for reply in replies {
+        for nla in NlasIterator::new(&reply.attrs) {
+            let nla = nla?;
+            if nla.kind() == kind {
+                out.push(parse(nla.value())?);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The controller's answer to `CTRL_CMD_GETFAMILY`, keeping only the id: the

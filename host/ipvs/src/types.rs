@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use netlink_packet_core::DecodeError;
+use netlink_packet_core::{DecodeError, NlasIterator};
 use serde::{Serialize, Serializer};
 
 use crate::constants::*;
@@ -240,26 +240,41 @@ impl Stats {
     fn from_attrs(attrs: &[StatsAttr]) -> Self {
         let mut stats = Self::default();
         for attr in attrs {
-            if let StatsAttr::Counter { kind, value, .. } = *attr {
-                let field = match kind {
-                    IPVS_STATS_ATTR_CONNS => &mut stats.connections,
-                    IPVS_STATS_ATTR_INPKTS => &mut stats.packets_in,
-                    IPVS_STATS_ATTR_OUTPKTS => &mut stats.packets_out,
-                    IPVS_STATS_ATTR_INBYTES => &mut stats.bytes_in,
-                    IPVS_STATS_ATTR_OUTBYTES => &mut stats.bytes_out,
-                    IPVS_STATS_ATTR_CPS => &mut stats.cps,
-                    IPVS_STATS_ATTR_INPPS => &mut stats.pps_in,
-                    IPVS_STATS_ATTR_OUTPPS => &mut stats.pps_out,
-                    IPVS_STATS_ATTR_INBPS => &mut stats.bps_in,
-                    IPVS_STATS_ATTR_OUTBPS => &mut stats.bps_out,
-                    _ => continue,
-                };
-                *field = value;
-            }
+            stats.add(attr);
         }
         stats
     }
+
+    /// Parses a nested statistics attribute set straight into counters.
+    fn parse(payload: &[u8]) -> Result<Self, DecodeError> {
+        let mut stats = Self::default();
+        for nla in NlasIterator::new(payload) {
+            stats.add(&StatsAttr::parse(&nla?)?);
+        }
+        Ok(stats)
+    }
+
+    fn add(&mut self, attr: &StatsAttr) {
+        let StatsAttr::Counter { kind, value, .. } = *attr else { return };
+        let field = match kind {
+            IPVS_STATS_ATTR_CONNS => &mut self.connections,
+            IPVS_STATS_ATTR_INPKTS => &mut self.packets_in,
+            IPVS_STATS_ATTR_OUTPKTS => &mut self.packets_out,
+            IPVS_STATS_ATTR_INBYTES => &mut self.bytes_in,
+            IPVS_STATS_ATTR_OUTBYTES => &mut self.bytes_out,
+            IPVS_STATS_ATTR_CPS => &mut self.cps,
+            IPVS_STATS_ATTR_INPPS => &mut self.pps_in,
+            IPVS_STATS_ATTR_OUTPPS => &mut self.pps_out,
+            IPVS_STATS_ATTR_INBPS => &mut self.bps_in,
+            IPVS_STATS_ATTR_OUTBPS => &mut self.bps_out,
+            _ => return,
+        };
+        *field = value;
+    }
 }
+
+/// How many attributes an entry usually has, to size the list once.
+const TYPICAL_ATTRS: usize = 16;
 
 /// A virtual service as the kernel reports it (`IPVS_CMD_ATTR_SERVICE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -330,6 +345,28 @@ impl Service {
             ServiceKey::Fwmark { mark, .. } => Some(mark),
             ServiceKey::Address { .. } => None,
         }
+    }
+
+    /// Parses the payload of an `IPVS_CMD_ATTR_SERVICE` attribute.
+    ///
+    /// Statistics, most of a dump's attributes, go straight into [`Stats`]
+    /// rather than through a list of [`StatsAttr`]: dumps stay cheap.
+    pub(crate) fn parse(payload: &[u8]) -> Result<Self, DecodeError> {
+        let (mut stats, mut stats64) = (None, None);
+        let mut attrs = Vec::with_capacity(TYPICAL_ATTRS);
+        for nla in NlasIterator::new(payload) {
+            let nla = nla?;
+            match nla.kind() {
+                IPVS_SVC_ATTR_STATS => stats = Some(Stats::parse(nla.value())?),
+                IPVS_SVC_ATTR_STATS64 => stats64 = Some(Stats::parse(nla.value())?),
+                _ => attrs.push(ServiceAttr::parse(&nla)?),
+            }
+        }
+        let mut service = Self::from_attrs(&attrs)?;
+        if let Some(stats) = stats64.or(stats) {
+            service.stats = stats;
+        }
+        Ok(service)
     }
 
     /// Builds a service from the kernel's attributes, skipping unknown ones.
@@ -606,6 +643,26 @@ impl Destination {
         AddressFamily::of(&self.address)
     }
 
+    /// Parses the payload of an `IPVS_CMD_ATTR_DEST` attribute (statistics
+    /// straight into [`Stats`], as [`Service::parse`] does).
+    pub(crate) fn parse(payload: &[u8], service_family: AddressFamily) -> Result<Self, DecodeError> {
+        let (mut stats, mut stats64) = (None, None);
+        let mut attrs = Vec::with_capacity(TYPICAL_ATTRS);
+        for nla in NlasIterator::new(payload) {
+            let nla = nla?;
+            match nla.kind() {
+                IPVS_DEST_ATTR_STATS => stats = Some(Stats::parse(nla.value())?),
+                IPVS_DEST_ATTR_STATS64 => stats64 = Some(Stats::parse(nla.value())?),
+                _ => attrs.push(DestinationAttr::parse(&nla)?),
+            }
+        }
+        let mut destination = Self::from_attrs(&attrs, service_family)?;
+        if let Some(stats) = stats64.or(stats) {
+            destination.stats = stats;
+        }
+        Ok(destination)
+    }
+
     /// Builds a destination from the kernel's attributes. `service_family`
     /// is used when the kernel does not say the destination's own (before 3.18).
     pub(crate) fn from_attrs(attrs: &[DestinationAttr], service_family: AddressFamily) -> Result<Self, DecodeError> {
@@ -843,6 +900,41 @@ mod tests {
         }
         let parsed = Destination::from_attrs(&attrs, AddressFamily::Inet).unwrap();
         assert_eq!(parsed, dest);
+    }
+
+    #[test]
+    fn parsing_bytes_gives_what_the_attribute_path_gives() {
+        use netlink_packet_core::{DefaultNla, Emitable};
+        let counters = |wide, value| {
+            let mut attrs: Vec<StatsAttr> =
+                (1..=10).map(|kind| StatsAttr::Counter { kind, value: value + u64::from(kind), wide }).collect();
+            attrs.push(StatsAttr::Other(DefaultNla::new(IPVS_STATS_ATTR_PAD, vec![])));
+            attrs
+        };
+        let mut dest = Destination::new("[fd00::5]:443".parse().unwrap(), ForwardMethod::Tunnel, 9);
+        dest.tunnel = Some(Tunnel { kind: TunnelType::Gre, port: 0, flags: 2 });
+        let mut attrs = dest.to_attrs();
+        attrs.push(DestinationAttr::Stats(counters(false, 10)));
+        attrs.push(DestinationAttr::Stats64(counters(true, 1 << 33)));
+        attrs.push(DestinationAttr::Other(DefaultNla::new(42, vec![1, 2, 3, 4])));
+        let mut bytes = vec![0; attrs.as_slice().buffer_len()];
+        attrs.as_slice().emit(&mut bytes);
+
+        let parsed = Destination::parse(&bytes, AddressFamily::Inet).unwrap();
+        assert_eq!(parsed, Destination::from_attrs(&attrs, AddressFamily::Inet).unwrap());
+        assert_eq!(parsed.stats.connections, (1 << 33) + 1, "the 64-bit counters win");
+        assert_eq!(parsed.stats.bps_out, (1 << 33) + 10);
+        assert_eq!(Destination { stats: Stats::default(), ..parsed }, dest);
+
+        let service = Service::new(ServiceKey::udp("10.1.2.3:53".parse().unwrap()), "mh");
+        let mut attrs = service.to_attrs();
+        attrs.push(ServiceAttr::Stats(counters(false, 3)));
+        let mut bytes = vec![0; attrs.as_slice().buffer_len()];
+        attrs.as_slice().emit(&mut bytes);
+        let parsed = Service::parse(&bytes).unwrap();
+        assert_eq!(parsed, Service::from_attrs(&attrs).unwrap());
+        assert_eq!(parsed.stats.packets_in, 5);
+        assert!(Service::parse(&bytes[..bytes.len() - 3]).is_err(), "a cut attribute is an error");
     }
 
     #[test]

@@ -349,6 +349,15 @@ fn a_second_pass_over_the_same_desired_state_writes_nothing() {
     assert!(client.apply(&first.writes).iter().all(Result::is_ok));
     assert_eq!(client.counters().writes - before, 20);
 
+    // The agent dumps only its own services: one dump of the service list
+    // plus one per service it picks.
+    let dumps = client.counters().dumps;
+    let mine = client.dump_services(|s| s.key == desired[0].service).unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].destinations.len(), 4);
+    assert_eq!(client.counters().dumps - dumps, 2);
+    assert!(plan(&desired[..1], &mine).is_converged());
+
     let second = plan(&desired, &client.dump().unwrap());
     assert!(second.is_converged(), "{second:?}");
     let before = client.counters().writes;
