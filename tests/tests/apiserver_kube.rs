@@ -112,8 +112,30 @@ async fn crud_conflict_and_error_statuses() {
     let err = other_ns.create(&PostParams::default(), &cm("a", &[])).await.expect_err("no namespace");
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 404), "{err:?}");
 
+    let json_patched = api
+        .patch("a", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(json!([{"op": "add", "path": "/data/z", "value": "1"}])).expect("patch")))
+        .await
+        .expect("JSON patch");
+    assert_eq!(json_patched.data.as_ref().and_then(|d| d.get("z")).map(String::as_str), Some("1"));
+
     api.delete("a", &DeleteParams::default()).await.expect("delete");
     assert!(api.get_opt("a").await.expect("get_opt").is_none());
+
+    // deletecollection with a selector, and a namespace taking its contents with it.
+    let client = s.client().expect("client");
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = k8s_openapi::api::core::v1::Namespace { metadata: ObjectMeta { name: Some("scratch".into()), ..Default::default() }, ..Default::default() };
+    nss.create(&PostParams::default(), &ns).await.expect("namespace");
+    let scratch: Api<ConfigMap> = Api::namespaced(client, "scratch");
+    for (n, l) in [("x", "gone"), ("y", "gone"), ("z", "kept")] {
+        scratch.create(&PostParams::default(), &cm(n, &[("t", l)])).await.expect("create");
+    }
+    scratch.delete_collection(&DeleteParams::default(), &ListParams::default().labels("t=gone")).await.expect("deletecollection");
+    let left: Vec<String> = scratch.list(&ListParams::default()).await.expect("list").items.iter().map(|c| c.name_any()).collect();
+    assert_eq!(left, ["z"]);
+    nss.delete("scratch", &DeleteParams::default()).await.expect("delete namespace");
+    assert!(nss.get_opt("scratch").await.expect("get").is_none());
+    assert!(s.handle().list("configmaps", Some("scratch")).is_empty());
 }
 
 #[tokio::test]

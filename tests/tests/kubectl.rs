@@ -121,7 +121,12 @@ async fn kubectl_get_apply_delete_and_watch() {
 
     // get --watch sees a deletion made by another kubectl; delete waits for the pod to go.
     let mut watch = k.command(&["get", "pods", "--watch", "-o", "name"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("watch");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Wait until kubectl's watch is open (it lists first, then watches).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !h.requests().iter().any(|r| r.verb == "watch" && r.resource == "pods") {
+        assert!(std::time::Instant::now() < deadline, "kubectl get --watch never watched");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let victim = h.list("pods", Some("default"))[0]["metadata"]["name"].as_str().unwrap_or_default().to_string();
     let out = tokio::task::spawn_blocking({
         let k = Kubectl { bin: k.bin.clone(), server: k.server.clone(), cache: k.cache.clone() };

@@ -3,7 +3,7 @@
 //! kubelet that gives pods a node, an IP and a Ready condition, and the
 //! EndpointSlice controller.
 //!
-//! Simplifications (documented in the crate README): Deployments own their
+//! Simplifications (listed in tests/README.md): Deployments own their
 //! Pods directly (no ReplicaSet objects), a template change replaces all pods
 //! at once, one EndpointSlice per distinct port mapping, IPv4 only.
 
