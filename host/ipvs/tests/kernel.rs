@@ -245,7 +245,8 @@ fn connections_follow_the_weights_and_their_changes() {
         let mut be = NetNs::new(&format!("k-tr-b{i}"));
         link(&be, "eth0", &format!("10.30.{i}.2/24"), &lb, &format!("to-b{i}"), &format!("10.30.{i}.1/24"));
         be.exec(&["ip", "route", "add", "default", "via", &format!("10.30.{i}.1")]);
-        let line = be.spawn_until_line(&[server, "--listen", "0.0.0.0:8080", "--name", &format!("backend-{i}")]);
+        let name = format!("backend-{i}");
+        let line = be.spawn_until_line(&[server, "--listen", "0.0.0.0:8080", "--name", &name, "--udp"]);
         assert!(line.starts_with("listening"), "{line}");
         backends.push(be);
     }
@@ -263,23 +264,28 @@ fn connections_follow_the_weights_and_their_changes() {
     assert!(client.apply(&writes).iter().all(Result::is_ok));
 
     let traffic_client = project_binary("traffic-client");
-    let count = |cl: &NetNs, connections: usize| -> BTreeMap<String, f64> {
+    let count = |cl: &NetNs, vip: &str, connections: usize, udp: bool| -> BTreeMap<String, f64> {
         let started = Instant::now();
-        let json = cl.exec(&[
+        let connections_arg = connections.to_string();
+        let mut command = vec![
             traffic_client.to_str().expect("a UTF-8 path"),
             "--connect",
-            "10.20.0.100:80",
+            vip,
             "--connections",
-            &connections.to_string(),
+            &connections_arg,
             "--concurrency",
             "8",
-        ]);
+        ];
+        if udp {
+            command.push("--udp");
+        }
+        let json = cl.exec(&command);
         let report: serde_json::Value = serde_json::from_str(&json).expect("the client's JSON");
         assert_eq!(report["errors"], 0, "{report}");
         let counts = report["counts"].as_object().expect("counts");
         let total: f64 = counts.values().filter_map(|v| v.as_f64()).sum();
         assert_eq!(total as usize, connections, "{report}");
-        eprintln!("{connections} connections in {:?}: {}", started.elapsed(), report["counts"]);
+        eprintln!("{connections} to {vip} in {:?}: {}", started.elapsed(), report["counts"]);
         counts.iter().map(|(name, n)| (name.clone(), n.as_f64().unwrap_or(0.0) / total)).collect()
     };
     let assert_split = |shares: &BTreeMap<String, f64>, weights: [f64; 3]| {
@@ -297,7 +303,7 @@ fn connections_follow_the_weights_and_their_changes() {
         }
     };
 
-    let shares = count(&cl, 5250);
+    let shares = count(&cl, "10.20.0.100:80", 5250, false);
     assert_split(&shares, [10.0, 10.0, 1.0]);
 
     // New weights on the fly, as the agent writes them: new connections follow.
@@ -306,8 +312,22 @@ fn connections_follow_the_weights_and_their_changes() {
     let plan = plan(&desired, std::slice::from_ref(&entry));
     assert_eq!(plan.writes.len(), 3);
     assert!(client.apply(&plan.writes).iter().all(Result::is_ok));
-    let shares = count(&cl, 5000);
+    let shares = count(&cl, "10.20.0.100:80", 5000, false);
     assert_split(&shares, [1.0, 2.0, 5.0]);
+
+    // UDP: every datagram comes from a fresh socket, so (bar the odd reused
+    // source port, which hits its existing IPVS connection) a new connection.
+    let dns = ServiceKey::udp(addr("10.20.0.100:53"));
+    let mut writes = vec![Write::AddService(Service::new(dns, "wrr"))];
+    for (i, weight) in [(1, 1), (2, 2), (3, 3)] {
+        writes.push(Write::AddDestination {
+            service: dns,
+            destination: Destination::new(backend(i), ForwardMethod::Masquerade, weight),
+        });
+    }
+    assert!(client.apply(&writes).iter().all(Result::is_ok));
+    let shares = count(&cl, "10.20.0.100:53", 600, true);
+    assert_split(&shares, [1.0, 2.0, 3.0]);
 }
 
 #[test]
