@@ -204,9 +204,15 @@ fn run_async(future: impl std::future::Future<Output = Result<()>>) -> Result<()
 
 /// The API client, the built-in policies and the metrics endpoint both roles share.
 async fn common(limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) -> Result<(kube::Client, Arc<Catalog>, Arc<Metrics>, Arc<Health>)> {
-    let client = kube::Client::try_default()
+    let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes API to talk to: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
+    if config.cluster_url.scheme_str() == Some("http") {
+        // Plain HTTP needs no CA; without this, the TLS stack insists on loading
+        // the system's (absent in minimal images and the test VM).
+        config.root_cert = Some(Vec::new());
+    }
+    let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
     let catalog = Arc::new(Catalog::builtin(PolicyEngine::new(limits.engine_config())?));
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());

@@ -330,7 +330,6 @@ impl Worker {
     /// Read the kernel's virtual services of what is in scope (or restored) and
     /// write the difference.
     fn sync_kernel(&mut self, ipvs: &mut IpvsClient, dirty: &Dirty, gone: &[WsKey], report: &mut PassReport) -> Result<(), IpvsError> {
-        let services = ipvs.services()?;
         let in_scope: Vec<(WsKey, ServicePlan)> = self
             .states
             .iter()
@@ -343,16 +342,8 @@ impl Worker {
             .filter_map(|k| self.changed.get(k))
             .flat_map(|c| c.weights.iter().map(|(s, _)| *s).chain(c.schedulers.keys().copied()))
             .collect();
-        let mut entries: Vec<ServiceEntry> = Vec::new();
-        for service in services {
-            if matcher.find(&service.key).is_none() && !restoring.contains(&service.key) {
-                continue;
-            }
-            match ipvs.destinations(&service.key) {
-                Ok(destinations) => entries.push(ServiceEntry { service, destinations }),
-                Err(error) => tracing::debug!(%error, "virtual service vanished while reading it"),
-            }
-        }
+        let entries =
+            ipvs.dump_services(|service| matcher.find(&service.key).is_some() || restoring.contains(&service.key))?;
 
         let mut wanted: Vec<(WsKey, DesiredService)> = desired(in_scope.iter().map(|(k, p)| (k, p)), &entries)
             .into_iter()
