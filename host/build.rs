@@ -10,10 +10,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Built-in policies: (name users write in `spec.policy.name`, crate directory).
-const BUILTIN: &[(&str, &str)] = &[("label-selector", "policies/label-selector")];
+const BUILTIN: &[(&str, &str)] = &[
+    ("label-selector", "policies/label-selector"),
+    ("gradual-rollout", "policies/gradual-rollout"),
+    ("slow-start", "policies/slow-start"),
+    ("prefer-local", "policies/prefer-local"),
+];
 
 /// Policies used only by tests: (name, crate directory).
-const FIXTURES: &[(&str, &str)] = &[("misbehaving", "host/fixtures/misbehaving-policy")];
+const FIXTURES: &[(&str, &str)] = &[
+    ("misbehaving", "host/fixtures/misbehaving-policy"),
+    ("nosy", "host/fixtures/nosy-policy"),
+];
 
 const TARGET: &str = "wasm32-wasip2";
 const PROFILE: &str = "policy";

@@ -199,3 +199,67 @@ fn bytes_that_are_not_a_component_do_not_compile() {
     assert!(matches!(err, PolicyError::Compile { .. }), "{err}");
     assert!(err.to_string().contains("\"garbage\""), "{err}");
 }
+
+#[test]
+fn every_builtin_policy_imports_nothing_and_evaluates() {
+    let catalog = Catalog::builtin(engine());
+    let names = catalog.names();
+    for expected in ["label-selector", "gradual-rollout", "slow-start", "prefer-local"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} is not built in: {names:?}");
+    }
+    // Each needs its own config; label groups and a canary label are in the seed snapshot.
+    let configs = [
+        ("label-selector", r#"{"mode": "share"}"#),
+        ("gradual-rollout", r#"{"canary": {"env": "canary"}, "startTime": "1969-12-31T23:55:00Z", "steps": [{"share": 1, "hold": "1m"}, {"share": 25, "hold": "10m"}, {"share": 100}]}"#),
+        ("slow-start", r#"{"window": "1m"}"#),
+        ("prefer-local", "{}"),
+    ];
+    for (name, config) in configs {
+        // Loading checks the imports (none) and the interface.
+        let policy = catalog.get(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let evaluation = policy.evaluate(&seed(config)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(evaluation.weights.len(), 6, "{name}");
+        assert!(evaluation.weights.iter().any(|w| *w > 0), "{name}: {evaluation:?}");
+    }
+    // The rollout, 5 minutes in, gives 3 canaries 25 % against 3 prod: 3 : 1 per endpoint.
+    let rollout = catalog.get("gradual-rollout").unwrap().evaluate(&seed(configs[1].1)).unwrap();
+    assert_eq!(rollout.weights, vec![3, 3, 3, 1, 1, 1]);
+    assert_eq!(rollout.requeue_after, Some(Duration::from_secs(6 * 60)));
+    assert_eq!(rollout.message.as_deref(), Some("step 2/3: canary 25 %, next in 6m"));
+}
+
+#[test]
+fn a_policy_that_reaches_for_the_hosts_clock_env_files_or_network_is_refused_at_load() {
+    // Built with std, which on wasm32-wasip2 reaches the host through WASI imports.
+    let (name, bytes) = FIXTURE_POLICIES.iter().find(|(n, _)| *n == "nosy").expect("fixture");
+    let err = engine().load(name, bytes).err().expect("a component with WASI imports must not load");
+    assert!(matches!(err, PolicyError::Imports { .. }), "{err}");
+    let text = err.to_string();
+    for import in [
+        "wasi:clocks/wall-clock@",
+        "wasi:cli/environment@",
+        "wasi:filesystem/preopens@",
+        "wasi:sockets/tcp@",
+    ] {
+        assert!(text.contains(import), "{import} not named in: {text}");
+    }
+}
+
+#[test]
+fn each_kind_of_host_access_is_refused_naming_the_import() {
+    // One component per capability, each importing just that interface.
+    for (import, func) in [
+        ("wasi:clocks/wall-clock@0.2.6", r#"(export "now" (func (result (tuple u64 u32))))"#),
+        ("wasi:clocks/monotonic-clock@0.2.6", r#"(export "now" (func (result u64)))"#),
+        ("wasi:filesystem/preopens@0.2.6", r#"(export "get-directories" (func (result (list string))))"#),
+        ("wasi:sockets/instance-network@0.2.6", r#"(export "instance-network" (func (result u32)))"#),
+        ("wasi:random/random@0.2.6", r#"(export "get-random-u64" (func (result u64)))"#),
+        ("wasi:cli/environment@0.2.6", r#"(export "get-environment" (func (result (list (tuple string string)))))"#),
+        ("host:anything/at-all", r#"(export "f" (func))"#),
+    ] {
+        let wat = format!(r#"(component (import "{import}" (instance {func})))"#);
+        let err = engine().load("curious", wat.as_bytes()).err().unwrap_or_else(|| panic!("{import} was accepted"));
+        assert!(matches!(err, PolicyError::Imports { .. }), "{import}: {err}");
+        assert!(err.to_string().contains(import), "{import}: {err}");
+    }
+}

@@ -24,6 +24,16 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// A config that parsed but breaks a rule of the policy's, at `path` (e.g. `steps[2].hold`).
+    pub fn field(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Field {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
 impl From<ConfigError> for String {
     fn from(e: ConfigError) -> String {
         e.to_string()

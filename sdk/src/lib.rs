@@ -44,7 +44,9 @@ pub mod bindings {
 }
 
 pub mod config;
+pub mod groups;
 pub mod selector;
+pub mod share;
 #[cfg(not(target_family = "wasm"))]
 pub mod testing;
 pub mod time;
@@ -150,7 +152,9 @@ macro_rules! export_policy {
 /// What most policies need: `use ipvs_policy_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::config::{self, ConfigError};
-    pub use crate::selector;
+    pub use crate::groups;
+    pub use crate::selector::{self, LabelSelector};
+    pub use crate::share::{self, Demand, Percent, Split};
     pub use crate::time::{self, Duration};
     pub use crate::{
         export_policy, Conditions, Decision, Endpoint, Input, Label, Location, Node, Policy,
