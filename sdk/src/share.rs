@@ -73,8 +73,10 @@ impl Split {
 /// weights would exceed [`MAX_WEIGHT`] anyway.
 const EXACT_LIMIT: u128 = 1 << 64;
 
-/// How many small weights per group [`split`] tries when no exact split fits.
-const SEARCH: u64 = 1000;
+/// How many candidate scales [`split`] tries in all when no exact split fits,
+/// shared out among the groups: it bounds the time an evaluation can take
+/// however many groups there are.
+const SEARCH: u64 = 2000;
 
 /// Per-endpoint weights that give each group its share of new connections as
 /// closely as integers ≤ [`MAX_WEIGHT`] allow.
@@ -179,9 +181,10 @@ fn closest(demands: &[Demand], requested: &[f64]) -> Vec<u32> {
     let mut best = at(full);
     let mut best_error = error(&best);
     // Rounding hurts most where a weight is small: try the scales at which a
-    // group's weight is exactly 1, 2, 3, … (up to SEARCH), keeping the rest in range.
+    // group's weight is exactly 1, 2, 3, …, keeping the rest in range.
+    let per_group = SEARCH / (ratio.iter().filter(|r| **r > 0.0).count() as u64).max(1);
     for r in ratio.iter().filter(|r| **r > 0.0) {
-        let top = ((full * r) as u64).min(SEARCH);
+        let top = ((full * r) as u64).min(per_group);
         for k in 1..=top {
             let candidate = at(k as f64 / r);
             let e = error(&candidate);
@@ -340,6 +343,20 @@ mod tests {
         assert!((s.achieved[1] - 1000.0 / 66_535.0).abs() < 1e-12);
         assert!((s.rounding_error() - (1000.0 / 66_535.0 - 0.01)).abs() < 1e-12);
         assert_eq!(s.rounding_note(), "rounding error 0.5030 pp");
+    }
+
+    #[test]
+    fn many_groups_are_split_closely_and_quickly() {
+        // 60 groups with awkward shares and counts: no exact split fits.
+        let demands: Vec<Demand> = (1..=60).map(|i| d(1_000 + i * 7_919 % 1_000, (i % 13 + 1) as u32)).collect();
+        let started = std::time::Instant::now();
+        let s = split(&demands);
+        let took = started.elapsed();
+        assert!(!s.is_exact());
+        assert!(s.rounding_error() < 1e-4, "{}", s.rounding_error());
+        assert!(s.weights.iter().all(|w| *w >= 1 && *w <= MAX_WEIGHT));
+        // Far within the host's deadline for a whole evaluation (50 ms), even loaded.
+        assert!(took < std::time::Duration::from_millis(50), "took {took:?}");
     }
 
     #[test]
