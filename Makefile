@@ -49,5 +49,7 @@ crd:
 ## bench: the benchmarks; each writes target/bench/<name>.json.
 bench: setup bench-ipvs
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
+	$(CARGO) build --release -p ipvs-operator
+	$(CARGO) bench -p ipvs-operator-tests --bench footprint
 
 include tests/vm/vm.mk
