@@ -8,7 +8,7 @@ RUSTUP ?= rustup
 APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio
 RUST_TARGETS := wasm32-wasip2 x86_64-unknown-linux-musl
 
-.PHONY: all setup build test test-unit demo bench clean-vm crd
+.PHONY: all setup build test test-unit demo bench clean-vm crd image
 
 all: build
 
@@ -51,5 +51,37 @@ bench: setup bench-ipvs
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
 	$(CARGO) build --release -p ipvs-operator
 	$(CARGO) bench -p ipvs-operator-tests --bench footprint
+
+## image: the container image — a static (musl) binary in an image FROM scratch
+## (Containerfile) — built with podman or buildah, exported as an OCI layout to
+## target/image/oci, and checked (tests/tests/image.rs). Not part of `make test`:
+## the musl build is a second full build (about 6 minutes on 2 cores).
+IMAGE ?= localhost/ipvs-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+MUSL_TARGET := x86_64-unknown-linux-musl
+# It installs the Debian packages only it needs, when missing: musl-tools
+# (musl-gcc, for ring's and wasmtime's C parts) and buildah (when neither podman
+# nor buildah is there).
+image: setup
+	@missing=""; command -v musl-gcc >/dev/null || missing="musl-tools"; \
+	command -v podman >/dev/null || command -v buildah >/dev/null || missing="$$missing buildah"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the image:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; } || { \
+	    echo "make image needs musl-gcc (Debian package musl-tools) and podman or buildah (packages podman, buildah): could not install$$missing" >&2; exit 1; }; \
+	fi
+	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL_TARGET) -p ipvs-operator
+	rm -rf target/image && mkdir -p target/image
+	cp target/$(MUSL_TARGET)/release/ipvs-operator target/image/ipvs-operator
+	strip target/image/ipvs-operator
+	@if command -v podman >/dev/null; then \
+	  set -x; podman build -f Containerfile -t $(IMAGE) target/image && \
+	  podman save --format oci-dir -o target/image/oci $(IMAGE); \
+	else \
+	  set -x; buildah build --layers=false -f Containerfile -t $(IMAGE) target/image && \
+	  buildah push $(IMAGE) oci:target/image/oci:$(IMAGE); \
+	fi
+	IPVS_OPERATOR_IMAGE_OCI=$(CURDIR)/target/image/oci $(CARGO) test --release -p ipvs-operator-tests --test image -- --include-ignored --nocapture
+	@echo "built $(IMAGE) (OCI layout in target/image/oci)"
 
 include tests/vm/vm.mk

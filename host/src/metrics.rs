@@ -101,6 +101,13 @@ impl Metrics {
         registry.register("policy_load_failures", "Policy modules refused at load, by policy", metrics.policy_load_failures.clone());
         registry.register("watched_objects", "Objects in the watch caches, by kind", metrics.watched_objects.clone());
         registry.register("watch_errors", "Watch errors (the watch restarts with backoff), by kind", metrics.watch_errors.clone());
+        // Known label values start at 0, so that they are on /metrics (and in
+        // rate() queries) before the first write happens.
+        for kind in ["weight", "scheduler"] {
+            for family in [&metrics.netlink_writes, &metrics.netlink_errors, &metrics.drift_repairs] {
+                family.get_or_create(&KindLabels { kind: kind.into() });
+            }
+        }
         Metrics { registry, ..metrics }
     }
 
@@ -217,6 +224,68 @@ mod tests {
         let text = metrics.encode();
         assert!(text.contains("ipvs_operator_policy_evaluations_total{policy=\"label-selector\",result=\"ok\"} 1"), "{text}");
         assert!(text.contains("ipvs_operator_netlink_writes_total{kind=\"weight\"} 3"), "{text}");
+    }
+
+    /// docs/operations.md lists every metric with its type: it must be what
+    /// /metrics exposes, neither more nor less.
+    #[test]
+    fn the_operations_guide_lists_every_metric() {
+        let metrics = Metrics::new();
+        // Every family gets a sample (a family without any is not printed);
+        // destructuring without `..` makes a new field fail to compile here.
+        let Metrics {
+            registry: _,
+            evaluations: _,
+            evaluation_seconds: _,
+            netlink_writes,
+            netlink_errors,
+            drift_repairs,
+            reconcile_seconds,
+            policy_loads,
+            policy_load_failures,
+            watched_objects,
+            watch_errors,
+        } = &metrics;
+        metrics.evaluated("label-selector", "ok", Duration::from_micros(40));
+        for family in [netlink_writes, netlink_errors, drift_repairs, watch_errors] {
+            Metrics::count(family, "weight", 1);
+        }
+        for family in [policy_loads, policy_load_failures] {
+            family.get_or_create(&PolicyLabels { policy: "p".into() }).inc();
+        }
+        watched_objects.get_or_create(&KindLabels { kind: "Pod".into() }).set(1);
+        reconcile_seconds.observe(0.001);
+
+        let exposed: std::collections::BTreeSet<(String, String)> = metrics
+            .encode()
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            // Prometheus shows a counter's samples with `_total`; the guide does too.
+            .map(|(name, kind)| (if kind == "counter" { format!("{name}_total") } else { name.to_string() }, kind.to_string()))
+            .collect();
+        let documented: std::collections::BTreeSet<(String, String)> = include_str!("../../docs/operations.md")
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `ipvs_operator_"))
+            .filter_map(|rest| {
+                let (name, rest) = rest.split_once('`')?;
+                Some((format!("ipvs_operator_{name}"), rest.split('|').nth(1)?.trim().to_string()))
+            })
+            .collect();
+        assert_eq!(exposed.len(), 10, "{exposed:?}");
+        assert_eq!(documented, exposed, "docs/operations.md's metrics table (left) is not what /metrics exposes (right)");
+    }
+
+    #[test]
+    fn known_kinds_start_at_zero() {
+        let text = Metrics::new().encode();
+        for line in [
+            "ipvs_operator_netlink_writes_total{kind=\"weight\"} 0",
+            "ipvs_operator_netlink_errors_total{kind=\"scheduler\"} 0",
+            "ipvs_operator_drift_repairs_total{kind=\"scheduler\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! - [`kube_proxy`]: a **kube-proxy emulator** (a test double) that programs the
 //!   kernel's IPVS table from Services and EndpointSlices as kube-proxy's IPVS
 //!   mode does.
+//! - [`rbac`]: Kubernetes RBAC evaluated as the API server does, to check
+//!   `deploy/` against the requests the binaries make (recorded by the server).
 //!
 //! Neither is meant for production: `deploy/` is what runs on real clusters.
 
 pub mod apiserver;
 pub mod kube_proxy;
+pub mod rbac;
