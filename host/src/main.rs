@@ -154,6 +154,11 @@ struct LimitArgs {
     /// Memory limit of one evaluation, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     policy_memory_mib: usize,
+    /// Keep compiled policies here, so that a restart loads them instead of
+    /// compiling again. The directory must be writable by this process only:
+    /// what is in it is loaded as machine code.
+    #[arg(long, value_name = "DIR", env = "IPVS_OPERATOR_POLICY_CACHE")]
+    policy_cache: Option<PathBuf>,
 }
 
 impl LimitArgs {
@@ -161,6 +166,7 @@ impl LimitArgs {
         EngineConfig {
             timeout: self.policy_timeout,
             memory_limit: self.policy_memory_mib << 20,
+            cache_dir: self.policy_cache.clone(),
         }
     }
 }

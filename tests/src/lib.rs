@@ -9,8 +9,12 @@
 //! - [`rbac`]: Kubernetes RBAC evaluated as the API server does, to check
 //!   `deploy/` against the requests the binaries make (recorded by the server).
 //!
-//! Neither is meant for production: `deploy/` is what runs on real clusters.
+//! - [`testbed`]: a one-node cluster in network namespaces (inside the test VM)
+//!   with the real controller and agent, for end-to-end tests and the demo.
+//!
+//! Neither double is meant for production: `deploy/` is what runs on real clusters.
 
 pub mod apiserver;
 pub mod kube_proxy;
 pub mod rbac;
+pub mod testbed;

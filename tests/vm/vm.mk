@@ -11,13 +11,15 @@ VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
 ## vm-binaries: the project binaries the VM tests start (the VM runner copies
 ## every executable of target/release into the guest).
 vm-binaries:
-	$(CARGO) build --release -p ipvs-operator -p traffic
+	$(CARGO) build --release -p ipvs-operator -p traffic -p ipvs-operator-tests
 
-## test-kernel: the kernel tests, inside the VM: the ipvs crate's, and the
-## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs).
+## test-kernel: the kernel tests, inside the VM: the ipvs crate's, the
+## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs), and the end-to-end
+## tests of the controller and agent (tests/tests/e2e.rs).
 test-kernel: setup vm-binaries
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs --features kernel-tests --test kernel --test kernel_no_module
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test kube_proxy_kernel
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e
 
 ## bench-ipvs: 10,000 weight changes, ours against ipvsadm -R, in the VM;
 ## writes target/bench/ipvs-apply.json (the guest's target/bench comes back).

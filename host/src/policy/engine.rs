@@ -6,6 +6,7 @@
 //! memory limit. The bench `policy-eval` measures what instantiation costs.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::fmt::Write as _;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -41,20 +42,25 @@ const POOL_SLOTS: u32 = 64;
 /// Linear memory kept mapped (and zeroed with memset) between instances.
 const KEEP_RESIDENT: usize = 4 << 20;
 
-/// Limits for every evaluation.
-#[derive(Debug, Clone, Copy)]
+/// Limits for every evaluation, and where compiled modules are kept.
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Wall-clock budget of one evaluation (default 50 ms).
     pub timeout: Duration,
     /// Largest linear memory a policy may grow to (default 64 MiB).
     pub memory_limit: usize,
+    /// A directory for compiled modules, so that a restart does not compile
+    /// again. It must be private to this process: its files are loaded as code.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
+    /// 50 ms and 64 MiB, no cache.
     fn default() -> Self {
         EngineConfig {
             timeout: Duration::from_millis(50),
             memory_limit: 64 << 20,
+            cache_dir: None,
         }
     }
 }
@@ -143,8 +149,46 @@ impl PolicyEngine {
     }
 
     /// The limits in force.
-    pub fn config(&self) -> EngineConfig {
-        self.config
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Compile `bytes`, or load what an earlier run compiled from the cache.
+    fn compile(&self, name: &str, sha256: &str, bytes: &[u8]) -> Result<Component, PolicyError> {
+        let started = std::time::Instant::now();
+        let cached = self.config.cache_dir.as_deref().map(|dir| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.engine.precompile_compatibility_hash().hash(&mut h);
+            dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()))
+        });
+        if let Some(path) = &cached
+            && path.is_file()
+        {
+            // SAFETY: the cache directory is private to this process (documented on
+            // `cache_dir`); wasmtime checks the artifact's engine compatibility.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => {
+                    tracing::info!(policy = name, sha256, took_ms = started.elapsed().as_millis() as u64, "policy loaded from the compile cache");
+                    return Ok(component);
+                }
+                Err(error) => {
+                    tracing::warn!(policy = name, %error, path = %path.display(), "ignoring an unusable compiled module");
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| PolicyError::Compile {
+            policy: name.into(),
+            reason: format!("{e:#}"),
+        })?;
+        tracing::info!(policy = name, sha256, took_ms = started.elapsed().as_millis() as u64, "policy compiled");
+        if let Some(path) = &cached
+            && let Err(error) = store_compiled(&component, path)
+        {
+            tracing::warn!(policy = name, %error, path = %path.display(), "could not cache the compiled module");
+        }
+        Ok(component)
     }
 
     /// A fresh store with this engine's memory limit and deadline.
@@ -169,10 +213,7 @@ impl PolicyEngine {
     /// [`INTERFACE_EXPORT`] with the expected types.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<LoadedPolicy, PolicyError> {
         let sha256 = hex_sha256(bytes);
-        let component = Component::new(&self.engine, bytes).map_err(|e| PolicyError::Compile {
-            policy: name.into(),
-            reason: format!("{e:#}"),
-        })?;
+        let component = self.compile(name, &sha256, bytes)?;
         let ty = component.component_type();
         let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
         if !imports.is_empty() {
@@ -328,6 +369,18 @@ fn describe_invalid(e: &validate::InvalidDecision, snapshot: &Snapshot) -> Strin
         }
         other => other.to_string(),
     }
+}
+
+/// Write a compiled module atomically (a temporary file, then a rename), so a
+/// concurrent reader never sees half of one.
+fn store_compiled(component: &Component, path: &Path) -> std::io::Result<()> {
+    let bytes = component.serialize().map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
 }
 
 /// The hex SHA-256 of `bytes`: how modules are identified and pinned.

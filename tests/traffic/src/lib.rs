@@ -8,6 +8,8 @@
 //! per concurrent client connection, which is fast enough to count thousands
 //! of connections in seconds even under QEMU's TCG.
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -1,0 +1,519 @@
+//! A one-node cluster for end-to-end tests and the demo, inside the test VM:
+//! the test API server, the kube-proxy emulator, the real `ipvs-operator`
+//! controller and agent, pods as network-namespace backends, and a client.
+//!
+//! ```text
+//!  root ns (test process): test API server ──mgmt veth── node ns: IPVS table,
+//!  controller                                            agent, kube-proxy emulator
+//!                                                         │ veth per pod    │ veth
+//!                                                  pod ns: traffic-server   client ns
+//! ```
+//!
+//! Each testbed has namespaces of its own (the node's IPVS table included), so
+//! tests run side by side in one VM. Everything is torn down on drop; when the
+//! thread is panicking, the processes' logs are printed first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use ipvs::{IpvsClient, ServiceEntry};
+use serde_json::Value;
+use traffic::netns::{project_binary, run, NetNs};
+
+use crate::apiserver::{kubeconfig_yaml, Config, NodeConfig, TestApiServer};
+
+/// The node every testbed has.
+pub const NODE_NAME: &str = "node-1";
+/// The node's address (on its link to the client): NodePorts live here.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
+/// Where pods' default route points (an address on the node's side of every pod veth).
+const POD_GATEWAY: &str = "169.254.1.1";
+
+static NEXT_ID: AtomicU8 = AtomicU8::new(0);
+
+/// How a testbed runs its processes.
+#[derive(Debug, Clone)]
+pub struct TestbedConfig {
+    /// The agent's `--drift-interval`.
+    pub drift_interval: Duration,
+    /// kube-proxy's scheduler (`--scheduler`).
+    pub proxy_scheduler: String,
+    /// kube-proxy's sync period.
+    pub proxy_sync_period: Duration,
+    /// kube-proxy's graceful-termination check interval.
+    pub proxy_graceful_check: Duration,
+}
+
+impl Default for TestbedConfig {
+    fn default() -> Self {
+        TestbedConfig {
+            drift_interval: Duration::from_secs(1),
+            proxy_scheduler: "rr".into(),
+            proxy_sync_period: Duration::from_secs(30),
+            proxy_graceful_check: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running process, killed on drop; its output goes to a log file.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A pod's backend: its namespace and the servers answering its name.
+struct Backend {
+    /// Held for its Drop: the namespace and its servers go with the pod.
+    _namespace: NetNs,
+    ip: IpAddr,
+}
+
+/// One node, its pods and a client, around the test API server.
+pub struct Testbed {
+    /// Short id; namespaces and interfaces are named after it.
+    pub id: String,
+    config: TestbedConfig,
+    runtime: tokio::runtime::Runtime,
+    api: Option<TestApiServer>,
+    /// The node: IPVS, the agent and the emulator live here.
+    pub node: NetNs,
+    /// Where connections come from.
+    pub client: NetNs,
+    dir: tempfile::TempDir,
+    mgmt_root: Ipv4Addr,
+    mgmt_node: Ipv4Addr,
+    backends: BTreeMap<(String, String), Backend>,
+    next_link: u32,
+    processes: BTreeMap<&'static str, Process>,
+}
+
+impl Testbed {
+    /// A testbed with the test API server running and the network built; no
+    /// processes yet (see [`Testbed::start_all`]).
+    pub fn new(config: TestbedConfig) -> Self {
+        load_ip_vs();
+        let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = format!("tb{n}");
+        let dir = tempfile::Builder::new().prefix(&format!("{id}-")).tempdir().expect("a temp dir");
+        let node = NetNs::new(&format!("{id}-node"));
+        let client = NetNs::new(&format!("{id}-client"));
+        node.sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+        // The management link: the root namespace (API server, controller) and the node.
+        let (mgmt_root, mgmt_node) = (Ipv4Addr::new(10, 250, n, 1), Ipv4Addr::new(10, 250, n, 2));
+        let root_if = format!("{id}m");
+        run("ip", &["link", "add", &root_if, "type", "veth", "peer", "name", "mgmt0", "netns", &node.name]);
+        run("ip", &["addr", "add", &format!("{mgmt_root}/30"), "dev", &root_if]);
+        run("ip", &["link", "set", &root_if, "up"]);
+        node.exec(&["ip", "addr", "add", &format!("{mgmt_node}/30"), "dev", "mgmt0"]);
+        node.exec(&["ip", "link", "set", "mgmt0", "up"]);
+        // The client's link: the node's address, where NodePorts live.
+        traffic::netns::link(&node, "client0", &format!("{NODE_IP}/24"), &client, "eth0", &format!("{CLIENT_IP}/24"));
+        client.exec(&["ip", "route", "add", "default", "via", &NODE_IP.to_string()]);
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let api_config = Config {
+            nodes: vec![NodeConfig {
+                name: NODE_NAME.into(),
+                address: IpAddr::V4(NODE_IP),
+                labels: [("topology.kubernetes.io/zone".to_string(), "zone-a".to_string())].into(),
+            }],
+            ..Config::default()
+        };
+        let api = runtime
+            .block_on(TestApiServer::start_on(SocketAddr::from(([0, 0, 0, 0], 0)), api_config))
+            .expect("the test API server starts");
+        let port = api.addr().port();
+        for (file, host) in [("kubeconfig-root", Ipv4Addr::LOCALHOST), ("kubeconfig-node", mgmt_root)] {
+            std::fs::write(dir.path().join(file), kubeconfig_yaml(&format!("http://{host}:{port}"))).expect("write a kubeconfig");
+        }
+        Testbed {
+            id,
+            config,
+            runtime,
+            api: Some(api),
+            node,
+            client,
+            dir,
+            mgmt_root,
+            mgmt_node,
+            backends: BTreeMap::new(),
+            next_link: 0,
+            processes: BTreeMap::new(),
+        }
+    }
+
+    /// The test API server.
+    pub fn api(&self) -> &TestApiServer {
+        self.api.as_ref().expect("the API server runs until drop")
+    }
+
+    /// Its controls.
+    pub fn handle(&self) -> &crate::apiserver::Handle {
+        self.api().handle()
+    }
+
+    /// Run `future` on the testbed's runtime (for kube clients in tests).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    /// A kube client for the API server.
+    pub fn client(&self) -> kube::Client {
+        let _guard = self.runtime.enter();
+        self.api().client().expect("a kube client")
+    }
+
+    /// Load manifests (Deployments, WeightedServices, …) and give every pod a backend.
+    pub fn load(&mut self, yaml: &str) {
+        self.handle().load_manifests(yaml).expect("the manifests load");
+        self.sync_backends();
+    }
+
+    /// Start the emulator, the controller and the agent.
+    pub fn start_all(&mut self) {
+        self.start_emulator();
+        self.start_controller();
+        self.start_agent();
+    }
+
+    /// Start (or restart) the kube-proxy emulator in the node.
+    pub fn start_emulator(&mut self) {
+        let args = [
+            "--server".to_string(),
+            self.url_from_node(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--node-address".into(),
+            NODE_IP.to_string(),
+            "--scheduler".into(),
+            self.config.proxy_scheduler.clone(),
+            "--sync-period".into(),
+            format!("{}ms", self.config.proxy_sync_period.as_millis()),
+            "--graceful-check-interval".into(),
+            format!("{}ms", self.config.proxy_graceful_check.as_millis()),
+            // As kube-proxy does: ClusterIPs on a dummy interface, so that IPVS sees them as local.
+            "--dummy-interface".into(),
+            "kube-ipvs0".into(),
+        ];
+        self.spawn("kube-proxy", true, "kube-proxy-emulator", &args);
+    }
+
+    /// The API server's URL as seen from the node.
+    fn url_from_node(&self) -> String {
+        format!("http://{}:{}", self.mgmt_root, self.api().addr().port())
+    }
+
+    /// Start (or restart) the controller, in the root namespace.
+    pub fn start_controller(&mut self) {
+        let args = ["controller".to_string(), "--listen".into(), format!("{}:8080", self.mgmt_root)];
+        self.spawn("controller", false, "ipvs-operator", &args);
+    }
+
+    /// Start (or restart) the agent in the node.
+    pub fn start_agent(&mut self) {
+        let args = [
+            "agent".to_string(),
+            "--node-name".into(),
+            NODE_NAME.into(),
+            "--drift-interval".into(),
+            format!("{}ms", self.config.drift_interval.as_millis()),
+            "--listen".into(),
+            format!("{}:9494", self.mgmt_node),
+        ];
+        self.spawn("agent", true, "ipvs-operator", &args);
+    }
+
+    /// Kill a process (SIGKILL), e.g. `"agent"` or `"kube-proxy"`.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut p) = self.processes.remove(name) {
+            p.kill();
+        }
+    }
+
+    /// A process's log so far.
+    pub fn log(&self, name: &str) -> String {
+        self.processes.get(name).map(Process::log).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, name: &'static str, in_node: bool, binary: &str, args: &[String]) {
+        self.kill(name);
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("a log file");
+        let kubeconfig = self.dir.path().join(if in_node { "kubeconfig-node" } else { "kubeconfig-root" });
+        let program = project_binary(binary);
+        let mut command = if in_node {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &self.node.name]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        command
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            // Compiling a policy takes seconds under the VM's emulated CPU: every
+            // process of every testbed shares what was compiled once.
+            .env("IPVS_OPERATOR_POLICY_CACHE", std::env::temp_dir().join("ipvs-operator-policy-cache"))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("a log file"))
+            .stderr(file);
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        self.processes.insert(name, Process { name: name.into(), child, log });
+    }
+
+    /// Make the backends follow the API server's pods: a namespace with the
+    /// pod's IP and a server per container port for each pod with an IP; pods
+    /// that are gone lose theirs.
+    pub fn sync_backends(&mut self) {
+        let pods = self.handle().list("pods", None);
+        let mut seen = BTreeSet::new();
+        for pod in &pods {
+            let (Some(ns), Some(name)) = (pod["metadata"]["namespace"].as_str(), pod["metadata"]["name"].as_str()) else {
+                continue;
+            };
+            let Some(ip) = pod["status"]["podIP"].as_str().and_then(|ip| ip.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let key = (ns.to_string(), name.to_string());
+            seen.insert(key.clone());
+            if self.backends.get(&key).is_some_and(|b| b.ip == ip) {
+                continue;
+            }
+            self.backends.remove(&key);
+            let ports: Vec<(u16, bool)> = pod["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+                .filter_map(|p| {
+                    let port = u16::try_from(p["containerPort"].as_u64()?).ok()?;
+                    Some((port, p["protocol"].as_str() == Some("UDP")))
+                })
+                .collect();
+            let backend = self.backend(name, ip, &ports);
+            self.backends.insert(key, backend);
+        }
+        self.backends.retain(|k, _| seen.contains(k));
+    }
+
+    fn backend(&mut self, pod: &str, ip: IpAddr, ports: &[(u16, bool)]) -> Backend {
+        self.next_link += 1;
+        let n = self.next_link;
+        let mut ns = NetNs::new(&format!("{}-p{n}", self.id));
+        let node_if = format!("p{n}");
+        self.node.exec(&["ip", "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+        self.node.exec(&["ip", "addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &node_if]);
+        self.node.exec(&["ip", "link", "set", &node_if, "up"]);
+        self.node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if]);
+        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+        ns.exec(&["ip", "link", "set", "eth0", "up"]);
+        ns.exec(&["ip", "route", "add", POD_GATEWAY, "dev", "eth0"]);
+        ns.exec(&["ip", "route", "add", "default", "via", POD_GATEWAY]);
+        let server = project_binary("traffic-server");
+        let server = server.to_str().expect("a UTF-8 path");
+        for (port, udp) in ports {
+            let listen = format!("0.0.0.0:{port}");
+            let mut command = vec![server, "--listen", &listen, "--name", pod];
+            if *udp {
+                command.push("--udp");
+            }
+            ns.spawn_until_line(&command);
+        }
+        Backend { _namespace: ns, ip }
+    }
+
+    /// The kernel's IPVS table in the node.
+    pub fn ipvs(&self) -> Vec<ServiceEntry> {
+        let mut client = self.node.enter(|| IpvsClient::new().expect("IPVS in the node"));
+        client.dump().expect("a dump of the node's IPVS table")
+    }
+
+    /// `ipvsadm -Ln` in the node (a tool nobody here wrote).
+    pub fn ipvsadm(&self) -> String {
+        self.node.ipvsadm(&["-Ln"])
+    }
+
+    /// Open `connections` TCP connections from the client to `target`, one after
+    /// the other, and count which pod answered each.
+    ///
+    /// One at a time, because least-connection schedulers (wlc, the README's)
+    /// weigh a destination's *active* connections 256 times its inactive ones:
+    /// with many in flight at once they balance concurrency, not new connections.
+    pub fn connect(&self, target: SocketAddr, connections: usize) -> BTreeMap<String, usize> {
+        let client = project_binary("traffic-client");
+        let out = self.client.exec_output(&[
+            client.to_str().expect("a UTF-8 path"),
+            "--connect",
+            &target.to_string(),
+            "--connections",
+            &connections.to_string(),
+            "--concurrency",
+            "1",
+        ]);
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("traffic-client: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(report["errors"], 0, "connections failed: {report}");
+        report["counts"]
+            .as_object()
+            .map(|counts| counts.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0) as usize)).collect())
+            .unwrap_or_default()
+    }
+
+    /// An object from the API server.
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.handle().get(resource, namespace, name)
+    }
+
+    /// The ClusterIP of a Service, once it has one.
+    pub fn cluster_ip(&self, namespace: &str, name: &str) -> IpAddr {
+        wait_until(Duration::from_secs(60), &format!("Service {namespace}/{name} to get a ClusterIP"), || {
+            self.get("services", namespace, name)?["spec"]["clusterIP"].as_str()?.parse().ok()
+        })
+    }
+
+    /// A metric of the agent (the sum over its label sets matching `labels`, e.g.
+    /// `kind="weight"`), from its /metrics.
+    pub fn agent_metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let text = http_get(SocketAddr::from((self.mgmt_node, 9494)), "/metrics")?;
+        metric(&text, name, labels)
+    }
+
+    /// Whether the agent answers /readyz with 200.
+    pub fn agent_ready(&self) -> bool {
+        http_status(SocketAddr::from((self.mgmt_node, 9494)), "/readyz") == Some(200)
+    }
+
+    /// Where the logs and kubeconfigs are.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Every process's log, for a failure report.
+    pub fn logs(&self) -> String {
+        self.processes
+            .values()
+            .map(|p| format!("===== {} =====\n{}", p.name, p.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("testbed {} logs:\n{}\nipvsadm -Ln:\n{}", self.id, self.logs(), self.node.ipvsadm(&["-Ln"]));
+        }
+        self.processes.clear();
+        self.backends.clear();
+        if let Some(api) = self.api.take() {
+            self.runtime.block_on(api.shutdown());
+        }
+        let _ = Command::new("ip").args(["link", "del", &format!("{}m", self.id)]).status();
+    }
+}
+
+/// Loads ip_vs (the VM boots without it) and checks the kernel has it.
+pub fn load_ip_vs() {
+    let _ = Command::new("modprobe").arg("ip_vs").status();
+    assert!(
+        Path::new("/proc/net/ip_vs").exists(),
+        "this kernel has no IPVS: run the end-to-end tests with `make test-kernel` (in the VM)"
+    );
+}
+
+/// Poll `check` every 100 ms until it gives a value, or panic after `timeout`
+/// saying what was awaited.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sum of the samples of metric `name` whose labels contain `labels`.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (series_name, series_labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l),
+            None => (series, ""),
+        };
+        if series_name == name && series_labels.contains(labels) {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let response = http(addr, path)?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some(body.to_string())
+}
+
+fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    http(addr, path)?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn http(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_summed_over_matching_series() {
+        let text = "# HELP x\nipvs_operator_netlink_writes_total{kind=\"weight\"} 3\nipvs_operator_netlink_writes_total{kind=\"scheduler\"} 2\nother 1\n";
+        assert_eq!(metric(text, "ipvs_operator_netlink_writes_total", ""), Some(5.0));
+        assert_eq!(metric(text, "ipvs_operator_netlink_writes_total", "kind=\"weight\""), Some(3.0));
+        assert_eq!(metric(text, "missing", ""), None);
+    }
+}
