@@ -105,7 +105,7 @@ impl Metrics {
         // rate() queries) before the first write happens.
         for kind in ["weight", "scheduler"] {
             for family in [&metrics.netlink_writes, &metrics.netlink_errors, &metrics.drift_repairs] {
-                family.get_or_create(&KindLabels { kind: kind.into() });
+                let _ = family.get_or_create(&KindLabels { kind: kind.into() });
             }
         }
         Metrics { registry, ..metrics }

@@ -370,12 +370,20 @@ impl Testbed {
     }
 
     /// Open `connections` TCP connections from the client to `target`, one after
-    /// the other, and count which pod answered each.
+    /// the other, and count which pod answered each; every one must succeed.
     ///
     /// One at a time, because least-connection schedulers (wlc, the README's)
     /// weigh a destination's *active* connections 256 times its inactive ones:
     /// with many in flight at once they balance concurrency, not new connections.
     pub fn connect(&self, target: SocketAddr, connections: usize) -> BTreeMap<String, usize> {
+        let (counts, errors) = self.connect_counting_errors(target, connections);
+        assert!(errors.is_empty(), "{} of {connections} connections failed: {errors:?}", errors.len());
+        counts
+    }
+
+    /// Like [`Testbed::connect`], but failed connections are returned (their
+    /// errors) instead of failing the test.
+    pub fn connect_counting_errors(&self, target: SocketAddr, connections: usize) -> (BTreeMap<String, usize>, Vec<String>) {
         let client = project_binary("traffic-client");
         let out = self.client.exec_output(&[
             client.to_str().expect("a UTF-8 path"),
@@ -388,11 +396,20 @@ impl Testbed {
         ]);
         let report: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("traffic-client: {e}: {}", String::from_utf8_lossy(&out.stderr)));
-        assert_eq!(report["errors"], 0, "connections failed: {report}");
-        report["counts"]
+        let counts = report["counts"]
             .as_object()
             .map(|counts| counts.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0) as usize)).collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let errors = report["errors"].as_u64().unwrap_or(0) as usize;
+        let samples: Vec<String> = report["error_samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.as_str().map(String::from))
+            .collect();
+        let mut described = samples;
+        described.resize(errors, "(not sampled)".into());
+        (counts, described)
     }
 
     /// An object from the API server.

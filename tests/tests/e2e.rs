@@ -106,9 +106,17 @@ fn wait_for_seed_weights(bed: &Testbed, vip: SocketAddr, scheduler: &str) {
     });
 }
 
+/// kube-proxy run as the README advises: with the scheduler the WeightedService
+/// asks for, so that its syncs do not revert it. (When they do, every revert and
+/// repair swaps the kernel's scheduler, and connections that arrive during the
+/// swap are refused: see the tug-of-war test.)
+fn kube_proxy_agrees() -> TestbedConfig {
+    TestbedConfig { proxy_scheduler: "wlc".into(), ..TestbedConfig::default() }
+}
+
 #[test]
 fn the_seed_weighted_service_splits_real_connections_30_to_3() {
-    let mut bed = Testbed::new(TestbedConfig::default());
+    let mut bed = Testbed::new(kube_proxy_agrees());
     bed.load(SEED);
     bed.start_all();
     let vip = SocketAddr::new(bed.cluster_ip("default", "example"), 80);
@@ -120,4 +128,288 @@ fn the_seed_weighted_service_splits_real_connections_30_to_3() {
     let ready = ws["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).cloned();
     assert_eq!(ready.as_ref().map(|c| c["status"].clone()), Some("True".into()), "{ws}");
     assert!((ws["status"]["groups"][0]["share"].as_f64().unwrap_or(0.0) - 0.9091).abs() < 1e-3, "{ws}");
+}
+
+/// The seed testbed, running, with the agent's weights in place.
+fn seed_bed(config: TestbedConfig) -> (Testbed, SocketAddr) {
+    let mut bed = Testbed::new(config);
+    bed.load(SEED);
+    bed.start_all();
+    let vip = SocketAddr::new(bed.cluster_ip("default", "example"), 80);
+    wait_for_seed_weights(&bed, vip, "wlc");
+    (bed, vip)
+}
+
+/// Pod name by pod IP, in `default`.
+fn pods_by_ip(bed: &Testbed) -> BTreeMap<std::net::IpAddr, String> {
+    bed.handle()
+        .list("pods", Some("default"))
+        .iter()
+        .filter_map(|p| Some((p["status"]["podIP"].as_str()?.parse().ok()?, p["metadata"]["name"].as_str()?.to_string())))
+        .collect()
+}
+
+/// Apply a change to the `example` WeightedService (a JSON merge patch).
+fn patch_weighted_service(bed: &Testbed, patch: serde_json::Value) {
+    use ipvs_operator::crd::WeightedService;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<WeightedService> = Api::namespaced(bed.client(), "default");
+    bed.block_on(api.patch("example", &PatchParams::default(), &Patch::Merge(&patch))).expect("patching the WeightedService");
+}
+
+/// The `example` WeightedService's status, once `check` accepts it.
+fn wait_for_status(bed: &Testbed, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    wait_until(TIMEOUT, what, || {
+        let ws = bed.get("weightedservices", "default", "example")?;
+        let current = ws["status"]["observedGeneration"] == ws["metadata"]["generation"];
+        (current && check(&ws["status"])).then_some(ws)
+    })
+}
+
+/// Every weight the kernel has for `vip`, by pod name.
+fn weights_by_pod(bed: &Testbed, vip: SocketAddr) -> BTreeMap<String, u32> {
+    let by_ip = pods_by_ip(bed);
+    weights(bed, vip)
+        .map(|(_, w)| w.into_iter().filter_map(|(d, w)| Some((by_ip.get(&d.ip())?.clone(), w))).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn editing_weights_converges_and_the_status_follows() {
+    let (bed, vip) = seed_bed(kube_proxy_agrees());
+    patch_weighted_service(&bed, serde_json::json!({"spec": {"weights": [
+        {"weight": 10, "selector": {"env": "prod"}},
+        {"weight": 5, "selector": {"env": "canary"}},
+    ]}}));
+    wait_until(TIMEOUT, "canary weights of 5 in the kernel", || {
+        let w = weights_by_pod(&bed, vip);
+        (w.len() == 6 && w.iter().all(|(pod, w)| *w == if pod.contains("canary") { 5 } else { 10 })).then_some(())
+    });
+    let ws = wait_for_status(&bed, "a status with the new split", |s| {
+        (s["groups"][1]["share"].as_f64().unwrap_or(0.0) - 1.0 / 3.0).abs() < 1e-3
+    });
+    assert_eq!(ws["status"]["groups"][1]["weight"], 5, "{ws}");
+    assert_split(&bed.connect(vip, 3000), 2.0 / 3.0, 1.0 / 3.0);
+}
+
+#[test]
+fn kube_proxy_reverts_and_restarts_are_repaired_within_a_drift_interval() {
+    let drift = Duration::from_secs(1);
+    let (mut bed, vip) = seed_bed(TestbedConfig {
+        drift_interval: drift,
+        proxy_sync_period: Duration::from_secs(2),
+        ..TestbedConfig::default()
+    });
+    // kube-proxy (scheduler rr) reverts wlc on every sync; the agent puts it back.
+    let mut longest = Duration::ZERO;
+    let mut reverted_since: Option<std::time::Instant> = None;
+    let mut reverts = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        let scheduler = weights(&bed, vip).map(|(s, _)| s).unwrap_or_default();
+        match (scheduler.as_str(), reverted_since) {
+            ("wlc", Some(since)) => {
+                longest = longest.max(since.elapsed());
+                reverted_since = None;
+            }
+            ("wlc", None) => {}
+            (_, None) => {
+                reverts += 1;
+                reverted_since = Some(std::time::Instant::now());
+            }
+            (_, Some(_)) => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(reverts >= 2, "kube-proxy's syncs should have reverted the scheduler (saw {reverts})");
+    assert!(longest <= drift + Duration::from_millis(1500), "a revert stood for {longest:?}");
+    assert!(bed.agent_metric("ipvs_operator_drift_repairs_total", "kind=\"scheduler\"").unwrap_or(0.0) >= 2.0);
+
+    // A restarted kube-proxy sets every weight to 1; the agent puts them back.
+    bed.start_emulator();
+    wait_until(TIMEOUT, "kube-proxy's restart to reset weights", || {
+        weights_by_pod(&bed, vip).values().all(|w| *w == 1).then_some(())
+    });
+    let reset = std::time::Instant::now();
+    wait_for_seed_weights(&bed, vip, "wlc");
+    assert!(reset.elapsed() <= drift + Duration::from_millis(1500), "weights repaired after {:?}", reset.elapsed());
+    let repairs = bed.agent_metric("ipvs_operator_drift_repairs_total", "kind=\"weight\"").unwrap_or(0.0);
+    // The three prod weights went from 10 to 1; the canaries' 1 is kube-proxy's own.
+    assert!(repairs >= 3.0, "{repairs} weight repairs counted after kube-proxy reset 3 weights");
+    // The split is right again. kube-proxy keeps reverting the scheduler every
+    // 2 s here, and the kernel refuses the few connections that arrive while a
+    // virtual service's scheduler is being swapped: they are counted, and must
+    // stay rare.
+    let (counts, errors) = bed.connect_counting_errors(vip, 3000);
+    assert_split(&counts, 30.0 / 33.0, 3.0 / 33.0);
+    assert!(errors.len() <= 60, "{} of 3000 connections failed: {errors:?}", errors.len());
+    eprintln!("scheduler tug of war: {} of 3000 connections refused", errors.len());
+}
+
+#[test]
+fn a_terminating_canary_stays_at_weight_zero_until_it_is_gone() {
+    let (bed, vip) = seed_bed(kube_proxy_agrees());
+    // Connections give the destinations something to drain.
+    bed.connect(vip, 300);
+    let canary = weights_by_pod(&bed, vip).into_keys().find(|p| p.contains("canary")).expect("a canary pod");
+    bed.handle()
+        .delete_pod("default", &canary, ipvs_operator_tests::apiserver::Grace::UntilFinished)
+        .expect("deleting the pod");
+    wait_until(TIMEOUT, "kube-proxy to drain the terminating canary at weight 0", || {
+        (weights_by_pod(&bed, vip).get(&canary) == Some(&0)).then_some(())
+    });
+    // Several drift intervals later the agent has left it alone, and the others as they were.
+    for _ in 0..30 {
+        let w = weights_by_pod(&bed, vip);
+        assert_eq!(w.get(&canary), Some(&0), "the terminating canary was raised: {w:?}");
+        for (pod, weight) in w.iter().filter(|(p, _)| **p != canary) {
+            assert_eq!(*weight, if pod.contains("canary") { 1 } else { 10 }, "{w:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bed.handle().finish_pod_termination("default", &canary).expect("finishing the termination");
+    wait_until(TIMEOUT, "the pod to be gone", || bed.get("pods", "default", &canary).is_none().then_some(()));
+    let w = weights_by_pod(&bed, vip);
+    assert!(w.get(&canary).is_none_or(|w| *w == 0), "{w:?}");
+}
+
+#[test]
+fn removing_a_group_restores_weight_one_and_deleting_the_weighted_service_its_service() {
+    let (bed, vip) = seed_bed(TestbedConfig::default());
+    patch_weighted_service(&bed, serde_json::json!({"spec": {"weights": [{"weight": 10, "selector": {"env": "prod"}}]}}));
+    wait_until(TIMEOUT, "canary pods back at weight 1", || {
+        let w = weights_by_pod(&bed, vip);
+        (w.len() == 6 && w.iter().all(|(pod, w)| *w == if pod.contains("canary") { 1 } else { 10 })).then_some(())
+    });
+    use ipvs_operator::crd::WeightedService;
+    use kube::api::{Api, DeleteParams};
+    let api: Api<WeightedService> = Api::namespaced(bed.client(), "default");
+    bed.block_on(api.delete("example", &DeleteParams::default())).expect("deleting the WeightedService");
+    wait_until(TIMEOUT, "the owned Service to be garbage-collected", || {
+        bed.get("services", "default", "example").is_none().then_some(())
+    });
+    wait_until(TIMEOUT, "kube-proxy to remove the virtual service", || weights(&bed, vip).is_none().then_some(()));
+}
+
+#[test]
+fn dropped_watches_and_a_410_change_no_weight_and_the_agent_still_follows() {
+    let (bed, vip) = seed_bed(TestbedConfig::default());
+    let expected = weights_by_pod(&bed, vip);
+    let check = |bed: &Testbed| {
+        let w = weights_by_pod(bed, vip);
+        assert_eq!(w, expected, "a weight changed while the watches were disturbed");
+    };
+    for fault in 0..3 {
+        match fault {
+            0 => bed.handle().close_watches(),
+            1 => bed.handle().break_watches(),
+            _ => {
+                bed.handle().expire_resource_versions();
+                bed.handle().break_watches();
+            }
+        }
+        for _ in 0..20 {
+            check(&bed);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Still watching: a pod that turns canary gets the canary's weight.
+    let prod = expected.keys().find(|p| p.contains("prod")).expect("a prod pod").clone();
+    bed.handle().set_pod_label("default", &prod, "env", Some("canary")).expect("relabelling");
+    wait_until(TIMEOUT, "the relabelled pod at weight 1", || (weights_by_pod(&bed, vip).get(&prod) == Some(&1)).then_some(()));
+}
+
+#[test]
+fn a_restarted_agent_with_the_kernel_already_right_writes_nothing() {
+    // kube-proxy agrees on the scheduler: nothing reverts anything.
+    let (mut bed, vip) = seed_bed(kube_proxy_agrees());
+    bed.kill("agent");
+    bed.start_agent();
+    wait_until(TIMEOUT, "the restarted agent to be ready", || bed.agent_ready().then_some(()));
+    // A few drift intervals.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(bed.agent_metric("ipvs_operator_netlink_writes_total", ""), Some(0.0), "{}", bed.log("agent"));
+    wait_for_seed_weights(&bed, vip, "wlc");
+}
+
+#[test]
+fn every_virtual_service_of_a_two_port_node_port_service_gets_the_weights() {
+    const TWO_PORTS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web-canary}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web, env: canary}}
+  template:
+    metadata: {labels: {app: web, env: canary}}
+    spec:
+      containers:
+      - name: web
+        image: web
+        ports: [{containerPort: 8080, name: www}, {containerPort: 9000}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web-prod}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web, env: prod}}
+  template:
+    metadata: {labels: {app: web, env: prod}}
+    spec:
+      containers:
+      - name: web
+        image: web
+        ports: [{containerPort: 8080, name: www}, {containerPort: 9000}]
+---
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {name: example, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: www}
+  - {name: admin, protocol: TCP, port: 9000, targetPort: 9000}
+  weights:
+  - {weight: 4, selector: {env: prod}}
+  - {weight: 2, selector: {env: canary}}
+"#;
+    let mut bed = Testbed::new(TestbedConfig { proxy_scheduler: "wrr".into(), ..TestbedConfig::default() });
+    bed.load(TWO_PORTS);
+    bed.start_all();
+    let cluster_ip = bed.cluster_ip("default", "example");
+    let service = bed.get("services", "default", "example").expect("the Service");
+    let node_ports: Vec<u16> = service["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| p["nodePort"].as_u64().expect("a node port") as u16)
+        .collect();
+    let node = std::net::IpAddr::V4(ipvs_operator_tests::testbed::NODE_IP);
+    let virtual_services = [
+        (SocketAddr::new(cluster_ip, 80), 8080),
+        (SocketAddr::new(cluster_ip, 9000), 9000),
+        (SocketAddr::new(node, node_ports[0]), 8080),
+        (SocketAddr::new(node, node_ports[1]), 9000),
+    ];
+    for (vs, target_port) in virtual_services {
+        wait_until(TIMEOUT, &format!("weights on {vs}"), || {
+            let (scheduler, w) = weights(&bed, vs)?;
+            let by_ip = pods_by_ip(&bed);
+            let ok = scheduler == "wrr"
+                && w.len() == 3
+                && w.iter().all(|(dest, weight)| {
+                    let pod = by_ip.get(&dest.ip()).map(String::as_str).unwrap_or("");
+                    dest.port() == target_port && *weight == if pod.contains("canary") { 2 } else { 4 }
+                });
+            ok.then_some(())
+        });
+    }
+    // Real connections through the NodePort split 8:2.
+    let counts = bed.connect(SocketAddr::new(node, node_ports[0]), 2000);
+    let canary: usize = counts.iter().filter(|(p, _)| p.contains("canary")).map(|(_, n)| n).sum();
+    let share = canary as f64 / 2000.0;
+    assert!((share - 0.2).abs() <= 0.02, "canary got {:.1}% through the NodePort: {counts:?}", share * 100.0);
 }

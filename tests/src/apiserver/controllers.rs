@@ -90,6 +90,7 @@ fn template_hash(v: &Value) -> String {
 impl Store {
     /// Runs the built-in controllers until nothing changes (bounded).
     pub fn reconcile(&mut self) {
+        self.collect_orphans();
         for _ in 0..16 {
             if self.dirty.is_empty() && !self.nodes_changed {
                 return;

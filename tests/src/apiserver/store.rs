@@ -127,6 +127,10 @@ pub(crate) struct Store {
     /// Namespaces whose pods, services or deployments changed since the
     /// controllers last ran.
     pub dirty: BTreeSet<String>,
+    /// Objects written with owner references of which no owner exists: the
+    /// garbage collector deletes them (as it does when an owner is deleted
+    /// first and a controller still writes its dependent).
+    pub orphans: BTreeSet<(KindId, Key)>,
     pub nodes_changed: bool,
     pub next_pod_ip: u32,
     pub next_service_ip: u32,
@@ -200,6 +204,7 @@ impl Store {
             floor: 0,
             timers: Vec::new(),
             dirty: BTreeSet::new(),
+            orphans: BTreeSet::new(),
             nodes_changed: false,
             next_pod_ip: 0,
             next_service_ip: 0,
@@ -277,6 +282,12 @@ impl Store {
         if let Some(uid) = meta_str(&obj, "uid") {
             self.uids.insert(uid.to_string(), (kind, key.clone()));
         }
+        if let Some(refs) = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array)
+            && !refs.is_empty()
+            && !refs.iter().any(|r| r.get("uid").and_then(Value::as_str).is_some_and(|u| self.uids.contains_key(u)))
+        {
+            self.orphans.insert((kind, key.clone()));
+        }
         let prev = self.objects[kind].insert(key, obj.clone());
         self.log_event(kind, &ns, etype, obj.clone(), prev);
         self.mark_dirty(kind, &ns);
@@ -336,6 +347,20 @@ impl Store {
         for (kind, key) in doomed {
             if let Err(e) = self.delete(kind, &key.0, &key.1, DeleteOptions::default()) {
                 tracing::debug!(error = %e, "garbage collection of a dependent");
+            }
+        }
+    }
+
+    /// Deletes what was written with only owners that do not exist.
+    pub fn collect_orphans(&mut self) {
+        for (kind, key) in std::mem::take(&mut self.orphans) {
+            let still_orphan = self.objects[kind].get(&key).is_some_and(|obj| {
+                obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|refs| {
+                    !refs.iter().any(|r| r.get("uid").and_then(Value::as_str).is_some_and(|u| self.uids.contains_key(u)))
+                })
+            });
+            if still_orphan && let Err(e) = self.delete(kind, &key.0, &key.1, DeleteOptions::default()) {
+                tracing::debug!(error = %e, "garbage collection of an orphan");
             }
         }
     }
@@ -1014,6 +1039,28 @@ mod test {
         assert_eq!(u["metadata"]["generation"], 2);
         assert!(matches!(s.update(cms(), "default", "a", stale, Sub::Main), Err(e) if e.code == 409 && e.reason == "Conflict"));
         assert!(matches!(s.create(cms(), "nope", cm("b")), Err(e) if e.code == 404));
+    }
+
+    #[test]
+    fn a_dependent_written_after_its_owner_is_gone_is_collected() {
+        let mut s = store();
+        let owner = s.create(cms(), "default", cm("owner")).expect("owner");
+        let uid = owner["metadata"]["uid"].clone();
+        s.delete(cms(), "default", "owner", DeleteOptions::default()).expect("delete");
+        // A controller that had not seen the deletion writes its dependent.
+        let mut dep = cm("late");
+        dep["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}]);
+        s.create(cms(), "default", dep).expect("dependent");
+        s.reconcile();
+        assert!(s.get(cms(), "default", "late").is_err(), "the orphan is collected");
+        // One with a live owner stays.
+        let alive = s.create(cms(), "default", cm("alive")).expect("owner");
+        let mut dep = cm("kept");
+        dep["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "alive", "uid": alive["metadata"]["uid"]}]);
+        s.create(cms(), "default", dep).expect("dependent");
+        s.reconcile();
+        assert!(s.get(cms(), "default", "kept").is_ok());
     }
 
     #[test]
