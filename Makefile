@@ -81,7 +81,7 @@ image: setup
 	  set -x; buildah build --layers=false -f Containerfile -t $(IMAGE) target/image && \
 	  buildah push $(IMAGE) oci:target/image/oci:$(IMAGE); \
 	fi
-	IPVS_OPERATOR_IMAGE_OCI=$(CURDIR)/target/image/oci $(CARGO) test --release -p ipvs-operator-tests --test image -- --include-ignored --nocapture
+	IPVS_OPERATOR_IMAGE_OCI=$(CURDIR)/target/image/oci $(CARGO) test --release -p ipvs-operator-tests --features image-tests --test image -- --nocapture
 	@echo "built $(IMAGE) (OCI layout in target/image/oci)"
 
 include tests/vm/vm.mk

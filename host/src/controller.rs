@@ -113,6 +113,28 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         }
     });
 
+    // Policy modules: a reload reconciles everything (the status names the
+    // module's hash); a refused module is reported on each WeightedService using it.
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let ws_for_policies = weighted_services.clone();
+    let policy_events = ctx.events.clone();
+    ctx.catalog.subscribe(move |event| match event {
+        crate::policy::CatalogEvent::Failed { name, error } => {
+            for ws in ws_for_policies.state().into_iter().filter(|ws| ws.policy_name() == name) {
+                policy_events.send(Notice {
+                    reference: ws.object_ref(&()),
+                    type_: EventType::Warning,
+                    reason: "PolicyModuleRefused".into(),
+                    note: format!("{error}; the module in use stays"),
+                });
+            }
+        }
+        _ => {
+            let _ = reload_tx.send(());
+        }
+    });
+    let reloads = futures::stream::unfold(reload_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
+
     let slice_triggers = slice_changes.filter_map(|slice| async move { slice.map(Ok::<_, watcher::Error>) });
     let pod_triggers = pod_changes.filter_map(|pod| async move { pod.map(Ok::<_, watcher::Error>) });
     let ws_store_for_pods = weighted_services.clone();
@@ -140,6 +162,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
                 .map(|ws| ObjectRef::from_obj(ws.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .reconcile_all_on(reloads)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

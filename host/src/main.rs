@@ -13,7 +13,7 @@ use ipvs_operator::controller;
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::eval;
 use ipvs_operator::metrics::{self, Health, Metrics};
-use ipvs_operator::policy::{Catalog, EngineConfig, PolicyEngine};
+use ipvs_operator::policy::{Catalog, CatalogEvent, EngineConfig, PolicyEngine};
 use ipvs_operator::snapshot::Snapshot;
 use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
@@ -159,6 +159,11 @@ struct LimitArgs {
     /// what is in it is loaded as machine code.
     #[arg(long, value_name = "DIR", env = "IPVS_OPERATOR_POLICY_CACHE")]
     policy_cache: Option<PathBuf>,
+    /// Policy modules: every NAME.wasm here is a policy named NAME (mount the
+    /// policies ConfigMap here). Changes are picked up without a restart; a
+    /// module that fails to load never replaces a working one.
+    #[arg(long, value_name = "DIR")]
+    policy_dir: Option<PathBuf>,
 }
 
 impl LimitArgs {
@@ -208,8 +213,23 @@ fn run_async(future: impl std::future::Future<Output = Result<()>>) -> Result<()
         .block_on(future)
 }
 
-/// The API client, the built-in policies and the metrics endpoint both roles share.
-async fn common(limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) -> Result<(kube::Client, Arc<Catalog>, Arc<Metrics>, Arc<Health>)> {
+impl LimitArgs {
+    /// The built-in policies and those of `--policy-dir`.
+    fn catalog(&self) -> Result<Catalog> {
+        let engine = PolicyEngine::new(self.engine_config())?;
+        Ok(match &self.policy_dir {
+            Some(dir) => {
+                anyhow::ensure!(dir.is_dir(), "--policy-dir {}: not a directory", dir.display());
+                Catalog::with_dir(engine, dir)
+            }
+            None => Catalog::builtin(engine),
+        })
+    }
+}
+
+/// The API client, the policies and the metrics endpoint both roles share.
+/// `role` names the client in its User-Agent (`ipvs-operator-agent/0.1.0`).
+async fn common(role: &str, limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) -> Result<(kube::Client, Arc<Catalog>, Arc<Metrics>, Arc<Health>)> {
     let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes API to talk to: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
@@ -218,9 +238,23 @@ async fn common(limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) 
         // the system's (absent in minimal images and the test VM).
         config.root_cert = Some(Vec::new());
     }
+    let agent = format!("ipvs-operator-{role}/{}", env!("CARGO_PKG_VERSION"));
+    if let Ok(value) = agent.parse() {
+        config.headers.push((hyper::header::USER_AGENT, value));
+    }
     let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
-    let catalog = Arc::new(Catalog::builtin(PolicyEngine::new(limits.engine_config())?));
     let metrics = Arc::new(Metrics::new());
+    let catalog = Arc::new(limits.catalog()?);
+    let counters = metrics.clone();
+    catalog.subscribe(move |event| {
+        let policy = ipvs_operator::metrics::PolicyLabels { policy: event.name().to_string() };
+        match event {
+            CatalogEvent::Loaded { .. } => counters.policy_loads.get_or_create(&policy).inc(),
+            CatalogEvent::Failed { .. } => counters.policy_load_failures.get_or_create(&policy).inc(),
+            CatalogEvent::Removed { .. } => 0,
+        };
+    });
+    catalog.watch(Duration::from_secs(60)).context("watching --policy-dir")?;
     let health = Arc::new(Health::default());
     let listener = metrics::serve(listen, metrics.clone(), health.clone(), alive_window);
     tokio::spawn(async move {
@@ -233,7 +267,7 @@ async fn common(limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) 
 
 async fn run_controller(args: ControllerArgs) -> Result<()> {
     args.logs.init();
-    let (client, catalog, metrics, health) = common(&args.limits, args.listen, Duration::from_secs(60)).await?;
+    let (client, catalog, metrics, health) = common("controller", &args.limits, args.listen, Duration::from_secs(60)).await?;
     tracing::info!(policies = ?catalog.names(), "controller starting");
     controller::run(client, catalog, metrics, health).await;
     Ok(())
@@ -241,7 +275,7 @@ async fn run_controller(args: ControllerArgs) -> Result<()> {
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
     args.logs.init();
-    let (client, catalog, metrics, health) = common(&args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
+    let (client, catalog, metrics, health) = common("agent", &args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
     let config = AgentConfig { node_name: args.node_name, drift_interval: args.drift_interval, ..AgentConfig::default() };
     tracing::info!(node = %config.node_name, drift_interval = ?config.drift_interval, policies = ?catalog.names(), "agent starting");
     tokio::select! {
@@ -285,15 +319,15 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         objects
     };
 
-    let engine = PolicyEngine::new(args.limits.engine_config())?;
     let policy = match (&args.policy_file, &args.policy) {
         (Some(path), _) => {
+            let engine = PolicyEngine::new(args.limits.engine_config())?;
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             let name = path.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
             engine.load(&name, &bytes)?
         }
-        (None, Some(name)) => Catalog::builtin(engine).get(name)?,
-        (None, None) => Catalog::builtin(engine).get(ws.policy_name())?,
+        (None, Some(name)) => args.limits.catalog()?.get(name)?,
+        (None, None) => args.limits.catalog()?.get(ws.policy_name())?,
     };
     if let Some(pin) = ws.policy_sha256()
         && pin != policy.sha256()

@@ -375,7 +375,6 @@ fn the_controller_runs_unprivileged() {
 /// The binary accepts the flags the manifests pass: `ipvs-operator ARGS… --help`
 /// fails on an unknown flag before it prints help.
 #[test]
-#[ignore = "the binary has no --policy-dir yet (the lead is adding it); remove this line when it has"]
 fn the_manifests_pass_flags_the_binary_has() {
     let binary = project_binary("ipvs-operator");
     let objects = parse(&rendered());

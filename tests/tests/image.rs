@@ -2,9 +2,9 @@
 //! that it holds the static binary and nothing else (no shell, no libc).
 //!
 //! `make image` builds the image, exports it as an OCI layout directory and
-//! runs this test with `IPVS_OPERATOR_IMAGE_OCI` pointing at it. On its own,
-//! `cargo test` lists it as ignored: building a musl binary and an image costs
-//! minutes, `make test` does not.
+//! runs this test (feature `image-tests`) with `IPVS_OPERATOR_IMAGE_OCI`
+//! pointing at it. `make test` does not build the image: a musl build of
+//! everything costs minutes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,7 +58,6 @@ fn has_interpreter(elf: &[u8]) -> bool {
 }
 
 #[test]
-#[ignore = "checks the image `make image` built; `make image` runs it"]
 fn the_image_is_the_static_binary_alone_run_unprivileged() {
     let layout = layout();
     let (manifest, config) = manifest_and_config(&layout);

@@ -559,6 +559,14 @@ pub async fn run(
     health: Arc<Health>,
 ) -> Result<(), AgentError> {
     let (tx, rx) = std::sync::mpsc::channel();
+    // A reloaded (or deleted) policy module: look at everything again; only the
+    // WeightedServices whose module's hash changed are evaluated again.
+    let reload = std::sync::Mutex::new(tx.clone());
+    catalog.subscribe(move |event| {
+        if !matches!(event, crate::policy::CatalogEvent::Failed { .. }) {
+            let _ = reload.lock().unwrap_or_else(|p| p.into_inner()).send(Change::All);
+        }
+    });
     let (stores, watches) = crate::cluster::watch(client.clone(), Some(config.node_name.clone()), metrics.clone(), move |c| {
         let _ = tx.send(c);
     });
