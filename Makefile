@@ -8,7 +8,7 @@ RUSTUP ?= rustup
 APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio
 RUST_TARGETS := wasm32-wasip2 x86_64-unknown-linux-musl
 
-.PHONY: all setup build test test-unit demo bench clean-vm crd image
+.PHONY: all setup build test test-unit test-demo demo bench clean-vm crd image
 
 all: build
 
@@ -30,17 +30,31 @@ setup:
 build: setup
 	$(CARGO) build --release --workspace
 
-## test: every test — unit, policy, CLI, and the kernel tests in the VM.
-test: setup test-unit test-kernel
+## test: every test — unit, policy, CLI, the kernel tests in the VM, and the demo
+## (shorter: 2,000 connections), which fails when its measured split is off.
+test: setup test-unit test-kernel test-demo
+
+test-demo:
+	$(MAKE) --no-print-directory demo DEMO_CONNECTIONS=2000
 
 ## test-unit: the tests that run on this machine without a VM.
 test-unit:
 	$(CARGO) test --release --workspace
 
-## demo: evaluate the original project's example (for now: offline, with `eval`).
-demo: setup
-	$(CARGO) build --release -p ipvs-operator
-	./target/release/ipvs-operator eval --weighted-service examples/seed-canary.yaml --pods examples/seed-canary-pods.yaml
+## demo: the real thing end to end, in the VM: the test API server, the
+## kube-proxy emulator, the controller and agent, pods as backends and a client,
+## on the original project's example (or DEMO="a.yaml b.yaml": Deployments or
+## Pods, and WeightedServices). Prints the desired and
+## measured split, ipvsadm -Ln and `get weightedservices`; writes
+## target/demo/result.json. DEMO_CONNECTIONS sets connections per WeightedService.
+DEMO ?= examples/original-example.yaml
+DEMO_CONNECTIONS ?= 5000
+demo: setup vm-binaries
+	@for f in $(DEMO); do test -f "$$f" || { echo "make demo: DEMO: $$f: no such file" >&2; exit 1; }; done
+	rm -rf target/demo
+	IPVS_VM_TIMEOUT=1200 $(VM_RUN) $(foreach f,$(DEMO),--add "$(abspath $(f))") --out "$(CURDIR)/target/demo" \
+	  -- "$(CURDIR)/target/release/ipvs-operator-demo" $(foreach f,$(DEMO),"$(abspath $(f))") \
+	  --connections $(DEMO_CONNECTIONS) --out "$(CURDIR)/target/demo"
 
 ## crd: regenerate deploy/crd.yaml from the Rust types (a test checks they agree).
 crd:

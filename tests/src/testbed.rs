@@ -48,6 +48,8 @@ pub struct TestbedConfig {
     pub proxy_sync_period: Duration,
     /// kube-proxy's graceful-termination check interval.
     pub proxy_graceful_check: Duration,
+    /// The agent's and the controller's `--policy-dir` (none by default).
+    pub policy_dir: Option<PathBuf>,
 }
 
 impl Default for TestbedConfig {
@@ -57,6 +59,7 @@ impl Default for TestbedConfig {
             proxy_scheduler: "rr".into(),
             proxy_sync_period: Duration::from_secs(30),
             proxy_graceful_check: Duration::from_secs(2),
+            policy_dir: None,
         }
     }
 }
@@ -240,13 +243,14 @@ impl Testbed {
 
     /// Start (or restart) the controller, in the root namespace.
     pub fn start_controller(&mut self) {
-        let args = ["controller".to_string(), "--listen".into(), format!("{}:8080", self.mgmt_root)];
+        let mut args = vec!["controller".to_string(), "--listen".into(), format!("{}:8080", self.mgmt_root)];
+        args.extend(self.policy_dir_args());
         self.spawn("controller", false, "ipvs-operator", &args);
     }
 
     /// Start (or restart) the agent in the node.
     pub fn start_agent(&mut self) {
-        let args = [
+        let mut args = vec![
             "agent".to_string(),
             "--node-name".into(),
             NODE_NAME.into(),
@@ -255,7 +259,16 @@ impl Testbed {
             "--listen".into(),
             format!("{}:9494", self.mgmt_node),
         ];
+        args.extend(self.policy_dir_args());
         self.spawn("agent", true, "ipvs-operator", &args);
+    }
+
+    /// `--policy-dir DIR` when the config has one.
+    fn policy_dir_args(&self) -> Vec<String> {
+        match &self.config.policy_dir {
+            Some(dir) => vec!["--policy-dir".into(), dir.display().to_string()],
+            None => Vec::new(),
+        }
     }
 
     /// Kill a process (SIGKILL), e.g. `"agent"` or `"kube-proxy"`.
@@ -427,8 +440,31 @@ impl Testbed {
     /// A metric of the agent (the sum over its label sets matching `labels`, e.g.
     /// `kind="weight"`), from its /metrics.
     pub fn agent_metric(&self, name: &str, labels: &str) -> Option<f64> {
-        let text = http_get(SocketAddr::from((self.mgmt_node, 9494)), "/metrics")?;
+        metric(&self.agent_metrics()?, name, labels)
+    }
+
+    /// The agent's /metrics, as Prometheus text.
+    pub fn agent_metrics(&self) -> Option<String> {
+        http_get(SocketAddr::from((self.mgmt_node, 9494)), "/metrics")
+    }
+
+    /// A metric of the controller, as [`Testbed::agent_metric`] reads the agent's.
+    pub fn controller_metric(&self, name: &str, labels: &str) -> Option<f64> {
+        let text = http_get(SocketAddr::from((self.mgmt_root, 8080)), "/metrics")?;
         metric(&text, name, labels)
+    }
+
+    /// Set a pod's `metadata.creationTimestamp` (RFC 3339), which the API server
+    /// otherwise sets to the time the pod was loaded: e.g. pods that have been
+    /// running for an hour. The object is changed in place, with no watch event:
+    /// call it before starting the processes that watch pods.
+    pub fn set_pod_creation_time(&self, namespace: &str, name: &str, time: &str) {
+        let mut store = self.handle().store();
+        let pods = crate::apiserver::resources::ids::pods();
+        let pod = store.objects[pods]
+            .get_mut(&(namespace.to_string(), name.to_string()))
+            .unwrap_or_else(|| panic!("no pod {namespace}/{name}"));
+        pod["metadata"]["creationTimestamp"] = Value::from(time);
     }
 
     /// Whether the agent answers /readyz with 200.
