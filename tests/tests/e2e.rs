@@ -114,6 +114,24 @@ fn kube_proxy_agrees() -> TestbedConfig {
     TestbedConfig { proxy_scheduler: "wlc".into(), ..TestbedConfig::default() }
 }
 
+/// Every request the controller and the agent made to this testbed's API server
+/// (told apart by their User-Agent) is allowed by their RBAC in deploy/.
+fn assert_rbac_allows_every_request(bed: &Testbed) {
+    use ipvs_operator_tests::rbac;
+    let records = bed.handle().requests();
+    let yaml = rbac::deploy_rbac_yaml();
+    for (account, agent) in [
+        ("ipvs-operator/ipvs-operator-controller", "ipvs-operator-controller"),
+        ("ipvs-operator/ipvs-operator-agent", "ipvs-operator-agent"),
+    ] {
+        let requests = rbac::requests_from(&records, agent);
+        assert!(!requests.is_empty(), "no request recorded from {agent}");
+        if let Err(denied) = rbac::check_requests(&yaml, account, &requests) {
+            panic!("{account} would be denied by deploy/'s RBAC:\n{}", denied.join("\n"));
+        }
+    }
+}
+
 #[test]
 fn the_seed_weighted_service_splits_real_connections_30_to_3() {
     let mut bed = Testbed::new(kube_proxy_agrees());
@@ -128,6 +146,7 @@ fn the_seed_weighted_service_splits_real_connections_30_to_3() {
     let ready = ws["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).cloned();
     assert_eq!(ready.as_ref().map(|c| c["status"].clone()), Some("True".into()), "{ws}");
     assert!((ws["status"]["groups"][0]["share"].as_f64().unwrap_or(0.0) - 0.9091).abs() < 1e-3, "{ws}");
+    assert_rbac_allows_every_request(&bed);
 }
 
 /// The seed testbed, running, with the agent's weights in place.
@@ -190,6 +209,7 @@ fn editing_weights_converges_and_the_status_follows() {
     });
     assert_eq!(ws["status"]["groups"][1]["weight"], 5, "{ws}");
     assert_split(&bed.connect(vip, 3000), 2.0 / 3.0, 1.0 / 3.0);
+    assert_rbac_allows_every_request(&bed);
 }
 
 #[test]
@@ -271,6 +291,7 @@ fn a_terminating_canary_stays_at_weight_zero_until_it_is_gone() {
     wait_until(TIMEOUT, "the pod to be gone", || bed.get("pods", "default", &canary).is_none().then_some(()));
     let w = weights_by_pod(&bed, vip);
     assert!(w.get(&canary).is_none_or(|w| *w == 0), "{w:?}");
+    assert_rbac_allows_every_request(&bed);
 }
 
 #[test]
@@ -289,6 +310,7 @@ fn removing_a_group_restores_weight_one_and_deleting_the_weighted_service_its_se
         bed.get("services", "default", "example").is_none().then_some(())
     });
     wait_until(TIMEOUT, "kube-proxy to remove the virtual service", || weights(&bed, vip).is_none().then_some(()));
+    assert_rbac_allows_every_request(&bed);
 }
 
 #[test]
