@@ -226,7 +226,7 @@ mod tests {
         assert!(text.contains("ipvs_operator_netlink_writes_total{kind=\"weight\"} 3"), "{text}");
     }
 
-    /// docs/operations.md lists every metric with its type: it must be what
+    /// The README lists every metric with its type: it must be what
     /// /metrics exposes, neither more nor less.
     #[test]
     fn the_operations_guide_lists_every_metric() {
@@ -264,7 +264,7 @@ mod tests {
             // Prometheus shows a counter's samples with `_total`; the guide does too.
             .map(|(name, kind)| (if kind == "counter" { format!("{name}_total") } else { name.to_string() }, kind.to_string()))
             .collect();
-        let documented: std::collections::BTreeSet<(String, String)> = include_str!("../../docs/operations.md")
+        let documented: std::collections::BTreeSet<(String, String)> = include_str!("../../README.md")
             .lines()
             .filter_map(|line| line.strip_prefix("| `ipvs_operator_"))
             .filter_map(|rest| {
@@ -273,7 +273,7 @@ mod tests {
             })
             .collect();
         assert_eq!(exposed.len(), 10, "{exposed:?}");
-        assert_eq!(documented, exposed, "docs/operations.md's metrics table (left) is not what /metrics exposes (right)");
+        assert_eq!(documented, exposed, "the README's metrics table (left) is not what /metrics exposes (right)");
     }
 
     #[test]
