@@ -341,12 +341,18 @@ fn publish_transitions(ctx: &Context, ws: &WeightedService, old: &crate::crd::We
         if before.is_some_and(|b| b.status == condition.status && b.reason == condition.reason && b.message == condition.message) {
             continue;
         }
+        // Pending (a new WeightedService whose Service or endpoints are not
+        // there yet) is transient and expected: not worth an Event, and the
+        // success that follows it is a first success.
+        if condition.reason == status::PENDING {
+            continue;
+        }
         let warning = match condition.type_.as_str() {
             status::READY => continue,
             status::SERVICE_READY | status::POLICY_READY => condition.status != "True",
             _ => condition.status == "True",
         };
-        if !warning && before.is_none() {
+        if !warning && before.is_none_or(|b| b.reason == status::PENDING) {
             continue; // nothing to report on first success
         }
         ctx.events.send(Notice {

@@ -20,6 +20,9 @@ pub const READY: &str = "Ready";
 pub const SCHEDULER_IGNORES_WEIGHTS: &str = "SchedulerIgnoresWeights";
 /// Warning condition: a weight of 0 under a hashing scheduler.
 pub const ZERO_WEIGHT_UNDER_HASHING: &str = "ZeroWeightUnderHashing";
+/// The reason of `PolicyReady` (and `Ready`) while the Service or the pods
+/// behind the endpoints are not known yet.
+pub const PENDING: &str = "Pending";
 
 /// How creating the owned Service went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,8 +157,8 @@ pub fn compute(ws: &WeightedService, service: &ServiceOutcome, policy: &PolicyOu
             (false, reason)
         }
         PolicyOutcome::Pending(why) => {
-            condition(POLICY_READY, false, "Pending", why.clone());
-            (false, "Pending")
+            condition(POLICY_READY, false, PENDING, why.clone());
+            (false, PENDING)
         }
     };
     let scheduler = ws.scheduler();
