@@ -249,30 +249,39 @@ pub enum Incomplete {
 /// Since when each endpoint address has been ready, as this process saw it.
 ///
 /// EndpointSlices carry no times and the agent watches pod metadata only, so
-/// the transition is observed: the first time an address is seen ready. What is
-/// already ready when the process starts is taken as ready since its pod's
-/// creation (a lower bound: such endpoints count as warm).
+/// the transition is observed: an address seen not ready, then ready, became
+/// ready then. An address that is ready the first time it is seen — everything
+/// when the process starts, and every endpoint of a Service that appears later
+/// (a new WeightedService over a Deployment running for hours) — is taken as
+/// ready since its pod's creation (a lower bound: long-running pods count as
+/// warm, a pod that was ready as soon as it was created counts from then).
 #[derive(Debug, Default)]
 pub struct ReadySince {
-    since: HashMap<IpAddr, Timestamp>,
-    started: bool,
+    /// Since when each address has been ready; `None`: seen, not ready.
+    since: HashMap<IpAddr, Option<Timestamp>>,
 }
 
 impl ReadySince {
     /// Record what was seen of `address` at `now`; its ready-since time if ready.
     pub fn observe(&mut self, address: IpAddr, ready: bool, created: Option<Timestamp>, now: Timestamp) -> Option<Timestamp> {
         if !ready {
-            self.since.remove(&address);
+            self.since.insert(address, None);
             return None;
         }
-        let started = self.started;
-        Some(*self.since.entry(address).or_insert_with(|| if started { now } else { created.unwrap_or(now) }))
+        let since = match self.since.get(&address) {
+            Some(Some(since)) => *since,
+            // Seen not ready before: it became ready now.
+            Some(None) => now,
+            // Ready at first sight.
+            None => created.unwrap_or(now),
+        };
+        self.since.insert(address, Some(since));
+        Some(since)
     }
 
-    /// The initial state has been seen: from now on, a newly ready address became ready now.
-    pub fn mark_started(&mut self) {
-        self.started = true;
-    }
+    /// The initial state has been seen. (Nothing to do any more: whether an
+    /// address was seen before decides; kept for the callers.)
+    pub fn mark_started(&mut self) {}
 
     /// Forget addresses for which `keep` is false.
     pub fn retain(&mut self, keep: impl Fn(&IpAddr) -> bool) {
@@ -500,6 +509,24 @@ status:
         let other_ns = READY_POD.replace("namespace: default", "namespace: prod");
         let (snap, _) = Snapshot::from_pods(&ws(), &[pod(&other_app), pod(&other_ns)], None, Timestamp::UNIX_EPOCH);
         assert!(snap.endpoints.is_empty());
+    }
+
+    #[test]
+    fn ready_since_is_the_pods_creation_at_first_sight_and_now_after_a_seen_transition() {
+        let t = |s: i64| Timestamp::from_second(1_767_225_600 + s).unwrap();
+        let (a, b): (IpAddr, IpAddr) = ("10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap());
+        let mut since = ReadySince::default();
+        since.mark_started();
+        // A pod running for an hour whose Service the process sees only now: warm.
+        assert_eq!(since.observe(a, true, Some(t(-3600)), t(0)), Some(t(-3600)));
+        assert_eq!(since.observe(a, true, Some(t(-3600)), t(10)), Some(t(-3600)));
+        // A new pod, seen not ready, then ready: since then.
+        assert_eq!(since.observe(b, false, Some(t(5)), t(6)), None);
+        assert_eq!(since.observe(b, true, Some(t(5)), t(20)), Some(t(20)));
+        assert_eq!(since.observe(b, true, Some(t(5)), t(30)), Some(t(20)));
+        // Not ready again, and back: from the new transition.
+        assert_eq!(since.observe(a, false, Some(t(-3600)), t(40)), None);
+        assert_eq!(since.observe(a, true, Some(t(-3600)), t(50)), Some(t(50)));
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct TestbedConfig {
     pub proxy_graceful_check: Duration,
     /// The agent's and the controller's `--policy-dir` (none by default).
     pub policy_dir: Option<PathBuf>,
+    /// The agent's and the controller's `--policy-timeout` (by default theirs).
+    pub policy_timeout: Option<Duration>,
 }
 
 impl Default for TestbedConfig {
@@ -60,6 +62,7 @@ impl Default for TestbedConfig {
             proxy_sync_period: Duration::from_secs(30),
             proxy_graceful_check: Duration::from_secs(2),
             policy_dir: None,
+            policy_timeout: None,
         }
     }
 }
@@ -244,7 +247,7 @@ impl Testbed {
     /// Start (or restart) the controller, in the root namespace.
     pub fn start_controller(&mut self) {
         let mut args = vec!["controller".to_string(), "--listen".into(), format!("{}:8080", self.mgmt_root)];
-        args.extend(self.policy_dir_args());
+        args.extend(self.policy_args());
         self.spawn("controller", false, "ipvs-operator", &args);
     }
 
@@ -259,16 +262,20 @@ impl Testbed {
             "--listen".into(),
             format!("{}:9494", self.mgmt_node),
         ];
-        args.extend(self.policy_dir_args());
+        args.extend(self.policy_args());
         self.spawn("agent", true, "ipvs-operator", &args);
     }
 
-    /// `--policy-dir DIR` when the config has one.
-    fn policy_dir_args(&self) -> Vec<String> {
-        match &self.config.policy_dir {
-            Some(dir) => vec!["--policy-dir".into(), dir.display().to_string()],
-            None => Vec::new(),
+    /// `--policy-dir DIR` and `--policy-timeout` when the config has them.
+    fn policy_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(dir) = &self.config.policy_dir {
+            args.extend(["--policy-dir".into(), dir.display().to_string()]);
         }
+        if let Some(timeout) = self.config.policy_timeout {
+            args.extend(["--policy-timeout".into(), format!("{}ms", timeout.as_millis())]);
+        }
+        args
     }
 
     /// Kill a process (SIGKILL), e.g. `"agent"` or `"kube-proxy"`.

@@ -15,11 +15,13 @@ vm-binaries:
 
 ## test-kernel: the kernel tests, inside the VM: the ipvs crate's, the
 ## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs), and the end-to-end
-## tests of the controller and agent (tests/tests/e2e.rs).
+## tests of the controller and agent (tests/tests/e2e.rs) and of the policies
+## (tests/tests/e2e_policies.rs).
 test-kernel: setup vm-binaries
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs --features kernel-tests --test kernel --test kernel_no_module
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test kube_proxy_kernel
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_policies
 
 ## bench-ipvs: 10,000 weight changes, ours against ipvsadm -R, in the VM;
 ## writes target/bench/ipvs-apply.json (the guest's target/bench comes back).

@@ -238,10 +238,15 @@ impl Catalog {
                     events.push(CatalogEvent::Loaded { name: name.clone(), sha256 });
                 }
                 Err(error) => {
+                    // Running out of time on a busy machine is no property of
+                    // the bytes: the next rescan tries the module again.
+                    let transient = matches!(error, PolicyError::Timeout { .. });
                     let error = format!("{}: {error}", path.display());
                     let mut state = self.state();
                     state.failures.insert(name.clone(), error.clone());
-                    state.refused.insert(name.clone(), sha256);
+                    if !transient {
+                        state.refused.insert(name.clone(), sha256);
+                    }
                     let keeps = if state.loaded.contains_key(name) { "; the previous module stays in use" } else { "" };
                     tracing::warn!(policy = %name, %error, "policy module refused{keeps}");
                     events.push(CatalogEvent::Failed { name: name.clone(), error });
@@ -352,11 +357,22 @@ fn check_sample(policy: &LoadedPolicy) -> Result<(), PolicyError> {
         node: None,
         now: Timestamp::from_second(1_767_225_600).unwrap_or(Timestamp::UNIX_EPOCH),
     };
-    match policy.evaluate(&sample) {
-        Ok(_) | Err(PolicyError::Failed { .. }) => Ok(()),
-        Err(error) => Err(error),
+    // The first calls of a new module pay one-time costs (its code paged in,
+    // its memory set up) that can exceed the deadline on a busy or emulated
+    // CPU: a timeout is tried again before the module is refused.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match policy.evaluate(&sample) {
+            Ok(_) | Err(PolicyError::Failed { .. }) => return Ok(()),
+            Err(PolicyError::Timeout { .. }) if attempts < SAMPLE_ATTEMPTS => {}
+            Err(error) => return Err(error),
+        }
     }
 }
+
+/// How many times the sample evaluation may run out of time before a module is refused.
+const SAMPLE_ATTEMPTS: u32 = 3;
 
 #[cfg(test)]
 mod tests {

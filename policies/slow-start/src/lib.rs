@@ -14,8 +14,8 @@
 //! small); the split between warm endpoints stays the same. It asks to be
 //! evaluated again until every endpoint is warm.
 //!
-//! The time an endpoint became ready is as the agent saw it: after an agent
-//! restart, that is the pod's creation time.
+//! The time an endpoint became ready is as the agent saw it; one ready when first
+//! seen (agent restart, a new WeightedService) counts from its pod's creation.
 #![cfg_attr(target_family = "wasm", no_std)]
 
 use core::fmt::Write as _;
