@@ -1,11 +1,14 @@
 //! The cluster's built-in behaviour, emulated: Service IP and node-port
-//! allocation, a ReplicaSet-like Deployment controller, a scheduler plus
-//! kubelet that gives pods a node, an IP and a Ready condition, and the
-//! EndpointSlice controller.
+//! allocation, a ReplicaSet-like Deployment controller, a DaemonSet
+//! controller, a scheduler plus kubelet that gives pods a node, an IP and a
+//! Ready condition, and the EndpointSlice controller.
 //!
 //! Simplifications (listed in tests/README.md): Deployments own their
 //! Pods directly (no ReplicaSet objects), a template change replaces all pods
-//! at once, one EndpointSlice per distinct port mapping, IPv4 only.
+//! at once, one EndpointSlice per distinct port mapping, IPv4 only. DaemonSets
+//! place one pod on every node whose labels match the template's
+//! `nodeSelector` (taints, tolerations and affinity are not looked at), and
+//! replace all of them at once when the template changes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -99,6 +102,7 @@ impl Store {
             if std::mem::take(&mut self.nodes_changed) {
                 // Node changes affect scheduling and endpoint zones everywhere.
                 namespaces.extend(self.objects[ids::pods()].keys().map(|k| k.0.clone()));
+                namespaces.extend(self.objects[ids::daemonsets()].keys().map(|k| k.0.clone()));
             }
             for ns in namespaces {
                 self.reconcile_namespace(&ns);
@@ -109,6 +113,7 @@ impl Store {
 
     fn reconcile_namespace(&mut self, ns: &str) {
         self.reconcile_deployments(ns);
+        self.reconcile_daemonsets(ns);
         self.run_kubelet(ns);
         self.reconcile_endpoint_slices(ns);
         self.reconcile_namespace_deletion(ns);
@@ -126,7 +131,7 @@ impl Store {
     fn reconcile_namespace_deletion(&mut self, ns: &str) {
         let key = (String::new(), ns.to_string());
         let Some(n) = self.objects[ids::namespaces()].get(&key) else { return };
-        if !terminating(n) {
+        if !terminating(n) || n.pointer("/spec/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty()) {
             return;
         }
         let empty = (0..KINDS.len()).all(|k| !KINDS[k].namespaced || self.in_ns(k, ns).is_empty());
@@ -369,6 +374,98 @@ impl Store {
         next["status"] = status;
         if let Err(e) = self.update(ids::deployments(), ns, name, next, Sub::Status) {
             tracing::debug!(error = %e, "deployment status");
+        }
+    }
+
+    // ---- DaemonSets ----
+
+    fn reconcile_daemonsets(&mut self, ns: &str) {
+        let daemonsets = self.in_ns(ids::daemonsets(), ns);
+        if daemonsets.is_empty() {
+            return;
+        }
+        let nodes: Vec<Value> = self.objects[ids::nodes()].values().cloned().collect();
+        for ds in daemonsets {
+            let Some(uid) = s(&ds, "/metadata/uid").map(str::to_string) else { continue };
+            let name = s(&ds, "/metadata/name").unwrap_or_default().to_string();
+            if terminating(&ds) {
+                continue;
+            }
+            let template = ds.pointer("/spec/template").cloned().unwrap_or_else(|| json!({}));
+            let hash = template_hash(&template);
+            let node_selector = template.pointer("/spec/nodeSelector").and_then(Value::as_object).cloned().unwrap_or_default();
+            let wanted: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| selector_matches(&node_selector, n))
+                .filter_map(|n| s(n, "/metadata/name"))
+                .map(str::to_string)
+                .collect();
+            let pods: Vec<Value> = self.in_ns(ids::pods(), ns).into_iter().filter(|p| owned_by(p, &uid) && !terminating(p)).collect();
+            let mut covered = BTreeSet::new();
+            let mut doomed = Vec::new();
+            for p in &pods {
+                let node = s(p, "/spec/nodeName").unwrap_or_default();
+                let current = s(p, "/metadata/labels/controller-revision-hash") == Some(hash.as_str());
+                if current && wanted.contains(node) && covered.insert(node.to_string()) {
+                    continue;
+                }
+                doomed.extend(s(p, "/metadata/name").map(str::to_string));
+            }
+            for pod in doomed {
+                if let Err(e) = self.delete(ids::pods(), ns, &pod, DeleteOptions::default()) {
+                    tracing::debug!(error = %e, "daemonset controller: deleting a pod");
+                }
+            }
+            for node in wanted.difference(&covered) {
+                let mut pod = json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": template.get("metadata").cloned().unwrap_or_else(|| json!({})),
+                    "spec": template.get("spec").cloned().unwrap_or_else(|| json!({})),
+                });
+                let m = &mut pod["metadata"];
+                m["generateName"] = json!(format!("{name}-"));
+                if !m.get("labels").is_some_and(Value::is_object) {
+                    m["labels"] = json!({});
+                }
+                m["labels"]["controller-revision-hash"] = json!(hash);
+                m["labels"]["pod-template-generation"] = json!(ds["metadata"]["generation"].as_i64().unwrap_or(1).to_string());
+                m["ownerReferences"] = json!([owner_ref(&ds, true)]);
+                if let Some(m) = pod["metadata"].as_object_mut() {
+                    m.remove("name");
+                }
+                pod["spec"]["nodeName"] = json!(node);
+                if let Err(e) = self.create(ids::pods(), ns, pod) {
+                    tracing::warn!(error = %e, daemonset = %name, "daemonset controller: creating a pod");
+                }
+            }
+            self.update_daemonset_status(ns, &name, &uid, &hash, &wanted);
+        }
+    }
+
+    fn update_daemonset_status(&mut self, ns: &str, name: &str, uid: &str, hash: &str, wanted: &BTreeSet<String>) {
+        let pods: Vec<Value> = self.in_ns(ids::pods(), ns).into_iter().filter(|p| owned_by(p, uid) && !terminating(p)).collect();
+        let Ok(ds) = self.get(ids::daemonsets(), ns, name) else { return };
+        let on_wanted: Vec<&Value> = pods.iter().filter(|p| s(p, "/spec/nodeName").is_some_and(|n| wanted.contains(n))).collect();
+        let nodes_with = |f: &dyn Fn(&Value) -> bool| {
+            on_wanted.iter().filter(|p| f(p)).filter_map(|p| s(p, "/spec/nodeName")).collect::<BTreeSet<_>>().len()
+        };
+        let current = nodes_with(&|_| true);
+        let ready = nodes_with(&|p| pod_ready(p));
+        let updated = nodes_with(&|p| s(p, "/metadata/labels/controller-revision-hash") == Some(hash));
+        let misscheduled = pods.iter().filter(|p| !s(p, "/spec/nodeName").is_some_and(|n| wanted.contains(n))).count();
+        let status = json!({
+            "observedGeneration": ds["metadata"]["generation"],
+            "desiredNumberScheduled": wanted.len(), "currentNumberScheduled": current,
+            "numberMisscheduled": misscheduled, "numberReady": ready, "numberAvailable": ready,
+            "numberUnavailable": wanted.len().saturating_sub(ready), "updatedNumberScheduled": updated,
+        });
+        if ds.get("status") == Some(&status) {
+            return;
+        }
+        let mut next = ds.clone();
+        next["status"] = status;
+        if let Err(e) = self.update(ids::daemonsets(), ns, name, next, Sub::Status) {
+            tracing::debug!(error = %e, "daemonset status");
         }
     }
 

@@ -16,8 +16,10 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::resources::{self, KINDS, KindId};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{DeleteOptions, Filter, Grace, Sub};
-use super::{CloseMode, FailRule, Handle, RequestRecord, lock};
+use super::store::{DeleteOptions, Filter, Grace, Store, Sub};
+use super::table::{Columns, Include, metadata_only};
+use super::validation::Directive;
+use super::{CloseMode, FailRule, Handle, RequestRecord, lock, openapi};
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
@@ -88,7 +90,7 @@ async fn kubelet_ticker(handle: Handle) {
     loop {
         tick.tick().await;
         let mut st = handle.store();
-        if !st.timers.is_empty() {
+        if st.has_timers() {
             st.fire_timers();
         }
     }
@@ -103,7 +105,7 @@ enum Route {
     Apis,
     Group(String),
     Resources { group: String, version: String },
-    OpenApi,
+    OpenApi(Vec<String>),
     Admin(String),
     Object(Target),
     Unknown,
@@ -125,7 +127,8 @@ fn route(path: &str) -> Route {
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => return Route::Version,
         ["healthz" | "livez" | "readyz", ..] => return Route::Health,
-        ["openapi", ..] | ["swagger.json"] => return Route::OpenApi,
+        ["openapi", rest @ ..] => return Route::OpenApi(rest.iter().map(|s| s.to_string()).collect()),
+        ["swagger.json"] => return Route::OpenApi(Vec::new()),
         ["api"] => return Route::Api,
         ["apis"] => return Route::Apis,
         ["apis", g] => return Route::Group(g.to_string()),
@@ -280,7 +283,19 @@ async fn dispatch(h: Handle, req: Request<Incoming>) -> Response<Body> {
                     Some(v) => json_response(200, &v),
                     None => error_response(&ApiError::no_route(&path)),
                 },
-                Route::OpenApi | Route::Unknown | Route::Admin(_) => error_response(&ApiError::no_route(&path)),
+                Route::OpenApi(segments) => {
+                    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+                    let doc = match segments.as_slice() {
+                        ["v3"] => Some(openapi::discovery()),
+                        ["v3", rest @ ..] => openapi::document(rest),
+                        _ => None,
+                    };
+                    match doc {
+                        Some(d) => json_response(200, &d),
+                        None => error_response(&ApiError::no_route(&path)),
+                    }
+                }
+                Route::Unknown | Route::Admin(_) => error_response(&ApiError::no_route(&path)),
                 Route::Object(t) => match object_request(&h, &method, &t, &query, &content_type, &body, render, watch).await {
                     Ok(r) => r,
                     Err(e) => error_response(&e),
@@ -383,12 +398,29 @@ async fn object_request(
         return Err(ApiError::no_route("a namespaced object needs a namespace"));
     }
     let sub = sub_of(t)?;
+    let include = Include::parse(query.get("includeObject").map(String::as_str))?;
+    let directive = if matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
+        Directive::from_query(query.get("fieldValidation").map(String::as_str))?
+    } else {
+        None
+    };
     match (method.as_str(), &t.name) {
-        ("GET", None) if watch => start_watch(h, t, query, render),
-        ("GET", None) => list(h, t, query, render),
+        ("GET", None) if watch => start_watch(h, t, query, render, include),
+        ("GET", None) => list(h, t, query, render, include),
         ("GET", Some(name)) => {
-            let obj = h.store().get(t.kind, &ns, name)?;
-            Ok(json_response(200, &render_one(&obj, render)))
+            let st = h.store();
+            let obj = st.get(t.kind, &ns, name)?;
+            let body = match render {
+                Render::Table => Columns::for_kind(&st, t.kind).table(
+                    std::slice::from_ref(&obj),
+                    json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")}),
+                    true,
+                    include,
+                ),
+                r => render_one(&obj, r),
+            };
+            drop(st);
+            Ok(respond(200, content_type_for(render), serde_json::to_vec(&body).unwrap_or_default()))
         }
         ("POST", None) => {
             if k.namespaced && t.namespace.is_none() {
@@ -398,25 +430,32 @@ async fn object_request(
                 .or_else(|_| serde_yaml::from_slice(body))
                 .map_err(|e| ApiError::bad_request(format!("error decoding the body: {e}")))?;
             if dry_run(query) {
-                return Ok(json_response(201, &obj));
+                // Checked, not stored (and not defaulted: a limit of the double).
+                let warnings = match directive {
+                    Some(d) => h.store().check_fields(t.kind, &obj, d)?,
+                    None => Vec::new(),
+                };
+                return Ok(with_warnings(json_response(201, &obj), &warnings));
             }
             let mut st = h.store();
-            let created = st.create(t.kind, &ns, obj)?;
+            let (created, warnings) = validated(&mut st, directive, |st| st.create(t.kind, &ns, obj));
             st.reconcile();
-            Ok(json_response(201, &created))
+            Ok(with_warnings(json_response(201, &created?), &warnings))
         }
         ("PUT", Some(name)) => {
             let obj: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding the body: {e}")))?;
             let mut st = h.store();
-            let updated = st.update(t.kind, &ns, name, obj, sub)?;
+            let (updated, warnings) = validated(&mut st, directive, |st| st.update(t.kind, &ns, name, obj, sub));
             st.reconcile();
-            Ok(json_response(200, &updated))
+            Ok(with_warnings(json_response(200, &updated?), &warnings))
         }
         ("PATCH", Some(name)) => {
             let mut st = h.store();
-            let (obj, created) = st.patch(t.kind, &ns, name, content_type, body, sub, query.get("fieldManager").map(String::as_str))?;
+            let manager = query.get("fieldManager").map(String::as_str);
+            let (patched, warnings) = validated(&mut st, directive, |st| st.patch(t.kind, &ns, name, content_type, body, sub, manager));
             st.reconcile();
-            Ok(json_response(if created { 201 } else { 200 }, &obj))
+            let (obj, created) = patched?;
+            Ok(with_warnings(json_response(if created { 201 } else { 200 }, &obj), &warnings))
         }
         ("DELETE", Some(name)) => {
             let opts = delete_options(query, body)?;
@@ -447,6 +486,30 @@ async fn object_request(
     }
 }
 
+/// Runs one write with the request's `fieldValidation` in force (see
+/// [`super::validation`]); returns its result and the warnings it produced.
+fn validated<T>(st: &mut Store, directive: Option<Directive>, write: impl FnOnce(&mut Store) -> Result<T, ApiError>) -> (Result<T, ApiError>, Vec<String>) {
+    st.validation = directive;
+    st.warnings.clear();
+    let r = write(st);
+    st.validation = None;
+    (r, std::mem::take(&mut st.warnings))
+}
+
+/// Adds a `Warning: 299 - "..."` header per warning, as the real server does.
+fn with_warnings(mut r: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        if let Ok(v) = format!("299 - {}", serde_json::Value::from(w.as_str())).parse() {
+            r.headers_mut().append(hyper::header::WARNING, v);
+        }
+    }
+    r
+}
+
+fn content_type_for(render: Render) -> &'static str {
+    if render == Render::Table { "application/json;as=Table;v=v1;g=meta.k8s.io" } else { "application/json" }
+}
+
 fn dry_run(query: &HashMap<String, String>) -> bool {
     query.get("dryRun").is_some_and(|v| v == "All")
 }
@@ -472,7 +535,7 @@ fn delete_options(query: &HashMap<String, String>, body: &[u8]) -> Result<Delete
     })
 }
 
-fn list(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render) -> Result<Response<Body>, ApiError> {
+fn list(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render, include: Include) -> Result<Response<Body>, ApiError> {
     let f = filter_for(t, query)?;
     let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
     let st = h.store();
@@ -494,6 +557,7 @@ fn list(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render)
         parse_rv(v)?;
     }
     let (items, next, remaining) = st.list(&f, after.as_ref(), limit);
+    let columns = (render == Render::Table).then(|| Columns::for_kind(&st, t.kind));
     drop(st);
     let k = &KINDS[t.kind];
     let mut meta = json!({"resourceVersion": rv.to_string()});
@@ -508,53 +572,19 @@ fn list(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render)
             "kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
             "items": items.iter().map(metadata_only).collect::<Vec<_>>(),
         }),
-        Render::Table => table(&items, meta, true),
+        Render::Table => match &columns {
+            Some(c) => c.table(&items, meta, true, include),
+            None => Value::Null,
+        },
     };
-    let ct = if render == Render::Table { "application/json;as=Table;v=v1;g=meta.k8s.io" } else { "application/json" };
-    Ok(respond(200, ct, serde_json::to_vec(&body).unwrap_or_default()))
+    Ok(respond(200, content_type_for(render), serde_json::to_vec(&body).unwrap_or_default()))
 }
 
-fn metadata_only(obj: &Value) -> Value {
-    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({}))})
-}
-
-fn age(ts: Option<&str>) -> String {
-    let Some(then) = ts.and_then(|t| t.parse::<jiff::Timestamp>().ok()) else { return "<unknown>".into() };
-    let secs = jiff::Timestamp::now().as_second().saturating_sub(then.as_second()).max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
-}
-
-/// A `meta.k8s.io/v1` Table with the columns the real server gives kinds
-/// without printer columns: Name and Age.
-fn table(items: &[Value], meta: Value, columns: bool) -> Value {
-    let defs = if columns {
-        json!([
-            {"name": "Name", "type": "string", "format": "name", "description": "Name must be unique within a namespace.", "priority": 0},
-            {"name": "Age", "type": "string", "format": "", "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0},
-        ])
-    } else {
-        json!([])
-    };
-    let rows: Vec<Value> = items
-        .iter()
-        .map(|o| json!({
-            "cells": [o.pointer("/metadata/name").cloned().unwrap_or(Value::Null), age(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str))],
-            "object": metadata_only(o),
-        }))
-        .collect();
-    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "columnDefinitions": defs, "rows": rows})
-}
-
+/// An object as a non-Table rendering shows it.
 fn render_one(obj: &Value, render: Render) -> Value {
     match render {
-        Render::Full => obj.clone(),
         Render::Metadata => metadata_only(obj),
-        Render::Table => table(std::slice::from_ref(obj), json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")}), true),
+        Render::Full | Render::Table => obj.clone(),
     }
 }
 
@@ -580,7 +610,7 @@ fn bookmark(t: &Target, render: Render, rv: u64, initial_end: bool) -> Value {
 
 type Chunk = Result<Bytes, std::io::Error>;
 
-fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render) -> Result<Response<Body>, ApiError> {
+fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render, include: Include) -> Result<Response<Body>, ApiError> {
     let f = filter_for(t, query)?;
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
@@ -589,9 +619,10 @@ fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(256);
     let mut initial = Vec::new();
     let mut gone = None;
-    let cursor = {
+    let (cursor, columns) = {
         let st = h.store();
-        if rv.is_empty() || rv == "0" || send_initial {
+        let columns = (render == Render::Table).then(|| Columns::for_kind(&st, t.kind));
+        let cursor = if rv.is_empty() || rv == "0" || send_initial {
             let (items, _, _) = st.list(&f, None, None);
             initial = items;
             st.rv
@@ -601,10 +632,12 @@ fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: 
                 gone = Some(format!("too old resource version: {n} ({})", st.floor));
             }
             n
-        }
+        };
+        (cursor, columns)
     };
     let h2 = h.clone();
     let t2 = t.clone();
+    let mut encoder = EventEncoder { render, columns, include, headers_sent: false };
     tokio::spawn(async move {
         let send = |b: Bytes| {
             let tx = tx.clone();
@@ -615,29 +648,42 @@ fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: 
             return;
         }
         for o in &initial {
-            if !send(event_line("ADDED", &render_event(o, render, true))).await {
+            if !send(event_line("ADDED", &encoder.encode(o))).await {
                 return;
             }
         }
         if send_initial && bookmarks && !send(event_line("BOOKMARK", &bookmark(&t2, render, cursor, true))).await {
             return;
         }
-        watch_loop(h2, t2, f, cursor, render, bookmarks, timeout, tx).await;
+        watch_loop(h2, t2, f, cursor, encoder, bookmarks, timeout, tx).await;
     });
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let body = StreamBody::new(futures::StreamExt::map(stream, |c: Chunk| c.map(Frame::data))).boxed_unsync();
     let mut resp = Response::new(body);
-    let ct = if render == Render::Table { "application/json;as=Table;v=v1;g=meta.k8s.io" } else { "application/json" };
-    if let Ok(v) = ct.parse() {
+    if let Ok(v) = content_type_for(render).parse() {
         resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     Ok(resp)
 }
 
-fn render_event(obj: &Value, render: Render, columns: bool) -> Value {
-    match render {
-        Render::Table => table(std::slice::from_ref(obj), json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")}), columns),
-        r => render_one(obj, r),
+/// Renders a watch's objects; a Table's column definitions go with the first
+/// event only, as the real server sends them.
+struct EventEncoder {
+    render: Render,
+    columns: Option<Columns>,
+    include: Include,
+    headers_sent: bool,
+}
+
+impl EventEncoder {
+    fn encode(&mut self, obj: &Value) -> Value {
+        match (&self.columns, self.render) {
+            (Some(c), Render::Table) => {
+                let headers = !std::mem::replace(&mut self.headers_sent, true);
+                c.table(std::slice::from_ref(obj), json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")}), headers, self.include)
+            }
+            (_, r) => render_one(obj, r),
+        }
     }
 }
 
@@ -647,7 +693,7 @@ async fn watch_loop(
     t: Target,
     f: Filter,
     mut cursor: u64,
-    render: Render,
+    mut encoder: EventEncoder,
     bookmarks: bool,
     timeout: Option<Duration>,
     tx: tokio::sync::mpsc::Sender<Chunk>,
@@ -667,7 +713,7 @@ async fn watch_loop(
         match polled {
             Ok((evs, rv)) => {
                 for (etype, obj) in evs {
-                    if tx.send(Ok(event_line(etype.as_str(), &render_event(&obj, render, false)))).await.is_err() {
+                    if tx.send(Ok(event_line(etype.as_str(), &encoder.encode(&obj)))).await.is_err() {
                         return;
                     }
                 }
@@ -690,13 +736,13 @@ async fn watch_loop(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if bookmarks {
-                    let _ = tx.send(Ok(event_line("BOOKMARK", &bookmark(&t, render, cursor, false)))).await;
+                    let _ = tx.send(Ok(event_line("BOOKMARK", &bookmark(&t, encoder.render, cursor, false)))).await;
                 }
                 return;
             }
             _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
                 next_bookmark = tokio::time::Instant::now() + interval;
-                if tx.send(Ok(event_line("BOOKMARK", &bookmark(&t, render, cursor, false)))).await.is_err() {
+                if tx.send(Ok(event_line("BOOKMARK", &bookmark(&t, encoder.render, cursor, false)))).await.is_err() {
                     return;
                 }
             }

@@ -3,10 +3,17 @@
 //! A real HTTP server (HTTP/1.1, no TLS, no authentication) that speaks the
 //! Kubernetes REST protocol for the kinds in [`resources::KINDS`] well enough
 //! that kube-rs's `Api`, `watcher`, `reflector`, `metadata_watcher` and
-//! `Controller`, and `kubectl --server`, run against it unmodified. It also
-//! emulates the cluster around the API: Service IP allocation, Deployments
-//! expanded into Pods, a scheduler and kubelet giving pods nodes, IPs and a
-//! Ready condition, and the EndpointSlice controller.
+//! `Controller`, and kubectl, run against it unmodified. For kubectl that
+//! includes the OpenAPI v3 documents it reads before writing (`openapi`), so
+//! that it validates on the server as by default (`fieldValidation=Strict`,
+//! honoured for unknown fields: `validation`), and `meta.k8s.io/v1` Tables for
+//! `kubectl get` with a CRD's printer columns (`table`). Events are one
+//! resource in two schemas, `v1` and `events.k8s.io/v1` (`events`). It also
+//! emulates the cluster around the API: Service IP allocation, Deployments and
+//! DaemonSets expanded into Pods, a scheduler and kubelet giving pods nodes,
+//! IPs and a Ready condition, the EndpointSlice controller, garbage
+//! collection, a CRD's deletion taking its objects with it, and the namespace
+//! controller ([`Config::namespace_cleanup`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,12 +32,16 @@
 pub mod admin;
 mod controllers;
 pub mod error;
+mod events;
 mod http;
 mod loader;
+mod openapi;
 pub mod patch;
 pub mod resources;
 pub mod selector;
 mod store;
+mod table;
+mod validation;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -110,6 +121,12 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// How many events the log keeps; a watch from before them gets 410.
     pub max_events: usize,
+    /// How long a deleted namespace stays `Terminating` before the emulated
+    /// namespace controller deletes what is in it and then the namespace
+    /// (default: no time, it goes with the DELETE; a real one takes seconds,
+    /// during which its objects can still be read and deleted, not created —
+    /// `kubectl delete -k` relies on that).
+    pub namespace_cleanup: Duration,
     /// The version `/version` reports.
     pub version: (u32, u32),
 }
@@ -129,6 +146,7 @@ impl Default for Config {
             pod_grace: Grace::For(Duration::from_secs(1)),
             bookmark_interval: Duration::from_secs(5),
             max_events: 10_000,
+            namespace_cleanup: Duration::ZERO,
             version: (1, 32),
         }
     }

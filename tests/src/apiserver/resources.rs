@@ -70,6 +70,7 @@ pub static KINDS: &[ResourceKind] = &[
     kind("", "v1", "configmaps", "configmap", "ConfigMap", true, false, &["cm"]),
     kind("", "v1", "secrets", "secret", "Secret", true, false, &[]),
     kind("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true, false, &["sa"]),
+    kind("", "v1", "resourcequotas", "resourcequota", "ResourceQuota", true, true, &["quota"]),
     kind("discovery.k8s.io", "v1", "endpointslices", "endpointslice", "EndpointSlice", true, false, &[]),
     kind("events.k8s.io", "v1", "events", "event", "Event", true, false, &["ev"]),
     kind("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, false, &[]),
@@ -99,6 +100,13 @@ pub fn find_by_kind(api_version: &str, kind: &str) -> Option<KindId> {
 /// Finds a kind by its plural alone (the first match: core before the others).
 pub fn find_by_plural(plural: &str) -> Option<KindId> {
     KINDS.iter().position(|k| k.plural == plural)
+}
+
+/// Whether the kind takes strategic merge patches (`application/strategic-merge-patch+json`):
+/// built-in kinds do; custom resources and CRDs do not.
+pub fn strategic_merge_patch(kind: KindId) -> bool {
+    let k = &KINDS[kind];
+    !(k.group == "codesink.net" || k.group == "apiextensions.k8s.io")
 }
 
 /// Splits `group/version` (or `v1`) into its parts.
@@ -153,6 +161,22 @@ pub mod ids {
     pub fn deployments() -> KindId {
         must("apps", "deployments")
     }
+    /// `apps/v1/daemonsets`.
+    pub fn daemonsets() -> KindId {
+        must("apps", "daemonsets")
+    }
+    /// `v1/events` (the core group's view of Events).
+    pub fn core_events() -> KindId {
+        must("", "events")
+    }
+    /// `events.k8s.io/v1/events` (the same Events, in the newer schema).
+    pub fn events() -> KindId {
+        must("events.k8s.io", "events")
+    }
+    /// `apiextensions.k8s.io/v1/customresourcedefinitions`.
+    pub fn crds() -> KindId {
+        must("apiextensions.k8s.io", "customresourcedefinitions")
+    }
 }
 
 #[cfg(test)]
@@ -161,7 +185,18 @@ mod test {
 
     #[test]
     fn well_known_ids_resolve() {
-        for id in [ids::pods(), ids::services(), ids::nodes(), ids::namespaces(), ids::endpointslices(), ids::deployments()] {
+        for id in [
+            ids::pods(),
+            ids::services(),
+            ids::nodes(),
+            ids::namespaces(),
+            ids::endpointslices(),
+            ids::deployments(),
+            ids::daemonsets(),
+            ids::core_events(),
+            ids::events(),
+            ids::crds(),
+        ] {
             assert!(id < KINDS.len());
         }
         assert_eq!(KINDS[ids::endpointslices()].kind, "EndpointSlice");

@@ -12,10 +12,10 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
-use super::patch;
 use super::resources::{KINDS, KindId, ResourceKind, ids};
 use super::selector::{FieldSelector, LabelSelector};
-use super::Config;
+use super::validation::Directive;
+use super::{Config, events, patch, table, validation};
 
 /// `(namespace, name)`; the namespace is empty for cluster-scoped kinds.
 pub(crate) type Key = (String, String);
@@ -124,6 +124,9 @@ pub(crate) struct Store {
     /// event after it.
     pub floor: u64,
     pub timers: Vec<Timer>,
+    /// Terminating namespaces the emulated namespace controller empties and
+    /// removes at the time given.
+    pub namespace_timers: Vec<(tokio::time::Instant, String)>,
     /// Namespaces whose pods, services or deployments changed since the
     /// controllers last ran.
     pub dirty: BTreeSet<String>,
@@ -137,6 +140,11 @@ pub(crate) struct Store {
     pub next_node_port: u16,
     rng: u64,
     changed: tokio::sync::watch::Sender<u64>,
+    /// The `fieldValidation` of the request being served: the HTTP layer sets
+    /// it around one write (never around the built-in controllers' writes).
+    pub validation: Option<Directive>,
+    /// Warnings for the request being served (`Warning` headers).
+    pub warnings: Vec<String>,
 }
 
 /// Now, as Kubernetes timestamps are written.
@@ -203,6 +211,7 @@ impl Store {
             log: VecDeque::new(),
             floor: 0,
             timers: Vec::new(),
+            namespace_timers: Vec::new(),
             dirty: BTreeSet::new(),
             orphans: BTreeSet::new(),
             nodes_changed: false,
@@ -211,6 +220,8 @@ impl Store {
             next_node_port,
             rng: seed,
             changed,
+            validation: None,
+            warnings: Vec::new(),
         };
         for ns in s.cfg.namespaces.clone() {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -267,7 +278,7 @@ impl Store {
     fn mark_dirty(&mut self, kind: KindId, ns: &str) {
         if kind == ids::nodes() {
             self.nodes_changed = true;
-        } else if [ids::pods(), ids::services(), ids::deployments()].contains(&kind) {
+        } else if [ids::pods(), ids::services(), ids::deployments(), ids::daemonsets()].contains(&kind) {
             self.dirty.insert(ns.to_string());
         }
     }
@@ -288,9 +299,17 @@ impl Store {
         {
             self.orphans.insert((kind, key.clone()));
         }
-        let prev = self.objects[kind].insert(key, obj.clone());
+        let prev = self.objects[kind].insert(key.clone(), obj.clone());
         self.log_event(kind, &ns, etype, obj.clone(), prev);
         self.mark_dirty(kind, &ns);
+        if let Some((twin, convert)) = twin_of(kind) {
+            let mut t = convert(&obj);
+            self.rv += 1;
+            meta_mut(&mut t).insert("resourceVersion".into(), json!(self.rv.to_string()));
+            let prev = self.objects[twin].insert(key, t.clone());
+            let etype = if prev.is_some() { EventType::Modified } else { EventType::Added };
+            self.log_event(twin, &ns, etype, t, prev);
+        }
         obj
     }
 
@@ -321,11 +340,40 @@ impl Store {
         self.uids.remove(&uid);
         self.log_event(kind, &key.0, EventType::Deleted, obj.clone(), Some(obj.clone()));
         self.mark_dirty(kind, &key.0);
+        if let Some((twin, _)) = twin_of(kind)
+            && let Some(mut t) = self.objects[twin].remove(key)
+        {
+            self.rv += 1;
+            meta_mut(&mut t).insert("resourceVersion".into(), json!(self.rv.to_string()));
+            self.log_event(twin, &key.0, EventType::Deleted, t.clone(), Some(t));
+        }
         self.collect_dependents(&uid);
         if kind == ids::namespaces() {
             self.empty_namespace(&key.1);
         }
+        if kind == ids::crds() {
+            self.delete_custom_resources(&obj);
+        }
         Some(obj)
+    }
+
+    /// A CRD that goes takes every object of the kind it defines with it (the
+    /// real server deletes them first, under the CRD's
+    /// `customresourcecleanup.apiextensions.k8s.io` finalizer; here they go
+    /// at once, finalizers or not). Their dependents are collected. The kind
+    /// itself stays served: this server's kinds are fixed.
+    fn delete_custom_resources(&mut self, crd: &Value) {
+        let group = crd.pointer("/spec/group").and_then(Value::as_str).unwrap_or_default();
+        let plural = crd.pointer("/spec/names/plural").and_then(Value::as_str).unwrap_or_default();
+        for kind in 0..KINDS.len() {
+            if KINDS[kind].group != group || KINDS[kind].plural != plural {
+                continue;
+            }
+            let keys: Vec<Key> = self.objects[kind].keys().cloned().collect();
+            for key in keys {
+                self.remove(kind, &key);
+            }
+        }
     }
 
     /// Owner-reference garbage collection: a dependent none of whose owners
@@ -628,7 +676,8 @@ impl Store {
         if obj.pointer("/metadata/deletionTimestamp").is_none() {
             return false;
         }
-        let finalizers = obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        let finalizers = obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty())
+            || (kind == ids::namespaces() && obj.pointer("/spec/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty()));
         let grace_over = kind != ids::pods()
             || obj.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0) == 0;
         !finalizers && grace_over
@@ -668,7 +717,7 @@ impl Store {
                 patch::merge_patch(&mut next, &p);
             }
             "application/strategic-merge-patch+json" => {
-                if kind == 0 || rk.group == "apiextensions.k8s.io" {
+                if !super::resources::strategic_merge_patch(kind) {
                     return Err(ApiError::unsupported_media_type(ct));
                 }
                 let p: Value = parse_json(body)?;
@@ -844,6 +893,14 @@ impl Store {
         }
         if kind == ids::namespaces() {
             next["status"] = json!({"phase": "Terminating"});
+            if !already && self.cfg.namespace_cleanup.is_zero() {
+                let marked = self.put(kind, next, EventType::Modified);
+                self.finish_namespace(&key.1);
+                return Ok(marked);
+            }
+            if !already {
+                self.namespace_timers.push((tokio::time::Instant::now() + self.cfg.namespace_cleanup, key.1.clone()));
+            }
         }
         if self.deletion_due(kind, &next) {
             self.objects[kind].insert(key.clone(), next);
@@ -888,9 +945,51 @@ impl Store {
         Ok(())
     }
 
-    /// Fires the kubelet timers that are due.
+    /// Field validation of `obj` (see [`validation`]): `Strict` refuses
+    /// unknown fields, `Warn` returns them as warnings, `Ignore` checks nothing.
+    pub fn check_fields(&self, kind: KindId, obj: &Value, directive: Directive) -> Result<Vec<String>, ApiError> {
+        if directive == Directive::Ignore {
+            return Ok(Vec::new());
+        }
+        let schema = table::crd_for(self, kind)
+            .and_then(|crd| table::crd_version(crd, KINDS[kind].version))
+            .and_then(|v| v.pointer("/schema/openAPIV3Schema"));
+        let findings = validation::check(kind, obj, schema);
+        if directive == Directive::Strict {
+            return findings.refusal(kind).map_or(Ok(Vec::new()), Err);
+        }
+        Ok(findings.warnings())
+    }
+
+    /// The namespace controller on a terminating namespace: everything in it
+    /// goes, then its `kubernetes` finalizer, then (unless other finalizers
+    /// hold it) the namespace.
+    fn finish_namespace(&mut self, ns: &str) {
+        let key = (String::new(), ns.to_string());
+        let Some(mut n) = self.objects[ids::namespaces()].get(&key).cloned() else { return };
+        if let Some(spec) = n.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.remove("finalizers");
+        }
+        self.objects[ids::namespaces()].insert(key.clone(), n.clone());
+        self.empty_namespace(ns);
+        if self.deletion_due(ids::namespaces(), &n) {
+            self.remove(ids::namespaces(), &key);
+        }
+    }
+
+    /// Whether a kubelet or namespace timer is pending.
+    pub fn has_timers(&self) -> bool {
+        !self.timers.is_empty() || !self.namespace_timers.is_empty()
+    }
+
+    /// Fires the kubelet and namespace-controller timers that are due.
     pub fn fire_timers(&mut self) {
         let now = tokio::time::Instant::now();
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.namespace_timers).into_iter().partition(|(t, _)| *t <= now);
+        self.namespace_timers = rest;
+        for (_, ns) in due {
+            self.finish_namespace(&ns);
+        }
         let (due, rest): (Vec<Timer>, Vec<Timer>) = std::mem::take(&mut self.timers).into_iter().partition(|t| t.due <= now);
         self.timers = rest;
         for t in due {
@@ -938,6 +1037,10 @@ impl Store {
     /// before storing.
     fn prepare(&mut self, kind: KindId, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
         let rk = &KINDS[kind];
+        if let Some(directive) = self.validation {
+            let warnings = self.check_fields(kind, obj, directive)?;
+            self.warnings.extend(warnings);
+        }
         if old.is_none() && rk.status && kind != ids::nodes() {
             // Real registries drop status on create for these kinds.
             if let Some(m) = obj.as_object_mut() {
@@ -958,8 +1061,23 @@ impl Store {
             if obj.pointer("/status/phase").is_none() {
                 obj["status"] = json!({"phase": "Active"});
             }
+            if old.is_none() && obj.pointer("/spec/finalizers").is_none() {
+                // The finalizer the namespace controller removes once the namespace is empty.
+                if !obj.get("spec").is_some_and(Value::is_object) {
+                    obj["spec"] = json!({});
+                }
+                obj["spec"]["finalizers"] = json!(["kubernetes"]);
+            }
         } else if kind == ids::deployments() && obj.pointer("/spec/replicas").is_none() {
             obj["spec"]["replicas"] = json!(1);
+        } else if kind == ids::daemonsets() && obj.get("spec").is_some_and(Value::is_object) {
+            // The real registry's defaults, which `kubectl rollout status` reads.
+            if obj.pointer("/spec/updateStrategy/type").is_none() {
+                obj["spec"]["updateStrategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}});
+            }
+            if obj.pointer("/spec/revisionHistoryLimit").is_none() {
+                obj["spec"]["revisionHistoryLimit"] = json!(10);
+            }
         } else if kind == ids::endpointslices()
             && let Some(Value::Array(ports)) = obj.get_mut("ports")
         {
@@ -973,6 +1091,17 @@ impl Store {
     }
 
 
+}
+
+/// The kind an Event is also stored as, and the conversion to it (see [`events`]).
+fn twin_of(kind: KindId) -> Option<(KindId, fn(&Value) -> Value)> {
+    if kind == ids::events() {
+        Some((ids::core_events(), events::to_core))
+    } else if kind == ids::core_events() {
+        Some((ids::events(), events::to_events_v1))
+    } else {
+        None
+    }
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
