@@ -91,16 +91,15 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         label_sets: Mutex::new(LabelSets::default()),
     });
 
-    // Ready once every cache has its first list.
+    // Ready once every cache has its first list. kube-runtime's
+    // `Store::wait_until_ready` wakes only one of several tasks waiting on the
+    // same store (the Controller waits on the WeightedService store too), so a
+    // waiter that missed its wake-up asks again: an already-ready store answers
+    // at once.
     let (ws_ready, slices_ready, pods_ready) = (weighted_services.clone(), slices.clone(), pods.clone());
     let ready_health = health.clone();
-    let ready_ctx = ctx.clone();
     tokio::spawn(async move {
-        if ws_ready.wait_until_ready().await.is_ok()
-            && slices_ready.wait_until_ready().await.is_ok()
-            && pods_ready.wait_until_ready().await.is_ok()
-        {
-            ready_ctx.ready_since.lock().unwrap_or_else(|p| p.into_inner()).mark_started();
+        if synced(&ws_ready).await && synced(&slices_ready).await && synced(&pods_ready).await {
             ready_health.set_ready();
             tracing::info!("watch caches synced: ready");
         }
@@ -342,8 +341,7 @@ fn publish_transitions(ctx: &Context, ws: &WeightedService, old: &crate::crd::We
             continue;
         }
         // Pending (a new WeightedService whose Service or endpoints are not
-        // there yet) is transient and expected: not worth an Event, and the
-        // success that follows it is a first success.
+        // there yet) is transient and expected: not worth an Event.
         if condition.reason == status::PENDING {
             continue;
         }
@@ -352,8 +350,10 @@ fn publish_transitions(ctx: &Context, ws: &WeightedService, old: &crate::crd::We
             status::SERVICE_READY | status::POLICY_READY => condition.status != "True",
             _ => condition.status == "True",
         };
-        if !warning && before.is_none_or(|b| b.reason == status::PENDING) {
-            continue; // nothing to report on first success
+        // A warning condition that was never raised: nothing to say. (The first
+        // Applied and Evaluated are said: `kubectl describe` shows what happened.)
+        if !warning && before.is_none() && !matches!(condition.type_.as_str(), status::SERVICE_READY | status::POLICY_READY) {
+            continue;
         }
         ctx.events.send(Notice {
             reference: ws.object_ref(&()),
@@ -361,6 +361,19 @@ fn publish_transitions(ctx: &Context, ws: &WeightedService, old: &crate::crd::We
             reason: condition.reason.clone(),
             note: condition.message.clone(),
         });
+    }
+}
+
+/// Whether `store` had its first full list (false: its writer is gone).
+async fn synced<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) = tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await {
+            return result.is_ok();
+        }
     }
 }
 

@@ -475,7 +475,6 @@ async fn a_new_user_follows_the_readme() {
 /// controller Deployment probes it, so `kubectl rollout status` on a real
 /// cluster waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: the controller's /readyz stays 503. kube-runtime 5.0's Store::wait_until_ready wakes only the last of several concurrent waiters (futures' oneshot keeps one waker), and the controller's readiness task waits on the Controller's own store alongside the Controller's runner"]
 async fn the_controller_reports_ready_once_its_caches_are_synced() {
     let server = TestApiServer::start(Config::default()).await.expect("the test API server starts");
     let handle = server.handle().clone();
