@@ -36,6 +36,11 @@ struct Args {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_seconds: u64,
+    /// Seconds a deleted namespace stays Terminating before its contents go,
+    /// as the namespace controller takes a moment; so that `kubectl delete -k`
+    /// deletes each object itself, as against a real cluster (0: at once).
+    #[arg(long, default_value_t = 1)]
+    namespace_cleanup_seconds: u64,
     /// Write a kubeconfig pointing at the server to this file.
     #[arg(long)]
     write_kubeconfig: Option<PathBuf>,
@@ -57,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
             Grace::For(Duration::from_secs(args.pod_grace_seconds))
         },
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
+        namespace_cleanup: Duration::from_secs(args.namespace_cleanup_seconds),
         ..Config::default()
     };
     if !args.nodes.is_empty() {
