@@ -90,6 +90,10 @@ fn every_flag_the_readme_names_exists() {
         let out = Command::new(ipvs_operator()).args([sub, "--help"]).output().expect("ipvs-operator runs");
         help += &String::from_utf8_lossy(&out.stdout);
     }
+    // The README also shows the test API server (Development).
+    let test_apiserver = ipvs_operator().with_file_name("test-apiserver");
+    let out = Command::new(&test_apiserver).arg("--help").output().expect("test-apiserver runs");
+    help += &String::from_utf8_lossy(&out.stdout);
     let flags: std::collections::BTreeSet<String> = README
         .split(|c: char| c.is_whitespace() || "`(),".contains(c))
         .filter(|w| w.starts_with("--") && w.len() > 2 && w[2..].chars().all(|c| c.is_ascii_lowercase() || c == '-'))
