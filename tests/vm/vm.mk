@@ -6,7 +6,7 @@ VM_RUN := $(CURDIR)/tests/vm/run
 # Cargo runs each test (or bench) executable as `tests/vm/run -- EXE ARGS…`.
 VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
 
-.PHONY: test-kernel bench-ipvs vm-binaries
+.PHONY: test-kernel bench-ipvs bench-convergence vm-binaries
 
 ## vm-binaries: the project binaries the VM tests start (the VM runner copies
 ## every executable of target/release into the guest).
@@ -29,6 +29,17 @@ bench-ipvs: setup vm-binaries
 	mkdir -p target/bench
 	IPVS_VM_OUT="$(CURDIR)/target/bench" $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs --features kernel-tests --bench ipvs-apply
 	@cat target/bench/ipvs-apply.json
+
+## bench-convergence: the real agent at scale in the VM — 1,000
+## WeightedServices, 10,000 endpoints, the kube-proxy emulator: edit -> kernel
+## latency (p50, p99 of 100 edits), resident memory, idle CPU, against the same
+## weight changes written directly; writes target/bench/convergence.json.
+## About 5 minutes under the VM's emulated CPU.
+bench-convergence: setup vm-binaries
+	mkdir -p target/bench
+	IPVS_VM_MEM=4096 IPVS_VM_TIMEOUT=1800 IPVS_VM_OUT="$(CURDIR)/target/bench" \
+	  $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs-operator-tests --features kernel-tests --bench convergence
+	@cat target/bench/convergence.json
 
 ## clean-vm: forget the downloaded kernel and the cached base initramfs.
 clean-vm:

@@ -6,31 +6,43 @@
 //! policies whose input changed (or that asked to be evaluated again), reads the
 //! kernel's virtual services of those WeightedServices, and writes only the
 //! difference. Besides passes after changes — and short retries after
-//! EndpointSlice changes, since kube-proxy acts asynchronously — a periodic pass
-//! over everything repairs what kube-proxy reverted (IPVS has no change
-//! notifications, so polling is the only way). See DESIGN.md, "Coexisting with
-//! kube-proxy".
+//! EndpointSlice changes, since kube-proxy acts asynchronously — a periodic
+//! sweep compares everything with the kernel and repairs what kube-proxy
+//! reverted (IPVS has no change notifications, so polling is the only way). See
+//! DESIGN.md, "Coexisting with kube-proxy".
+//!
+//! What a pass costs follows what changed, not the cluster's size: a change
+//! rebuilds only the snapshots it touches and reads only their virtual services
+//! (by key, when no NodePort is involved: no listing of the node's table). The
+//! sweep only reads and compares (inputs that did not change are not rebuilt):
+//! it reads the whole table at once from `/proc/net/ip_vs` and goes through
+//! netlink only for the WeightedServices that differ there (or for all of them
+//! when the file cannot be read), in chunks between which changes are handled,
+//! so an edit never waits behind a sweep of thousands of virtual services.
 
 pub mod plan;
+pub mod procfs;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipvs::{DesiredService, IpvsClient, IpvsError, ServiceEntry, ServiceKey, Write};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use crate::cluster::{Change, Stores};
+use crate::cluster::{Change, Stores, SERVICE_NAME_LABEL};
 use crate::crd::WeightedService;
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
 use crate::policy::{Catalog, PolicyError};
-use crate::snapshot::{LabelSets, ReadySince, Snapshot};
+use crate::snapshot::{LabelSets, NodeInfo, ReadySince, Snapshot};
 use plan::{desired, ServicePlan};
 
 /// How the agent runs.
@@ -78,6 +90,18 @@ impl fmt::Display for WsKey {
 /// (a timeout under load may pass).
 const FAILED_RETRY: Duration = Duration::from_secs(30);
 
+/// WeightedServices compared with the kernel in one chunk of the periodic
+/// sweep; changes that arrived meanwhile are handled between chunks.
+const SWEEP_CHUNK: usize = 50;
+
+/// Up to this many virtual services, a pass reads them one by one by key
+/// rather than listing every virtual service of the node.
+const TARGETED_READS: usize = 32;
+
+/// A pass rebuilding more snapshots than this indexes the EndpointSlices once
+/// rather than scanning them for each WeightedService.
+const INDEX_SLICES_ABOVE: usize = 4;
+
 /// What the agent knows about one WeightedService.
 struct WsState {
     uid: String,
@@ -90,7 +114,7 @@ struct WsState {
     /// The last policy error, not to repeat its Event.
     error: Option<String>,
     /// Where the weights go, from the current snapshot.
-    plan: Option<ServicePlan>,
+    plan: Option<Arc<ServicePlan>>,
     /// The plan has been written once; later writes for it repair drift.
     plan_applied: bool,
     /// The reference Events about it attach to.
@@ -110,9 +134,15 @@ struct Changed {
 /// Which WeightedServices a pass looks at.
 #[derive(Default)]
 struct Dirty {
+    /// Rebuild and compare everything (the first pass, relists, the Node, policies).
     all: bool,
+    /// Rebuild and compare these.
     keys: HashSet<WsKey>,
+    /// Rebuild and compare every WeightedService of these namespaces.
     namespaces: HashSet<String>,
+    /// Only compare these with the kernel (a chunk of the periodic sweep): their
+    /// inputs did not change.
+    check: HashSet<WsKey>,
 }
 
 impl Dirty {
@@ -128,12 +158,18 @@ impl Dirty {
         }
     }
 
+    /// Whether the WeightedService's snapshot is rebuilt.
     fn contains(&self, key: &WsKey) -> bool {
         self.all || self.keys.contains(key) || self.namespaces.contains(&key.namespace)
     }
 
+    /// Whether the WeightedService is compared with the kernel.
+    fn in_scope(&self, key: &WsKey) -> bool {
+        self.contains(key) || self.check.contains(key)
+    }
+
     fn is_empty(&self) -> bool {
-        !self.all && self.keys.is_empty() && self.namespaces.is_empty()
+        !self.all && self.keys.is_empty() && self.namespaces.is_empty() && self.check.is_empty()
     }
 }
 
@@ -163,7 +199,17 @@ pub struct Worker {
     changed: HashMap<WsKey, Changed>,
     ready_since: ReadySince,
     label_sets: LabelSets,
+    /// The node's virtual services as listed for the sweep under way: its
+    /// chunks read only their destinations. Dropped when a sweep starts and
+    /// when a pass writes.
+    listed: Option<Vec<ipvs::Service>>,
+    /// Sweeps started, for the occasional cross-check of the cache and the state.
+    sweeps: u64,
 }
+
+/// Every this many sweeps, the WeightedServices in the cache and those the
+/// agent knows are cross-checked (watch events normally keep them the same).
+const CROSS_CHECK_EVERY: u64 = 15;
 
 impl Worker {
     /// A worker over these caches; call [`Worker::run`] once they are ready.
@@ -187,38 +233,61 @@ impl Worker {
             changed: HashMap::new(),
             ready_since: ReadySince::default(),
             label_sets: LabelSets::default(),
+            listed: None,
+            sweeps: 0,
         }
     }
 
     /// Run passes until `changes` is closed.
     pub fn run(mut self, changes: Receiver<Change>) {
         let mut dirty = Dirty { all: true, ..Dirty::default() };
-        let mut next_full = Instant::now();
+        // The first pass compares everything: the first sweep comes one interval later.
+        let mut next_sweep = Instant::now() + self.config.drift_interval;
+        // What is left of the current sweep.
+        let mut sweep: Vec<WsKey> = Vec::new();
         let mut retries: BTreeSet<Instant> = BTreeSet::new();
         let mut retry_keys: HashSet<WsKey> = HashSet::new();
+        // Changes and sweep chunks take turns when both wait, so that a stream of
+        // changes cannot hold drift repairs back for ever.
+        let mut chunk_turn = false;
         loop {
             self.health.beat();
             let now = Instant::now();
-            let due = self.states.values().filter_map(|s| s.due).min();
-            let wake = [Some(next_full), due, retries.first().copied()].into_iter().flatten().min().unwrap_or(next_full);
-            if dirty.is_empty() && wake > now {
-                match changes.recv_timeout(wake - now) {
-                    Ok(change) => {
-                        self.note(change, &mut dirty, &mut retries, &mut retry_keys);
-                        // Gather a burst of watch events into one pass.
-                        std::thread::sleep(self.config.debounce);
-                        while let Ok(change) = changes.try_recv() {
-                            self.note(change, &mut dirty, &mut retries, &mut retry_keys);
-                        }
+            if dirty.is_empty() && !sweep.is_empty() {
+                // Between two chunks of a sweep: what changed meanwhile goes first.
+                loop {
+                    match changes.try_recv() {
+                        Ok(change) => self.note(change, &mut dirty, &mut retries, &mut retry_keys),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return,
                     }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else if dirty.is_empty() {
+                let due = self.states.values().filter_map(|s| s.due).min();
+                let wake =
+                    [Some(next_sweep), due, retries.first().copied()].into_iter().flatten().min().unwrap_or(next_sweep);
+                if wake > now {
+                    match changes.recv_timeout(wake - now) {
+                        Ok(change) => {
+                            self.note(change, &mut dirty, &mut retries, &mut retry_keys);
+                            // Gather a burst of watch events into one pass.
+                            std::thread::sleep(self.config.debounce);
+                            while let Ok(change) = changes.try_recv() {
+                                self.note(change, &mut dirty, &mut retries, &mut retry_keys);
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             }
             let now = Instant::now();
-            if now >= next_full {
-                dirty.all = true;
-                next_full = now + self.config.drift_interval;
+            if now >= next_sweep {
+                next_sweep = now + self.config.drift_interval;
+                // A sweep still going (slower than the interval) is not restarted.
+                if sweep.is_empty() {
+                    sweep = self.sweep_keys(&mut dirty);
+                }
             }
             while retries.first().is_some_and(|r| *r <= now) {
                 retries.pop_first();
@@ -232,12 +301,27 @@ impl Worker {
                     dirty.keys.insert(key.clone());
                 }
             }
-            if dirty.is_empty() {
+            let work = if !dirty.is_empty() && (!chunk_turn || sweep.is_empty()) {
+                chunk_turn = true;
+                std::mem::take(&mut dirty)
+            } else if !sweep.is_empty() {
+                chunk_turn = false;
+                let chunk = sweep.split_off(sweep.len().saturating_sub(SWEEP_CHUNK));
+                Dirty { check: chunk.into_iter().collect(), ..Dirty::default() }
+            } else {
                 continue;
+            };
+            if work.all {
+                // This pass compares everything: the sweep under way is done with it.
+                sweep.clear();
             }
             let started = Instant::now();
-            let report = self.pass(&dirty);
+            let report = self.pass(&work);
             self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            if self.ipvs.is_none() {
+                // The kernel could not be opened or read: the next sweep tries again.
+                sweep.clear();
+            }
             if report.writes > 0 || report.errors > 0 || report.evaluated > 0 {
                 tracing::info!(
                     evaluated = report.evaluated,
@@ -249,20 +333,84 @@ impl Worker {
                 );
             }
             if report.missing > 0 && retries.is_empty() {
-                // Not created by kube-proxy yet: look again soon (the periodic pass
+                // Not created by kube-proxy yet: look again soon (the periodic sweep
                 // keeps looking after these).
-                retry_keys.extend(dirty.keys.iter().cloned());
+                retry_keys.extend(work.keys.iter().cloned());
                 for delay in &self.config.slice_retries {
                     retries.insert(Instant::now() + *delay);
                 }
             }
-            dirty = Dirty::default();
             if self.ipvs.is_some() && !self.health.is_ready() {
                 self.ready_since.mark_started();
                 self.health.set_ready();
                 tracing::info!("first pass done: ready");
             }
+            if work.all {
+                // The first lists of every watch and the first pass leave the
+                // allocator's arenas full of freed buffers: give them back.
+                release_free_memory();
+            }
         }
+    }
+
+    /// The WeightedServices a new sweep compares with the kernel. Now and then,
+    /// any that the cache and the agent's state disagree on (new, gone, or
+    /// replaced under the same name) are made dirty, should a change have been
+    /// missed.
+    fn sweep_keys(&mut self, dirty: &mut Dirty) -> Vec<WsKey> {
+        self.listed = None;
+        self.sweeps += 1;
+        if self.sweeps.is_multiple_of(CROSS_CHECK_EVERY) {
+            let mut seen = HashSet::with_capacity(self.states.len());
+            for ws in self.stores.weighted_services.state() {
+                let key = WsKey { namespace: ws.namespace().unwrap_or_default(), name: ws.name_any() };
+                if self.states.get(&key).map(|s| s.uid.as_str()) != ws.metadata.uid.as_deref() {
+                    dirty.keys.insert(key.clone());
+                }
+                seen.insert(key);
+            }
+            dirty.keys.extend(self.states.keys().filter(|k| !seen.contains(*k)).cloned());
+        }
+        match self.drifted() {
+            Some(drifted) => drifted.into_iter().collect(),
+            None => self.states.keys().cloned().collect(),
+        }
+    }
+
+    /// The WeightedServices whose virtual services differ from their plans in
+    /// `/proc/net/ip_vs`: a scheduler, a weight, or a destination the kernel
+    /// does not have (yet). `None` when the file cannot be read or understood.
+    fn drifted(&self) -> Option<HashSet<WsKey>> {
+        let text = match procfs::read() {
+            Ok(text) => text,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read /proc/net/ip_vs: the sweep reads everything through netlink");
+                return None;
+            }
+        };
+        let Some(table) = procfs::parse(&text) else {
+            tracing::warn!("/proc/net/ip_vs is not in the expected format: the sweep reads everything through netlink");
+            return None;
+        };
+        let matcher = plan::Matcher::new(self.states.iter().filter_map(|(k, s)| Some((k, s.plan.as_deref()?))));
+        let mut drifted = HashSet::new();
+        for service in &table {
+            let Some(m) = service.key.as_ref().and_then(|key| matcher.find(key)) else { continue };
+            if drifted.contains(m.key) {
+                continue;
+            }
+            let differs = service.scheduler != m.plan.scheduler
+                || if service.destinations.len() <= 16 {
+                    m.port.weights.iter().any(|(address, weight)| service.weight_of(address) != Some(u32::from(*weight)))
+                } else {
+                    let have: HashMap<&SocketAddr, u32> = service.destinations.iter().map(|(a, w)| (a, *w)).collect();
+                    m.port.weights.iter().any(|(address, weight)| have.get(address) != Some(&u32::from(*weight)))
+                };
+            if differs {
+                drifted.insert(m.key.clone());
+            }
+        }
+        Some(drifted)
     }
 
     fn note(&self, change: Change, dirty: &mut Dirty, retries: &mut BTreeSet<Instant>, retry_keys: &mut HashSet<WsKey>) {
@@ -276,34 +424,53 @@ impl Worker {
         dirty.add(change);
     }
 
-    /// One pass over the dirty WeightedServices (or all of them).
+    /// One pass: rebuild what changed, then compare what is in scope with the kernel.
     fn pass(&mut self, dirty: &Dirty) -> PassReport {
         let mut report = PassReport::default();
         let now = Timestamp::now();
         let instant = Instant::now();
 
-        // What exists now; what went away is restored below.
-        let current: HashMap<WsKey, Arc<WeightedService>> = self
-            .stores
-            .weighted_services
-            .state()
-            .into_iter()
-            .map(|ws| (WsKey { namespace: ws.namespace().unwrap_or_default(), name: ws.name_any() }, ws))
-            .collect();
-        let gone: Vec<WsKey> = self
-            .states
-            .iter()
-            .filter(|(k, s)| current.get(*k).and_then(|ws| ws.metadata.uid.as_deref()) != Some(s.uid.as_str()))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in &gone {
-            self.states.remove(key);
-            tracing::info!(weighted_service = %key, "WeightedService gone: restoring what it changed");
+        // The WeightedServices to rebuild, as the cache has them now (None: gone).
+        let store = &self.stores.weighted_services;
+        let candidates: Vec<(WsKey, Option<Arc<WeightedService>>)> = if dirty.all {
+            let current: HashMap<WsKey, Arc<WeightedService>> = store
+                .state()
+                .into_iter()
+                .map(|ws| (WsKey { namespace: ws.namespace().unwrap_or_default(), name: ws.name_any() }, ws))
+                .collect();
+            let gone: Vec<(WsKey, Option<Arc<WeightedService>>)> =
+                self.states.keys().filter(|k| !current.contains_key(*k)).map(|k| (k.clone(), None)).collect();
+            current.into_iter().map(|(k, ws)| (k, Some(ws))).chain(gone).collect()
+        } else {
+            let mut keys: HashSet<&WsKey> = dirty.keys.iter().collect();
+            if !dirty.namespaces.is_empty() {
+                keys.extend(self.states.keys().filter(|k| dirty.namespaces.contains(&k.namespace)));
+            }
+            keys.into_iter()
+                .map(|k| (k.clone(), store.get(&ObjectRef::new(&k.name).within(&k.namespace))))
+                .collect()
+        };
+        let mut gone = Vec::new();
+        for (key, ws) in &candidates {
+            let uid = ws.as_ref().and_then(|ws| ws.metadata.uid.as_deref());
+            if self.states.get(key).is_some_and(|s| Some(s.uid.as_str()) != uid) {
+                self.states.remove(key);
+                tracing::info!(weighted_service = %key, "WeightedService gone: restoring what it changed");
+                gone.push(key.clone());
+            }
         }
 
-        for (key, ws) in &current {
-            if dirty.contains(key) || !self.states.contains_key(key) {
-                if self.refresh(key, ws, now, instant) {
+        let rebuilding = candidates.iter().filter(|(_, ws)| ws.is_some()).count();
+        if rebuilding > 0 {
+            let node = self.stores.node_info(&self.config.node_name);
+            let index = (rebuilding > INDEX_SLICES_ABOVE).then(|| index_slices(self.stores.slices.state()));
+            for (key, ws) in &candidates {
+                let Some(ws) = ws else { continue };
+                let slices = match &index {
+                    Some(index) => index.get(key).cloned().unwrap_or_default(),
+                    None => self.stores.slices_of(&key.namespace, &key.name),
+                };
+                if self.refresh(key, ws, &slices, &node, now, instant) {
                     report.evaluated += 1;
                 }
             }
@@ -330,22 +497,54 @@ impl Worker {
     /// Read the kernel's virtual services of what is in scope (or restored) and
     /// write the difference.
     fn sync_kernel(&mut self, ipvs: &mut IpvsClient, dirty: &Dirty, gone: &[WsKey], report: &mut PassReport) -> Result<(), IpvsError> {
-        let in_scope: Vec<(WsKey, ServicePlan)> = self
-            .states
-            .iter()
-            .filter(|(k, _)| dirty.contains(k))
-            .filter_map(|(k, s)| s.plan.clone().map(|p| (k.clone(), p)))
-            .collect();
-        let matcher = plan::Matcher::new(in_scope.iter().map(|(k, p)| (k, p)));
+        let in_scope: Vec<(WsKey, Arc<ServicePlan>)> = if dirty.all || !dirty.namespaces.is_empty() {
+            self.states
+                .iter()
+                .filter(|(k, _)| dirty.in_scope(k))
+                .filter_map(|(k, s)| s.plan.clone().map(|p| (k.clone(), p)))
+                .collect()
+        } else {
+            dirty
+                .keys
+                .iter()
+                .chain(&dirty.check)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .filter_map(|k| self.states.get(k)?.plan.clone().map(|p| (k.clone(), p)))
+                .collect()
+        };
+        if in_scope.is_empty() && gone.is_empty() {
+            return Ok(());
+        }
+        let matcher = plan::Matcher::new(in_scope.iter().map(|(k, p)| (k, &**p)));
         let restoring: HashSet<ServiceKey> = gone
             .iter()
             .filter_map(|k| self.changed.get(k))
             .flat_map(|c| c.weights.iter().map(|(s, _)| *s).chain(c.schedulers.keys().copied()))
             .collect();
-        let entries =
-            ipvs.dump_services(|service| matcher.find(&service.key).is_some() || restoring.contains(&service.key))?;
+        let wanted = |service: &ipvs::Service| matcher.find(&service.key).is_some() || restoring.contains(&service.key);
+        let sweeping = !dirty.all && dirty.keys.is_empty() && dirty.namespaces.is_empty() && gone.is_empty();
+        let entries = if sweeping {
+            // A chunk of the sweep: the listing made for the sweep, fresh destinations.
+            let listed = match self.listed.take() {
+                Some(listed) => listed,
+                None => ipvs.services()?,
+            };
+            let mut entries = Vec::new();
+            for service in listed.iter().filter(|s| wanted(s)) {
+                let destinations = ipvs.destinations(&service.key)?;
+                entries.push(ServiceEntry { service: service.clone(), destinations });
+            }
+            self.listed = Some(listed);
+            entries
+        } else {
+            match targeted_keys(&in_scope, &restoring) {
+                Some(keys) => read_services(ipvs, keys)?,
+                None => ipvs.dump_services(wanted)?,
+            }
+        };
 
-        let mut wanted: Vec<(WsKey, DesiredService)> = desired(in_scope.iter().map(|(k, p)| (k, p)), &entries)
+        let mut wanted: Vec<(WsKey, DesiredService)> = desired(in_scope.iter().map(|(k, p)| (k, &**p)), &entries)
             .into_iter()
             .map(|(k, d)| (k.clone(), d))
             .collect();
@@ -360,7 +559,13 @@ impl Worker {
         report.missing = plan.missing_services.len() + plan.missing_destinations.len();
         let originals: HashMap<ServiceKey, String> =
             entries.iter().map(|e| (e.service.key, e.service.scheduler.clone())).collect();
-        let results = if plan.writes.is_empty() { Vec::new() } else { ipvs.apply(&plan.writes) };
+        let results = if plan.writes.is_empty() {
+            Vec::new()
+        } else {
+            // What the sweep listed may be out of date now.
+            self.listed = None;
+            ipvs.apply(&plan.writes)
+        };
         report.writes = plan.writes.len();
         let mut failed: HashSet<WsKey> = HashSet::new();
         for (write, result) in plan.writes.iter().zip(results) {
@@ -436,7 +641,15 @@ impl Worker {
 
     /// Rebuild the snapshot and plan of one WeightedService, evaluating its
     /// policy if its input changed or it is due. True if it was evaluated.
-    fn refresh(&mut self, key: &WsKey, ws: &WeightedService, now: Timestamp, instant: Instant) -> bool {
+    fn refresh(
+        &mut self,
+        key: &WsKey,
+        ws: &WeightedService,
+        slices: &[Arc<EndpointSlice>],
+        node: &NodeInfo,
+        now: Timestamp,
+        instant: Instant,
+    ) -> bool {
         let uid = ws.metadata.uid.clone().unwrap_or_default();
         let state = self.states.entry(key.clone()).or_insert_with(|| WsState {
             uid,
@@ -453,15 +666,13 @@ impl Worker {
             state.plan = None;
             return false;
         };
-        let node = self.stores.node_info(&self.config.node_name);
         let stores = &self.stores;
-        let slices = stores.slices_of(&key.namespace, &key.name);
         let snapshot = match Snapshot::from_cluster(
             ws,
             &service,
             slices.iter().map(|s| s.as_ref()),
             |ns, name| stores.pod(ns, name),
-            Some(node),
+            Some(node.clone()),
             now,
             &mut self.ready_since,
             &mut self.label_sets,
@@ -530,12 +741,85 @@ impl Worker {
         let plan = ServicePlan::new(&service, &snapshot, ws.scheduler(), |_, endpoint| {
             weights.and_then(|w| w.get(&endpoint.address).copied())
         });
-        if state.plan.as_ref() != Some(&plan) {
+        if state.plan.as_deref() != Some(&plan) {
             state.plan_applied = false;
-            state.plan = Some(plan);
+            state.plan = Some(Arc::new(plan));
         }
         evaluated
     }
+}
+
+/// Return the allocator's free pages to the kernel (glibc keeps what was freed
+/// in its arenas, so the buffers of the first full lists would stay resident).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        let before = resident_kib();
+        // SAFETY: malloc_trim only walks glibc's own arenas; no preconditions.
+        unsafe {
+            malloc_trim(0);
+        }
+        tracing::debug!(before_kib = before, after_kib = resident_kib(), "released free memory");
+    }
+}
+
+/// This process's resident memory (VmRSS), in KiB.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The EndpointSlices by namespace and Service name (which is the
+/// WeightedService's), from one look at the cache.
+fn index_slices(slices: Vec<Arc<EndpointSlice>>) -> HashMap<WsKey, Vec<Arc<EndpointSlice>>> {
+    let mut index: HashMap<WsKey, Vec<Arc<EndpointSlice>>> = HashMap::new();
+    for slice in slices {
+        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else { continue };
+        let key = WsKey { namespace: slice.metadata.namespace.clone().unwrap_or_default(), name: name.clone() };
+        index.entry(key).or_default().push(slice);
+    }
+    index
+}
+
+/// The virtual services to read by key, when that is cheaper than listing the
+/// node's: a few, and none of them a NodePort (whose addresses are the node's,
+/// as kube-proxy chose them: only a listing finds them).
+fn targeted_keys(in_scope: &[(WsKey, Arc<ServicePlan>)], restoring: &HashSet<ServiceKey>) -> Option<BTreeSet<ServiceKey>> {
+    let mut keys: BTreeSet<ServiceKey> = restoring.iter().copied().collect();
+    for (_, plan) in in_scope {
+        for port in &plan.ports {
+            if port.node_port.is_some() {
+                return None;
+            }
+            keys.extend(port.addresses.iter().map(|a| ServiceKey::new(port.protocol, SocketAddr::new(*a, port.port))));
+            if keys.len() > TARGETED_READS {
+                return None;
+            }
+        }
+    }
+    Some(keys)
+}
+
+/// These virtual services and their destinations, one by one; those the
+/// kernel does not have are left out.
+fn read_services(ipvs: &mut IpvsClient, keys: BTreeSet<ServiceKey>) -> Result<Vec<ServiceEntry>, IpvsError> {
+    let mut entries = Vec::with_capacity(keys.len());
+    for key in keys {
+        let service = match ipvs.service(&key) {
+            Ok(service) => service,
+            Err(IpvsError::ServiceNotFound { .. }) => continue,
+            Err(error) => return Err(error),
+        };
+        let destinations = ipvs.destinations(&key)?;
+        entries.push(ServiceEntry { service, destinations });
+    }
+    Ok(entries)
 }
 
 /// Why the agent stopped.

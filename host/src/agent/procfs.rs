@@ -1,0 +1,141 @@
+//! The kernel's IPVS table as text, from `/proc/net/ip_vs`: every virtual
+//! service with its scheduler and every destination with its weight, in one
+//! read. The periodic sweep uses it to find what drifted; only those virtual
+//! services are then read (and written) through netlink, whose dumps cost one
+//! request per virtual service.
+//!
+//! The format is the kernel's (`ip_vs_info_seq_show` in `ip_vs_ctl.c`):
+//!
+//! ```text
+//! IP Virtual Server version 1.2.1 (size=4096)
+//! Prot LocalAddress:Port Scheduler Flags
+//!   -> RemoteAddress:Port Forward Weight ActiveConn InActConn
+//! TCP  0A600001:0050 wrr
+//!   -> 0AF40002:1F90      Masq    10     0          0
+//! UDP  [fd00:0000:0000:0000:0000:0000:0000:000a]:0035 rr persistent 360 FFFFFFFF
+//! FWM  00000001 rr
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipvs::{Protocol, ServiceKey};
+
+/// One virtual service as `/proc/net/ip_vs` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcService {
+    /// Its key; `None` for services the agent never programs (fwmark, other protocols).
+    pub key: Option<ServiceKey>,
+    /// The scheduler's name.
+    pub scheduler: String,
+    /// Each destination's address and weight.
+    pub destinations: Vec<(SocketAddr, u32)>,
+}
+
+impl ProcService {
+    /// The weight of the destination at `address`, if the service has it.
+    pub fn weight_of(&self, address: &SocketAddr) -> Option<u32> {
+        self.destinations.iter().find(|(a, _)| a == address).map(|(_, w)| *w)
+    }
+}
+
+/// Read the table of this thread's network namespace.
+pub fn read() -> std::io::Result<String> {
+    std::fs::read_to_string("/proc/thread-self/net/ip_vs")
+}
+
+/// Parse the table; `None` when the text is not in the format above.
+pub fn parse(text: &str) -> Option<Vec<ProcService>> {
+    let mut lines = text.lines();
+    if !lines.next()?.starts_with("IP Virtual Server version") {
+        return None;
+    }
+    let mut services: Vec<ProcService> = Vec::new();
+    for line in lines {
+        if let Some(rest) = line.trim_start().strip_prefix("->") {
+            let mut fields = rest.split_whitespace();
+            let address = fields.next()?;
+            if address == "RemoteAddress:Port" {
+                continue; // the header
+            }
+            let address = socket_addr(address)?;
+            let _forward = fields.next()?;
+            let weight: u32 = fields.next()?.parse().ok()?;
+            services.last_mut()?.destinations.push((address, weight));
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let Some(protocol) = fields.next() else { continue };
+        if protocol == "Prot" {
+            continue; // the header
+        }
+        let address = fields.next()?;
+        let scheduler = fields.next()?.to_string();
+        let protocol = match protocol {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None, // FWM, or a protocol kube-proxy never uses
+        };
+        let key = match protocol {
+            Some(protocol) => Some(ServiceKey::new(protocol, socket_addr(address)?)),
+            None => None,
+        };
+        services.push(ProcService { key, scheduler, destinations: Vec::new() });
+    }
+    Some(services)
+}
+
+/// `0A600001:0050` (IPv4, hex, host order) or `[2001:0db8:…]:0050`.
+fn socket_addr(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.rsplit_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match address.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        Some(v6) => IpAddr::V6(v6.parse::<Ipv6Addr>().ok()?),
+        None => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(address, 16).ok()?)),
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port Forward Weight ActiveConn InActConn
+TCP  0A600001:0050 wrr 
+  -> 0AF40002:1F90      Masq    10     0          0         
+  -> 0AF40003:1F90      Masq    0      2          1         
+UDP  0A14000A:7918 sh ops persistent 360 FFFFFFFF
+FWM  00000001 rr 
+  -> 0AF40004:0050      Route   1      0          0         
+TCP  [fd00:0000:0000:0000:0000:0000:0000:000a]:0050 rr 
+  -> [fd00:0000:0000:0000:0000:0000:0001:0005]:1F90      Masq    65535  0          0         
+";
+
+    #[test]
+    fn services_destinations_and_weights_are_read() {
+        let table = parse(TABLE).expect("the kernel's format");
+        assert_eq!(table.len(), 4);
+        assert_eq!(table[0].key, Some(ServiceKey::tcp("10.96.0.1:80".parse().unwrap())));
+        assert_eq!(table[0].scheduler, "wrr");
+        assert_eq!(table[0].weight_of(&"10.244.0.2:8080".parse().unwrap()), Some(10));
+        assert_eq!(table[0].weight_of(&"10.244.0.3:8080".parse().unwrap()), Some(0));
+        assert_eq!(table[0].weight_of(&"10.244.0.4:8080".parse().unwrap()), None);
+        assert_eq!(table[1].key, Some(ServiceKey::udp("10.20.0.10:31000".parse().unwrap())));
+        assert_eq!(table[1].scheduler, "sh");
+        assert!(table[1].destinations.is_empty());
+        // A fwmark service: no key, but its destinations are not given to the one before.
+        assert_eq!(table[2].key, None);
+        assert_eq!(table[2].destinations.len(), 1);
+        assert_eq!(table[3].key, Some(ServiceKey::tcp("[fd00::a]:80".parse().unwrap())));
+        assert_eq!(table[3].destinations, vec![("[fd00::1:5]:8080".parse().unwrap(), 65535)]);
+    }
+
+    #[test]
+    fn an_empty_table_and_unknown_text() {
+        assert_eq!(parse(&TABLE.lines().take(3).collect::<Vec<_>>().join("\n")), Some(vec![]));
+        assert_eq!(parse("something else\n"), None);
+        assert_eq!(parse("IP Virtual Server version 1.2.1 (size=4096)\nTCP  nonsense wrr\n"), None);
+    }
+}
