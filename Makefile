@@ -53,7 +53,7 @@ demo: setup vm-binaries
 	@for f in $(DEMO); do test -f "$$f" || { echo "make demo: DEMO: $$f: no such file" >&2; exit 1; }; done
 	rm -rf target/demo
 	IPVS_VM_TIMEOUT=1200 $(VM_RUN) $(foreach f,$(DEMO),--add "$(abspath $(f))") --out "$(CURDIR)/target/demo" \
-	  -- "$(CURDIR)/target/release/ipvs-operator-demo" $(foreach f,$(DEMO),"$(abspath $(f))") \
+	  -- "$(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release/ipvs-operator-demo" $(foreach f,$(DEMO),"$(abspath $(f))") \
 	  --connections $(DEMO_CONNECTIONS) --out "$(CURDIR)/target/demo"
 
 ## crd: regenerate deploy/crd.yaml from the Rust types (a test checks they agree).
