@@ -99,3 +99,22 @@ image: setup
 	@echo "built $(IMAGE) (OCI layout in target/image/oci)"
 
 include tests/vm/vm.mk
+
+## fuzz: the fuzz targets in fuzz/ (cargo fuzz, libFuzzer, AddressSanitizer,
+## overflow checks on), each for FUZZ_SECONDS, starting from the seeds in
+## fuzz/corpus/<target>/; what they add goes to fuzz/target/corpus/<target>/,
+## a crash to fuzz/artifacts/<target>/ (and fails the run). Not part of `make
+## test`: every crash found becomes a unit test next to the code it broke.
+## The toolchain is stable: RUSTC_BOOTSTRAP=1 lets it take cargo fuzz's
+## nightly flags. Installs cargo-fuzz when missing.
+FUZZ_SECONDS ?= 120
+FUZZ_TARGETS ?= netlink_reply weighted_service decision eval_pods
+.PHONY: fuzz
+fuzz: setup
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/target/corpus/$$t && echo "== fuzz $$t for $(FUZZ_SECONDS) s" && \
+	  (cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t target/corpus/$$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1) || exit 1; \
+	done

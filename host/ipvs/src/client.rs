@@ -81,7 +81,7 @@ impl Debug for IpvsClient {
 }
 
 /// What to do with one received message.
-enum Received<T> {
+pub(crate) enum Received<T> {
     /// A reply that belongs to the request.
     Reply(T),
     /// `NLMSG_DONE`, or the acknowledgement (`NLMSG_ERROR` with code 0).
@@ -480,13 +480,13 @@ impl RecvError {
 
 /// How collecting replies failed: the kernel's errno (mapped by the caller,
 /// who knows what it means for the operation), or any other error.
-enum Collected {
+pub(crate) enum Collected {
     Errno(i32),
     Error(IpvsError),
 }
 
 /// Sorts one parsed message: ours or not, reply, end or error.
-fn classify<F: Debug>(
+pub(crate) fn classify<F: Debug>(
     message: NetlinkMessage<GenlMessage<F>>,
     seq: u32,
     port_id: u32,
@@ -513,7 +513,7 @@ fn classify<F: Debug>(
 }
 
 /// The acknowledgements in a datagram: (sequence number, errno; 0 = success).
-fn acks(datagram: &[u8], port_id: u32) -> Vec<(u32, i32)> {
+pub(crate) fn acks(datagram: &[u8], port_id: u32) -> Vec<(u32, i32)> {
     messages::<GenlMessage<IpvsMessage>>(datagram)
         .filter_map(|message| message.ok())
         .filter(|message| message.header.port_number == port_id)
@@ -527,7 +527,7 @@ fn acks(datagram: &[u8], port_id: u32) -> Vec<(u32, i32)> {
 }
 
 /// Iterates over the netlink messages of one datagram.
-fn messages<I: NetlinkDeserializable>(datagram: &[u8]) -> impl Iterator<Item = Result<NetlinkMessage<I>, DecodeError>> {
+pub(crate) fn messages<I: NetlinkDeserializable>(datagram: &[u8]) -> impl Iterator<Item = Result<NetlinkMessage<I>, DecodeError>> {
     let mut offset = 0;
     std::iter::from_fn(move || {
         // A netlink header is 16 bytes; anything shorter is padding.
@@ -549,7 +549,7 @@ fn messages<I: NetlinkDeserializable>(datagram: &[u8]) -> impl Iterator<Item = R
 }
 
 /// Appends a finalized netlink message carrying `genl` to `out`.
-fn encode_message<F>(genl: GenlMessage<F>, flags: u16, seq: u32, port_id: u32, out: &mut Vec<u8>)
+pub(crate) fn encode_message<F>(genl: GenlMessage<F>, flags: u16, seq: u32, port_id: u32, out: &mut Vec<u8>)
 where
     F: GenlFamily + netlink_packet_core::Emitable + Debug,
 {
@@ -569,8 +569,8 @@ where
 /// straight into services and destinations (which need the service's
 /// family), without a list of attribute enums in between.
 #[derive(Debug)]
-struct RawReply {
-    attrs: Vec<u8>,
+pub(crate) struct RawReply {
+    pub(crate) attrs: Vec<u8>,
 }
 
 impl ParseableParametrized<[u8], GenlHeader> for RawReply {
@@ -580,7 +580,7 @@ impl ParseableParametrized<[u8], GenlHeader> for RawReply {
 }
 
 /// Parses every first-level attribute of type `kind` in `replies` with `parse`.
-fn attributes<T>(
+pub(crate) fn attributes<T>(
     replies: &[RawReply],
     kind: u16,
     parse: impl Fn(&[u8]) -> Result<T, DecodeError>,
@@ -600,7 +600,7 @@ fn attributes<T>(
 /// The controller's answer to `CTRL_CMD_GETFAMILY`, keeping only the id: the
 /// full attribute set changes between kernels and is not needed.
 #[derive(Debug)]
-struct FamilyReply {
+pub(crate) struct FamilyReply {
     family_id: Option<u16>,
 }
 

@@ -50,6 +50,8 @@ mod client;
 pub mod constants;
 mod diff;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod message;
 pub mod nlas;
 mod table;

@@ -268,21 +268,7 @@ impl LoadedPolicy {
     /// Evaluate for `snapshot` and check the decision.
     pub fn evaluate(&self, snapshot: &Snapshot) -> Result<Evaluation, PolicyError> {
         let decision = with_input(snapshot, |input| self.call(input))?;
-        let ready: Vec<bool> = snapshot.endpoints.iter().map(|e| e.ready).collect();
-        validate::check(
-            &decision.weights,
-            &ready,
-            ipvs_policy_sdk::config::allow_all_zero(&snapshot.config),
-        )
-        .map_err(|e| PolicyError::InvalidDecision {
-            policy: self.name.clone(),
-            reason: describe_invalid(&e, snapshot),
-        })?;
-        Ok(Evaluation {
-            weights: decision.weights.iter().map(|w| *w as u16).collect(),
-            requeue_after: decision.requeue_after_ms.map(Duration::from_millis),
-            message: decision.message,
-        })
+        check_decision(&self.name, snapshot, &decision.weights, decision.requeue_after_ms, decision.message)
     }
 
     /// Instantiate afresh and call `evaluate`, mapping every failure to its kind.
@@ -355,6 +341,31 @@ impl LoadedPolicy {
             },
         }
     }
+}
+
+/// The host's check of `policy`'s decision for `snapshot`: one weight per
+/// endpoint, each 0..=65535, and not 0 for every ready endpoint unless the
+/// config says `"allowAllZero": true`. [`LoadedPolicy::evaluate`] applies it
+/// to every decision; a refusal keeps the last good weights.
+pub fn check_decision(
+    policy: &str,
+    snapshot: &Snapshot,
+    weights: &[u32],
+    requeue_after_ms: Option<u64>,
+    message: Option<String>,
+) -> Result<Evaluation, PolicyError> {
+    let ready: Vec<bool> = snapshot.endpoints.iter().map(|e| e.ready).collect();
+    validate::check(weights, &ready, ipvs_policy_sdk::config::allow_all_zero(&snapshot.config)).map_err(|e| {
+        PolicyError::InvalidDecision {
+            policy: policy.into(),
+            reason: describe_invalid(&e, snapshot),
+        }
+    })?;
+    Ok(Evaluation {
+        weights: weights.iter().map(|w| *w as u16).collect(),
+        requeue_after: requeue_after_ms.map(Duration::from_millis),
+        message,
+    })
 }
 
 fn describe_invalid(e: &validate::InvalidDecision, snapshot: &Snapshot) -> String {
