@@ -9,12 +9,16 @@
 //! - [`rbac`]: Kubernetes RBAC evaluated as the API server does, to check
 //!   `deploy/` against the requests the binaries make (recorded by the server).
 //!
+//! - [`consistency`]: checks for runs under faults and churn: the kernel equals
+//!   what `ipvs-operator eval` computes, and a sampler that flags any ready
+//!   endpoint at weight 0 no policy asked for.
 //! - [`testbed`]: a one-node cluster in network namespaces (inside the test VM)
 //!   with the real controller and agent, for end-to-end tests and the demo.
 //!
 //! Neither double is meant for production: `deploy/` is what runs on real clusters.
 
 pub mod apiserver;
+pub mod consistency;
 pub mod kube_proxy;
 pub mod rbac;
 pub mod testbed;

@@ -246,9 +246,22 @@ impl Testbed {
 
     /// Start (or restart) the controller, in the root namespace.
     pub fn start_controller(&mut self) {
-        let mut args = vec!["controller".to_string(), "--listen".into(), format!("{}:8080", self.mgmt_root)];
+        self.start_controller_as("controller", 8080);
+    }
+
+    /// Start (or restart) another controller process next to the first: its
+    /// own process `name` (for [`Testbed::kill`] and [`Testbed::log`]),
+    /// listening on `port`. Controllers have no leader election: two run at
+    /// once, as they do during a rolling update.
+    pub fn start_controller_as(&mut self, name: &'static str, port: u16) {
+        let mut args = vec!["controller".to_string(), "--listen".into(), format!("{}:{port}", self.mgmt_root)];
         args.extend(self.policy_args());
-        self.spawn("controller", false, "ipvs-operator", &args);
+        self.spawn(name, false, "ipvs-operator", &args);
+    }
+
+    /// How this testbed runs its processes.
+    pub fn config(&self) -> &TestbedConfig {
+        &self.config
     }
 
     /// Start (or restart) the agent in the node.
@@ -308,7 +321,7 @@ impl Testbed {
             .env("KUBECONFIG", &kubeconfig)
             // Compiling a policy takes seconds under the VM's emulated CPU: every
             // process of every testbed shares what was compiled once.
-            .env("IPVS_OPERATOR_POLICY_CACHE", std::env::temp_dir().join("ipvs-operator-policy-cache"))
+            .env("IPVS_OPERATOR_POLICY_CACHE", policy_cache_dir())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("a log file"))
@@ -506,6 +519,13 @@ impl Drop for Testbed {
         }
         let _ = Command::new("ip").args(["link", "del", &format!("{}m", self.id)]).status();
     }
+}
+
+/// Where every process of every testbed keeps compiled policies
+/// (`IPVS_OPERATOR_POLICY_CACHE`): compiling one takes seconds under the VM's
+/// emulated CPU.
+pub fn policy_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("ipvs-operator-policy-cache")
 }
 
 /// Loads ip_vs (the VM boots without it) and checks the kernel has it.
