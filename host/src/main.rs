@@ -13,7 +13,7 @@ use ipvs_operator::controller;
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::eval;
 use ipvs_operator::metrics::{self, Health, Metrics};
-use ipvs_operator::policy::{Catalog, CatalogEvent, EngineConfig, PolicyEngine};
+use ipvs_operator::policy::{Catalog, CatalogEvent, Compiler, EngineConfig, PolicyEngine, PolicyError};
 use ipvs_operator::snapshot::Snapshot;
 use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
@@ -55,6 +55,21 @@ enum Command {
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN and the ip_vs module).
     #[command(subcommand)]
     Ipvs(cli_ipvs::IpvsCommand),
+    /// Compile a policy module (stdin) to machine code (stdout): the child the
+    /// controller and agent start, so that the compiler's memory goes away
+    /// with it. Exit status 1 with the reason on stderr when it does not compile.
+    #[command(hide = true)]
+    CompilePolicy(CompileArgs),
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// The parent's --policy-memory-mib (the machine code is specific to it).
+    #[arg(long, value_name = "MIB")]
+    policy_memory_mib: usize,
+    /// The policy's name, for messages.
+    #[arg(long)]
+    name: String,
 }
 
 #[derive(Args)]
@@ -164,14 +179,37 @@ struct LimitArgs {
     /// module that fails to load never replaces a working one.
     #[arg(long, value_name = "DIR")]
     policy_dir: Option<PathBuf>,
+    /// Where policies are compiled: in a short-lived child process (this
+    /// executable again), so that the compiler's ~20 MiB are not kept resident
+    /// by a long-running process; or in this process.
+    #[arg(long, value_name = "WHERE", default_value = "subprocess")]
+    policy_compiler: CompilerKind,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompilerKind {
+    Subprocess,
+    InProcess,
 }
 
 impl LimitArgs {
     fn engine_config(&self) -> EngineConfig {
+        let compiler = match (self.policy_compiler, std::env::current_exe()) {
+            (CompilerKind::Subprocess, Ok(program)) => Compiler::Subprocess {
+                program,
+                args: vec!["compile-policy".into(), "--policy-memory-mib".into(), self.policy_memory_mib.to_string()],
+            },
+            (CompilerKind::Subprocess, Err(error)) => {
+                tracing::warn!(%error, "cannot find this executable to compile policies in a child; compiling in this process");
+                Compiler::InProcess
+            }
+            (CompilerKind::InProcess, _) => Compiler::InProcess,
+        };
         EngineConfig {
             timeout: self.policy_timeout,
             memory_limit: self.policy_memory_mib << 20,
             cache_dir: self.policy_cache.clone(),
+            compiler,
         }
     }
 }
@@ -194,6 +232,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => run_async(run_controller(args)),
         Command::Agent(args) => run_async(run_agent(args)),
         Command::Ipvs(command) => cli_ipvs::run(command),
+        Command::CompilePolicy(args) => return compile_policy(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -293,6 +332,37 @@ async fn terminated() {
             signal.recv().await;
         }
         Err(_) => std::future::pending().await,
+    }
+}
+
+/// `compile-policy`: the module on stdin, the machine code on stdout. A module
+/// that does not compile is exit status 1 with only the reason on stderr (the
+/// parent names the policy); anything else is status 2.
+fn compile_policy(args: CompileArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut bytes = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {
+        eprintln!("reading the module from stdin: {e}");
+        return ExitCode::from(2);
+    }
+    let config = EngineConfig { memory_limit: args.policy_memory_mib << 20, ..EngineConfig::default() };
+    let code = PolicyEngine::new(config).and_then(|engine| engine.precompile(&args.name, &bytes));
+    match code {
+        Ok(code) => match std::io::stdout().lock().write_all(&code) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("writing the machine code to stdout: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Err(PolicyError::Compile { reason, .. }) => {
+            eprintln!("{reason}");
+            ExitCode::FAILURE
+        }
+        Err(other) => {
+            eprintln!("{other}");
+            ExitCode::from(2)
+        }
     }
 }
 

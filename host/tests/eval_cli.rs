@@ -72,6 +72,31 @@ fn a_policy_file_can_be_evaluated() {
     assert_eq!(report.weights.iter().filter(|r| r.weight == 10).count(), 3);
 }
 
+/// The controller and agent compile in a child process (`compile-policy`),
+/// `eval` too by default: the same module compiled either way decides the
+/// same, and one that does not compile is the same single error.
+#[test]
+fn a_policy_compiled_in_a_child_decides_as_one_compiled_in_process() {
+    let wasm = Path::new(env!("OUT_DIR")).join("label_selector.wasm");
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm\x0d\0\x01\0not a component").unwrap();
+    let mut reports = Vec::new();
+    for compiler in ["subprocess", "in-process"] {
+        let mut args = seed_args();
+        args.extend(["--policy-compiler".into(), compiler.into(), "-o".into(), "json".into()]);
+        let mut with_file = args.clone();
+        with_file.extend(["--policy-file".into(), wasm.display().to_string()]);
+        let with_file: Vec<&str> = with_file.iter().map(String::as_str).collect();
+        reports.push(serde_json::to_value(json_report(&eval(&with_file))).unwrap());
+
+        args.extend(["--policy-file".into(), garbage.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fails_with(&args, "policy \"garbage\" does not compile:");
+    }
+    assert_eq!(reports[0], reports[1]);
+}
+
 fn fails_with(args: &[&str], expected: &str) {
     let out = eval(args);
     assert!(!out.status.success(), "expected failure, got: {}", String::from_utf8_lossy(&out.stdout));

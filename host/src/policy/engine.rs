@@ -52,17 +52,40 @@ pub struct EngineConfig {
     /// A directory for compiled modules, so that a restart does not compile
     /// again. It must be private to this process: its files are loaded as code.
     pub cache_dir: Option<PathBuf>,
+    /// Where modules are compiled to machine code.
+    pub compiler: Compiler,
 }
 
 impl Default for EngineConfig {
-    /// 50 ms and 64 MiB, no cache.
+    /// 50 ms and 64 MiB, no cache, compiled in this process.
     fn default() -> Self {
         EngineConfig {
             timeout: Duration::from_millis(50),
             memory_limit: 64 << 20,
             cache_dir: None,
+            compiler: Compiler::InProcess,
         }
     }
+}
+
+/// Where a module is compiled. Compiling runs Cranelift, whose code and heap
+/// stay resident in the process afterwards (about 20 MiB): a long-running
+/// agent compiles in a short-lived child and keeps only the machine code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compiler {
+    /// Here (what `eval` and tests do).
+    InProcess,
+    /// In a child: `PROGRAM ARGS… --name NAME` reads the module on stdin
+    /// and writes [`PolicyEngine::precompile`]'s output to stdout, or the
+    /// reason it failed to stderr with exit status 1. The child must build its
+    /// engine from the same [`EngineConfig`] limits (wasmtime refuses code
+    /// from an engine configured differently).
+    Subprocess {
+        /// The executable (normally this one).
+        program: PathBuf,
+        /// Its arguments before the module arrives on stdin.
+        args: Vec<String>,
+    },
 }
 
 /// A wasmtime engine configured for policies. Cheap to clone.
@@ -178,17 +201,38 @@ impl PolicyEngine {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes).map_err(|e| PolicyError::Compile {
-            policy: name.into(),
-            reason: format!("{e:#}"),
-        })?;
-        tracing::info!(policy = name, sha256, took_ms = started.elapsed().as_millis() as u64, "policy compiled");
+        let component = match &self.config.compiler {
+            Compiler::InProcess => Component::new(&self.engine, bytes).map_err(|e| PolicyError::Compile {
+                policy: name.into(),
+                reason: format!("{e:#}"),
+            })?,
+            Compiler::Subprocess { program, args } => {
+                let code = compile_in_child(name, program, args, bytes)?;
+                // SAFETY: the bytes are what our own executable's `compile-policy`
+                // wrote for this engine's configuration; wasmtime checks that the
+                // configuration matches before using them.
+                unsafe { Component::deserialize(&self.engine, &code) }.map_err(|e| PolicyError::Host {
+                    policy: name.into(),
+                    reason: format!("the compiled module from {} is unusable: {e:#}", program.display()),
+                })?
+            }
+        };
+        tracing::info!(policy = name, sha256, took_ms = started.elapsed().as_millis() as u64, compiler = ?self.config.compiler_kind(), "policy compiled");
         if let Some(path) = &cached
             && let Err(error) = store_compiled(&component, path)
         {
             tracing::warn!(policy = name, %error, path = %path.display(), "could not cache the compiled module");
         }
         Ok(component)
+    }
+
+    /// Compile `bytes` to what [`Compiler::Subprocess`] children return: the
+    /// machine code for an engine with this configuration.
+    pub fn precompile(&self, name: &str, bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
+        self.engine.precompile_component(bytes).map_err(|e| PolicyError::Compile {
+            policy: name.into(),
+            reason: format!("{e:#}"),
+        })
     }
 
     /// A fresh store with this engine's memory limit and deadline.
@@ -379,6 +423,51 @@ fn describe_invalid(e: &validate::InvalidDecision, snapshot: &Snapshot) -> Strin
             format!("weight {weight} for endpoint {who} is out of range 0..=65535")
         }
         other => other.to_string(),
+    }
+}
+
+impl EngineConfig {
+    fn compiler_kind(&self) -> &'static str {
+        match self.compiler {
+            Compiler::InProcess => "in-process",
+            Compiler::Subprocess { .. } => "subprocess",
+        }
+    }
+}
+
+/// Runs the compiler child: the module on its stdin, the machine code from its stdout.
+fn compile_in_child(name: &str, program: &Path, args: &[String], bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let host_error = |reason: String| PolicyError::Host { policy: name.into(), reason };
+    let mut child = Command::new(program)
+        .args(args)
+        .arg("--name")
+        .arg(name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| host_error(format!("cannot start the policy compiler {}: {e}", program.display())))?;
+    // The child reads all of stdin before it writes anything, so writing
+    // first and then reading cannot deadlock.
+    let written = child.stdin.take().map(|mut stdin| stdin.write_all(bytes));
+    let output = child
+        .wait_with_output()
+        .map_err(|e| host_error(format!("waiting for the policy compiler: {e}")))?;
+    if output.status.success() {
+        if let Some(Err(e)) = written {
+            return Err(host_error(format!("sending the module to the policy compiler: {e}")));
+        }
+        return Ok(output.stdout);
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reason = stderr.trim().strip_prefix("error: ").unwrap_or(stderr.trim()).to_string();
+    match output.status.code() {
+        // Exit status 1 is the compiler's verdict on the module; anything
+        // else (a signal, an OOM kill) is the host's trouble.
+        Some(1) => Err(PolicyError::Compile { policy: name.into(), reason }),
+        _ => Err(host_error(format!("the policy compiler {} {}: {reason}", program.display(), output.status))),
     }
 }
 
