@@ -6,7 +6,7 @@ VM_RUN := $(CURDIR)/tests/vm/run
 # Cargo runs each test (or bench) executable as `tests/vm/run -- EXE ARGS…`.
 VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
 
-.PHONY: test-kernel bench-ipvs bench-convergence vm-binaries
+.PHONY: test-kernel bench-ipvs bench-convergence vm-binaries soak-faults soak
 
 ## vm-binaries: the project binaries the VM tests start (the VM runner copies
 ## every executable of target/release into the guest).
@@ -16,12 +16,14 @@ vm-binaries:
 ## test-kernel: the kernel tests, inside the VM: the ipvs crate's, the
 ## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs), and the end-to-end
 ## tests of the controller and agent (tests/tests/e2e.rs) and of the policies
-## (tests/tests/e2e_policies.rs).
+## (tests/tests/e2e_policies.rs), and the fault suite, shortened
+## (tests/tests/faults.rs: 3 s per fault phase, about 2 minutes).
 test-kernel: setup vm-binaries
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs --features kernel-tests --test kernel --test kernel_no_module
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test kube_proxy_kernel
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_policies
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test faults -- --test-threads 6
 
 ## bench-ipvs: 10,000 weight changes, ours against ipvsadm -R, in the VM;
 ## writes target/bench/ipvs-apply.json (the guest's target/bench comes back).
@@ -40,6 +42,18 @@ bench-convergence: setup vm-binaries
 	IPVS_VM_MEM=4096 IPVS_VM_TIMEOUT=1800 IPVS_VM_OUT="$(CURDIR)/target/bench" \
 	  $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs-operator-tests --features kernel-tests --bench convergence
 	@cat target/bench/convergence.json
+
+## soak-faults: the fault suite at full length, in the VM: each fault phase
+## (watches cut, 410s, 500/503/429 bursts, kube-proxy fights, virtual services
+## vanishing, a failing policy rollout, SIGKILLs, two controllers) lasts
+## FAULTS_SECONDS (60) instead of make test's 3. About 6 minutes.
+FAULTS_SECONDS ?= 60
+soak-faults: setup vm-binaries
+	IPVS_FAULTS_SECONDS=$(FAULTS_SECONDS) IPVS_VM_ENV="IPVS_FAULTS_SECONDS" IPVS_VM_TIMEOUT=3600 \
+	  $(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test faults -- --test-threads 6 --nocapture
+
+## soak: the soaks (issue 8).
+soak: soak-faults
 
 ## clean-vm: forget the downloaded kernel and the cached base initramfs.
 clean-vm:

@@ -1,0 +1,500 @@
+//! The fault suite (issue 8), on a real kernel's IPVS in the test VM: the real
+//! controller and agent against the test API server and the kube-proxy
+//! emulator, while things go wrong —
+//!
+//! 1. the API server cuts watches, expires resourceVersions (410), answers
+//!    bursts of 500/503/429 and stalls for 10 s;
+//! 2. kube-proxy syncs every second against another scheduler, and restarts
+//!    (resetting every weight to 1);
+//! 3. virtual services vanish mid-pass (deleted while the agent works; kube-proxy
+//!    makes them again);
+//! 4. a policy rollout fails: its config is refused, its module traps, then
+//!    loops;
+//! 5. the agent is killed with SIGKILL mid-pass and restarted, again and again;
+//! 6. two controllers run at once.
+//!
+//! Changes keep coming during every fault (pods relabelled, the WeightedService's
+//! weights edited), so that there is work to lose. After each fault the kernel's
+//! weights must equal what `ipvs-operator eval` computes from the same objects,
+//! and during the whole run a sampler reads the kernel every 100 ms: no ready
+//! endpoint may be at weight 0 (see `ipvs_operator_tests::consistency`).
+//!
+//! `IPVS_FAULTS_SECONDS` sets how long each fault phase lasts (default 3: the
+//! shortened suite of `make test`; `make soak-faults` runs 60). The 10 s stall
+//! is 10 s either way. `make test-kernel` runs this in the VM (tests/vm).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ipvs_operator::policy::{BUILTIN_POLICIES, FIXTURE_POLICIES};
+use ipvs_operator_tests::apiserver::FailRule;
+use ipvs_operator_tests::consistency::{wait_for_kernel_to_match_eval, Sampler, SamplerConfig};
+use ipvs_operator_tests::testbed::{wait_until, Testbed, TestbedConfig};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long each fault phase lasts: `IPVS_FAULTS_SECONDS` (default 3).
+fn phase() -> Duration {
+    let seconds = std::env::var("IPVS_FAULTS_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(3.0);
+    Duration::from_secs_f64(seconds.max(1.0))
+}
+
+/// Pods `web-1`…`web-4` (two prod, two canary) on this node and `web-5` (prod)
+/// on node-2, at fixed addresses, port 8080 named `www`.
+fn pods() -> String {
+    let pods = [
+        ("web-1", "prod", "node-1", "10.244.7.11"),
+        ("web-2", "prod", "node-1", "10.244.7.12"),
+        ("web-3", "canary", "node-1", "10.244.7.13"),
+        ("web-4", "canary", "node-1", "10.244.7.14"),
+        ("web-5", "prod", "node-2", "10.244.7.15"),
+    ];
+    pods.iter()
+        .map(|(name, env, node, ip)| {
+            format!(
+                r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: web, env: {env}}}}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: web
+    image: web
+    ports: [{{name: www, containerPort: 8080, protocol: TCP}}]
+status:
+  phase: Running
+  podIP: {ip}
+  conditions: [{{type: Ready, status: "True"}}]
+---
+"#
+            )
+        })
+        .collect()
+}
+
+/// The WeightedService `web`: prod 10, canary `canary`, scheduler wlc, a
+/// NodePort (two virtual services), and `policy` (YAML) when given.
+fn weighted_service(canary: u32, policy: Option<&str>) -> String {
+    let policy = policy.map(|p| format!("  policy: {p}\n")).unwrap_or_default();
+    format!(
+        r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports: [{{protocol: TCP, port: 80, targetPort: www}}]
+  scheduler: wlc
+  weights:
+  - {{weight: 10, selector: {{env: prod}}}}
+  - {{weight: {canary}, selector: {{env: canary}}}}
+{policy}"#
+    )
+}
+
+/// Every testbed's config: policies get 500 ms instead of 50, because the VM's
+/// CPU is emulated and six testbeds share its two CPUs (a timed-out
+/// evaluation is retried only after 30 s).
+fn base() -> TestbedConfig {
+    TestbedConfig { policy_timeout: Some(Duration::from_millis(500)), ..TestbedConfig::default() }
+}
+
+/// kube-proxy with the WeightedService's scheduler (no tug of war).
+fn agreeing() -> TestbedConfig {
+    TestbedConfig { proxy_scheduler: "wlc".into(), ..base() }
+}
+
+/// Compile the policies the tests use into the shared compile cache once,
+/// before any testbed starts: otherwise every agent and controller of the six
+/// testbeds compiles the same module at once, for a minute and a half under the
+/// emulated CPU.
+fn warm_the_policy_cache() {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let (ws, pods_file, module) = (dir.path().join("ws.yaml"), dir.path().join("pods.yaml"), dir.path().join("misbehaving.wasm"));
+        std::fs::write(&ws, weighted_service(1, None)).expect("writing");
+        std::fs::write(&pods_file, pods()).expect("writing");
+        std::fs::write(&module, self::module("misbehaving")).expect("writing");
+        for policy in [vec![], vec!["--policy-file".into(), module.display().to_string()]] {
+            let out = std::process::Command::new(traffic::netns::project_binary("ipvs-operator"))
+                .args(["eval", "--weighted-service", &ws.display().to_string(), "--pods", &pods_file.display().to_string()])
+                .args(["--policy-timeout", "10s"])
+                .args(policy)
+                .env("IPVS_OPERATOR_POLICY_CACHE", ipvs_operator_tests::testbed::policy_cache_dir())
+                .output()
+                .expect("running ipvs-operator eval");
+            assert!(out.status.success(), "warming the policy cache: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    });
+}
+
+/// A testbed with the pods and the WeightedService, everything running, the
+/// kernel already as eval says, and a sampler watching it.
+fn start(config: TestbedConfig, policy: Option<&str>) -> (Testbed, Sampler) {
+    warm_the_policy_cache();
+    let mut bed = Testbed::new(config);
+    bed.load(&pods());
+    bed.load(&weighted_service(1, policy));
+    bed.start_all();
+    check(&bed, "at the start");
+    let sampler = Sampler::start(&bed, SamplerConfig::default());
+    (bed, sampler)
+}
+
+/// The kernel equals eval (waiting for the agent to converge), and the
+/// controller has caught up with the WeightedService's generation.
+fn check(bed: &Testbed, after: &str) {
+    let started = Instant::now();
+    let expected = wait_for_kernel_to_match_eval(bed, "default", "web", TIMEOUT);
+    let destinations: usize = expected.weights.values().map(BTreeMap::len).sum();
+    eprintln!(
+        "[{}] {after}: kernel = eval ({destinations} destinations on {} virtual services) after {} ms",
+        bed.id,
+        expected.weights.len(),
+        started.elapsed().as_millis()
+    );
+    wait_until(TIMEOUT, &format!("{after}: the controller's status to observe the WeightedService's generation"), || {
+        let ws = bed.get("weightedservices", "default", "web")?;
+        (ws["status"]["observedGeneration"] == ws["metadata"]["generation"]).then_some(())
+    });
+}
+
+/// Stop the sampler and fail on any ready endpoint it saw at weight 0.
+fn finish(bed: &Testbed, sampler: Sampler) {
+    let report = sampler.finish();
+    eprintln!("[{}] {}", bed.id, report.summary());
+    report.assert_clean();
+}
+
+/// Change something the agent must follow; `n` picks what. Through the
+/// handle, so that the API server's faults do not stop the test's own edits.
+fn change(bed: &Testbed, n: usize) {
+    if n % 2 == 0 {
+        // web-1…web-4 take turns flipping between prod and canary.
+        let pod = format!("web-{}", (n / 2) % 4 + 1);
+        let now = bed.get("pods", "default", &pod).map(|p| p["metadata"]["labels"]["env"].clone());
+        let next = if now == Some(Value::from("prod")) { "canary" } else { "prod" };
+        bed.handle().set_pod_label("default", &pod, "env", Some(next)).expect("relabelling a pod");
+    } else {
+        bed.handle().load_manifests(&weighted_service((n as u32 / 2) % 5 + 1, current_policy(bed).as_deref())).expect("editing the WeightedService");
+    }
+}
+
+/// The WeightedService's `spec.policy`, as inline JSON (YAML), if any.
+fn current_policy(bed: &Testbed) -> Option<String> {
+    let ws = bed.get("weightedservices", "default", "web")?;
+    let policy = &ws["spec"]["policy"];
+    (!policy.is_null()).then(|| policy.to_string())
+}
+
+/// Run `each` every `period` for `length`, with a change between; returns how
+/// many rounds ran.
+fn for_a_while(bed: &Testbed, length: Duration, period: Duration, changes: &mut usize, mut each: impl FnMut(usize)) -> usize {
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < length {
+        each(round);
+        change(bed, *changes);
+        *changes += 1;
+        round += 1;
+        std::thread::sleep(period);
+    }
+    round
+}
+
+/// The agent's log lines at WARN or ERROR.
+fn agent_warnings(bed: &Testbed) -> Vec<String> {
+    bed.log("agent").lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).map(String::from).collect()
+}
+
+#[test]
+fn api_server_faults_lose_nothing() {
+    let (bed, sampler) = start(agreeing(), None);
+    let h = bed.handle().clone();
+    let mut changes = 0;
+
+    // Watches cut every 2 s, cleanly and mid-stream by turns.
+    for_a_while(&bed, phase(), Duration::from_secs(2), &mut changes, |round| {
+        if round % 2 == 0 {
+            h.close_watches();
+        } else {
+            h.break_watches();
+        }
+    });
+    check(&bed, "watches cut");
+
+    // Every resourceVersion expired: each watch resumes into a 410 and relists.
+    for_a_while(&bed, phase(), Duration::from_secs(2), &mut changes, |_| {
+        h.expire_resource_versions();
+        h.break_watches();
+    });
+    check(&bed, "410s");
+
+    // Bursts of 500, 503 and 429, on everything and on watches in particular.
+    let codes = [500, 503, 429];
+    for_a_while(&bed, phase(), Duration::from_secs(1), &mut changes, |round| {
+        let code = codes[round % 3];
+        h.fail_next(8, code);
+        h.add_fail_rule(FailRule { count: 4, code, resource: None, verb: Some("watch".into()) });
+        h.add_fail_rule(FailRule { count: 4, code, resource: None, verb: Some("list".into()) });
+        if round % 4 == 0 {
+            h.break_watches();
+        }
+    });
+    check(&bed, "bursts of 500/503/429");
+
+    // A 10 s stall: every watch cut, and every answer (the reconnects
+    // included) held for 10 s; the edits go on meanwhile.
+    h.set_delay(Some(Duration::from_secs(10)));
+    h.break_watches();
+    let stall = Instant::now();
+    while stall.elapsed() < Duration::from_secs(10) {
+        change(&bed, changes);
+        changes += 1;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    h.set_delay(None);
+    check(&bed, "a 10 s stall");
+    eprintln!("[{}] {changes} changes made during the API server's faults", bed.id);
+    finish(&bed, sampler);
+}
+
+#[test]
+fn kube_proxy_syncing_every_second_and_restarting_is_repaired() {
+    // kube-proxy's scheduler (rr) is not the WeightedService's (wlc): every
+    // sync, once a second, reverts it.
+    let (mut bed, sampler) = start(
+        TestbedConfig { proxy_sync_period: Duration::from_secs(1), ..base() },
+        None,
+    );
+    let mut changes = 0;
+    for_a_while(&bed, phase(), Duration::from_millis(700), &mut changes, |_| {});
+    check(&bed, "kube-proxy syncing every second");
+    let reverts = bed.agent_metric("ipvs_operator_drift_repairs_total", "kind=\"scheduler\"").unwrap_or(0.0);
+    assert!(reverts >= 1.0, "kube-proxy's syncs should have reverted the scheduler at least once (repairs: {reverts})");
+
+    // Restarts: each resets every weight to 1 on its first sync.
+    let restarts = (phase().as_secs() / 2).max(2);
+    for _ in 0..restarts {
+        bed.start_emulator();
+        change(&bed, changes);
+        changes += 1;
+        std::thread::sleep(phase() / restarts as u32);
+    }
+    check(&bed, &format!("{restarts} kube-proxy restarts"));
+    let repairs = bed.agent_metric("ipvs_operator_drift_repairs_total", "kind=\"weight\"").unwrap_or(0.0);
+    eprintln!("[{}] kube-proxy fights: {reverts} scheduler repairs, {repairs} weight repairs", bed.id);
+    finish(&bed, sampler);
+}
+
+#[test]
+fn virtual_services_vanishing_mid_pass_are_reapplied_without_an_error_loop() {
+    // kube-proxy makes a deleted virtual service again on its next sync.
+    let (bed, sampler) = start(
+        TestbedConfig { proxy_sync_period: Duration::from_secs(1), ..agreeing() },
+        None,
+    );
+    let service = bed.get("services", "default", "web").expect("the Service");
+    let cluster_ip = bed.cluster_ip("default", "web");
+    let node_port = service["spec"]["ports"][0]["nodePort"].as_u64().expect("a node port");
+    let virtual_services =
+        [SocketAddr::new(cluster_ip, 80).to_string(), format!("{}:{node_port}", ipvs_operator_tests::testbed::NODE_IP)];
+    let mut changes = 0;
+    let mut deleted = 0;
+    let started = Instant::now();
+    // At least 4 deletions, however slow kube-proxy is to make them again.
+    while started.elapsed() < phase() || deleted < 4 {
+        let vs = &virtual_services[deleted % 2];
+        wait_until(TIMEOUT, &format!("kube-proxy to make {vs} again"), || {
+            bed.node.ipvsadm(&["-Ln"]).contains(&format!("TCP  {vs} ")).then_some(())
+        });
+        // A change starts a pass; the deletion lands in it (or just before or
+        // after it: the delay varies).
+        change(&bed, changes);
+        changes += 1;
+        std::thread::sleep(Duration::from_millis((deleted as u64 * 97) % 300));
+        let out = bed.node.exec_output(&["ipvsadm", "-D", "-t", vs]);
+        assert!(out.status.success(), "ipvsadm -D -t {vs}: {}", String::from_utf8_lossy(&out.stderr));
+        deleted += 1;
+    }
+    check(&bed, &format!("{deleted} virtual services deleted mid-pass"));
+
+    // No error loop: with the kernel right, a few drift intervals pass without
+    // a write or a warning.
+    let writes = bed.agent_metric("ipvs_operator_netlink_writes_total", "").unwrap_or(0.0);
+    let errors = bed.agent_metric("ipvs_operator_netlink_errors_total", "").unwrap_or(0.0);
+    let warnings = agent_warnings(&bed).len();
+    std::thread::sleep(Duration::from_secs(4));
+    let new_warnings: Vec<String> = agent_warnings(&bed).into_iter().skip(warnings).collect();
+    assert!(new_warnings.is_empty(), "the agent still warns after the kernel converged:\n{}", new_warnings.join("\n"));
+    assert_eq!(bed.agent_metric("ipvs_operator_netlink_writes_total", "").unwrap_or(0.0), writes, "the agent still writes");
+    assert_eq!(bed.agent_metric("ipvs_operator_netlink_errors_total", "").unwrap_or(0.0), errors, "the kernel still refuses writes");
+    eprintln!("[{}] vanishing virtual services: {deleted} deleted, {errors} refused writes during the phase, {warnings} warnings", bed.id);
+    finish(&bed, sampler);
+}
+
+/// A policy module by name, as the binary embeds it.
+fn module(name: &str) -> &'static [u8] {
+    BUILTIN_POLICIES
+        .iter()
+        .chain(FIXTURE_POLICIES)
+        .find(|(n, _)| *n == name)
+        .map(|(_, bytes)| *bytes)
+        .unwrap_or_else(|| panic!("no policy {name}"))
+}
+
+/// Replace `NAME.wasm` in a ConfigMap-style directory as the kubelet does: a
+/// new timestamped directory, `..data` swapped to it atomically.
+fn config_map_update(root: &Path, generation: u32, file: &str, bytes: &[u8]) {
+    use std::os::unix::fs::symlink;
+    let old = std::fs::read_link(root.join("..data")).ok();
+    let version = format!("..{generation}");
+    std::fs::create_dir(root.join(&version)).expect("a version directory");
+    std::fs::write(root.join(&version).join(file), bytes).expect("writing a module");
+    let _ = std::fs::remove_file(root.join("..data_tmp"));
+    symlink(&version, root.join("..data_tmp")).expect("the ..data_tmp link");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swapping ..data");
+    if root.join(file).symlink_metadata().is_err() {
+        symlink(format!("..data/{file}"), root.join(file)).expect("a file link");
+    }
+    if let Some(old) = old {
+        let _ = std::fs::remove_dir_all(root.join(old));
+    }
+}
+
+/// The kernel's weights of every destination, by virtual service.
+fn kernel_weights(bed: &Testbed) -> BTreeMap<String, u32> {
+    bed.ipvs()
+        .iter()
+        .flat_map(|e| {
+            let vs = e.service.address().map(|a| a.to_string()).unwrap_or_default();
+            e.destinations.iter().map(move |d| (format!("{vs} -> {}", d.socket_addr()), d.weight))
+        })
+        .collect()
+}
+
+#[test]
+fn a_policy_failing_mid_rollout_keeps_the_last_good_weights() {
+    let dir = tempfile::Builder::new().prefix("policies-").tempdir().expect("a temp dir");
+    let mut generation = 1;
+    config_map_update(dir.path(), generation, "mine.wasm", module("label-selector"));
+    // A loop is cut at the 500 ms limit.
+    let config = TestbedConfig { policy_dir: Some(dir.path().to_path_buf()), ..agreeing() };
+    let (bed, sampler) = start(config, Some("{name: mine, config: {}}"));
+    let good = kernel_weights(&bed);
+    let failures = |bed: &Testbed| {
+        let all = bed.agent_metric("ipvs_operator_policy_evaluations_total", "policy=\"mine\"").unwrap_or(0.0);
+        all - bed.agent_metric("ipvs_operator_policy_evaluations_total", "policy=\"mine\",result=\"ok\"").unwrap_or(0.0)
+    };
+    let hold = |bed: &Testbed, what: &str, length: Duration, changes: &mut usize| {
+        let started = Instant::now();
+        while started.elapsed() < length {
+            // Pods relabelled: work the failing policy cannot do.
+            bed.handle()
+                .set_pod_label("default", &format!("web-{}", *changes % 4 + 1), "env", Some(if *changes % 2 == 0 { "canary" } else { "prod" }))
+                .expect("relabelling");
+            *changes += 1;
+            for _ in 0..5 {
+                let now = kernel_weights(bed);
+                assert_eq!(now, good, "{what}: after {:?} the kernel's weights are not the last good ones", started.elapsed());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let mut changes = 0;
+
+    // The rollout: first its config, which the working module refuses…
+    bed.handle().load_manifests(&weighted_service(1, Some("{name: mine, config: {behave: trap}}"))).expect("editing the WeightedService");
+    wait_until(TIMEOUT, "the agent to count a failed evaluation (config refused)", || (failures(&bed) >= 1.0).then_some(()));
+    hold(&bed, "the config refused", phase(), &mut changes);
+    // …then its module, which traps on every evaluation…
+    generation += 1;
+    config_map_update(dir.path(), generation, "mine.wasm", module("misbehaving"));
+    let before = failures(&bed);
+    wait_until(TIMEOUT, "the agent to count the trapping module's failures", || (failures(&bed) > before).then_some(()));
+    hold(&bed, "the module trapping", phase(), &mut changes);
+    // …and a config that makes it loop until the time limit cuts it.
+    bed.handle().load_manifests(&weighted_service(1, Some("{name: mine, config: {behave: loop}}"))).expect("editing the WeightedService");
+    let before = failures(&bed);
+    wait_until(TIMEOUT, "the agent to count the looping module's failures", || (failures(&bed) > before).then_some(()));
+    hold(&bed, "the module looping", phase(), &mut changes);
+    assert!(bed.agent_ready(), "the agent kept running");
+
+    // Rolled back: the working module and its config; the relabels made
+    // meanwhile now apply.
+    generation += 1;
+    config_map_update(dir.path(), generation, "mine.wasm", module("label-selector"));
+    bed.handle().load_manifests(&weighted_service(1, Some("{name: mine, config: {}}"))).expect("editing the WeightedService");
+    check(&bed, "the rollback");
+    eprintln!("[{}] failing rollout: {} failed evaluations, {changes} changes held back", bed.id, failures(&bed));
+    finish(&bed, sampler);
+}
+
+#[test]
+fn the_agent_killed_mid_pass_and_restarted_converges() {
+    let (mut bed, sampler) = start(agreeing(), None);
+    let mut changes = 0;
+    let mut kills = 0;
+    let started = Instant::now();
+    while started.elapsed() < phase() * 2 || kills < 4 {
+        // A change starts a pass; the kill lands in it, or in the start-up of the
+        // previous restart's agent (its first pass), by turns.
+        change(&bed, changes);
+        changes += 1;
+        std::thread::sleep(Duration::from_millis((kills as u64 * 173) % 600));
+        bed.kill("agent");
+        kills += 1;
+        bed.start_agent();
+        if kills % 2 == 0 {
+            wait_until(TIMEOUT, "the restarted agent to be ready", || bed.agent_ready().then_some(()));
+        }
+    }
+    check(&bed, &format!("{kills} SIGKILLs"));
+    assert!(bed.agent_ready(), "the last agent is ready");
+    eprintln!("[{}] {kills} SIGKILLs, {changes} changes", bed.id);
+    finish(&bed, sampler);
+}
+
+#[test]
+fn two_controllers_at_once_agree_and_do_not_fight() {
+    let (mut bed, sampler) = start(agreeing(), None);
+    bed.start_controller_as("controller-2", 8081);
+    wait_until(TIMEOUT, "the second controller's caches to sync", || {
+        bed.log("controller-2").contains("watch caches synced: ready").then_some(())
+    });
+    let mut changes = 0;
+    for_a_while(&bed, phase(), Duration::from_millis(700), &mut changes, |_| {});
+    check(&bed, "two controllers");
+    // Both caught up; the status says the WeightedService's current split.
+    let ws = bed.get("weightedservices", "default", "web").expect("the WeightedService");
+    let canary = ws["spec"]["weights"][1]["weight"].clone();
+    wait_until(TIMEOUT, "the status to show the current canary weight", || {
+        let ws = bed.get("weightedservices", "default", "web")?;
+        (ws["status"]["groups"][1]["weight"] == canary).then_some(())
+    });
+    // Quiet: nothing changes, and the two do not take turns rewriting the status.
+    let status_writes = |bed: &Testbed| {
+        bed.handle()
+            .requests()
+            .iter()
+            .filter(|r| r.resource == "weightedservices" && r.subresource == "status" && r.verb != "get" && r.verb != "watch" && r.verb != "list")
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before = status_writes(&bed);
+    std::thread::sleep(Duration::from_secs(5));
+    let during_quiet = status_writes(&bed) - before;
+    assert!(during_quiet <= 2, "{during_quiet} status writes in 5 quiet seconds: the controllers fight over the status");
+    for controller in ["controller", "controller-2"] {
+        let log = bed.log(controller);
+        assert!(!log.contains("panicked"), "{controller} panicked:\n{log}");
+    }
+    eprintln!("[{}] two controllers: {during_quiet} status writes in 5 quiet seconds, {changes} changes", bed.id);
+    finish(&bed, sampler);
+}
