@@ -61,7 +61,7 @@ crd:
 	$(CARGO) run --release -q -p ipvs-operator -- crd > deploy/crd.yaml
 
 ## bench: the benchmarks; each writes target/bench/<name>.json.
-bench: setup bench-ipvs bench-convergence
+bench: setup bench-ipvs bench-convergence bench-scale
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
 	$(CARGO) build --release -p ipvs-operator
 	$(CARGO) bench -p ipvs-operator-tests --bench footprint

@@ -6,7 +6,7 @@ VM_RUN := $(CURDIR)/tests/vm/run
 # Cargo runs each test (or bench) executable as `tests/vm/run -- EXE ARGS…`.
 VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
 
-.PHONY: test-kernel bench-ipvs bench-convergence vm-binaries soak-faults soak
+.PHONY: test-kernel bench-ipvs bench-convergence bench-scale soak-churn vm-binaries soak-faults soak
 
 ## vm-binaries: the project binaries the VM tests start (the VM runner copies
 ## every executable of target/release into the guest).
@@ -43,6 +43,36 @@ bench-convergence: setup vm-binaries
 	  $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs-operator-tests --features kernel-tests --bench convergence
 	@cat target/bench/convergence.json
 
+## bench-scale: the same bench at issue 8's scale — 5,000 WeightedServices,
+## 50,000 endpoints — plus an agent restart with edits made while it was down,
+## the controller's status writes under pod label churn, idle CPU per thread,
+## and (SCALE_PERF=1, the default when the host has `perf`, which the VM then
+## gets) a profile of the agent idle and restarting; writes
+## target/bench/scale.json and target/bench/scale-profile-*.txt. About 25
+## minutes under the VM's emulated CPU.
+SCALE_PERF ?= $(if $(shell command -v perf),1,0)
+bench-scale: setup vm-binaries
+	mkdir -p target/bench
+	SCALE_PERF=$(SCALE_PERF) IPVS_VM_ENV="SCALE_PERF SCALE_SERVICES SCALE_PODS SCALE_EDITS SCALE_IDLE_SECONDS SCALE_RESTART_EDITS SCALE_CHURN_SECONDS SCALE_AGENT_LOG" \
+	  IPVS_VM_ADD="$(if $(filter 1,$(SCALE_PERF)),$(shell command -v perf))" \
+	  IPVS_VM_MEM=6144 IPVS_VM_TIMEOUT=3600 IPVS_VM_OUT="$(CURDIR)/target/bench" \
+	  $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs-operator-tests --features kernel-tests --bench scale
+	@cat target/bench/scale.json
+
+## soak-churn: the churn soak, in the VM: for SOAK_CHURN_SECONDS (600), pods
+## created and deleted and labels flipped every 100 ms across 50
+## WeightedServices, their policy module replaced every 30 s; fails when the
+## agent's resident memory grows after warm-up or a kernel sample is
+## inconsistent; writes target/soak/churn.json (writes per second, change ->
+## kernel latency).
+SOAK_CHURN_SECONDS ?= 600
+soak-churn: setup vm-binaries
+	mkdir -p target/soak
+	SOAK_CHURN_SECONDS=$(SOAK_CHURN_SECONDS) IPVS_VM_ENV="SOAK_CHURN_SECONDS SOAK_CHURN_RELOAD_SECONDS" IPVS_VM_MEM=4096 \
+	  IPVS_VM_TIMEOUT=$$(( $(SOAK_CHURN_SECONDS) + 1200 )) IPVS_VM_OUT="$(CURDIR)/target/soak" \
+	  $(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test soak_churn -- --nocapture
+	@cat target/soak/churn.json
+
 ## soak-faults: the fault suite at full length, in the VM: each fault phase
 ## (watches cut, 410s, 500/503/429 bursts, kube-proxy fights, virtual services
 ## vanishing, a failing policy rollout, SIGKILLs, two controllers) lasts
@@ -53,7 +83,7 @@ soak-faults: setup vm-binaries
 	  $(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test faults -- --test-threads 6 --nocapture
 
 ## soak: the soaks (issue 8).
-soak: soak-faults
+soak: soak-faults soak-churn
 
 ## clean-vm: forget the downloaded kernel and the cached base initramfs.
 clean-vm:

@@ -370,11 +370,31 @@ impl Worker {
                 seen.insert(key);
             }
             dirty.keys.extend(self.states.keys().filter(|k| !seen.contains(*k)).cloned());
+            self.forget_gone_endpoints();
         }
         match self.drifted() {
             Some(drifted) => drifted.into_iter().collect(),
             None => self.states.keys().cloned().collect(),
         }
+    }
+
+    /// Forget what was remembered about endpoints no EndpointSlice has any
+    /// more: when their addresses became ready, and label sets no pod has —
+    /// under churn (pods come and go, labels change) both would grow for ever.
+    /// An address that comes back later is new again (ready since its pod's
+    /// creation), as it is after a restart.
+    fn forget_gone_endpoints(&mut self) {
+        let addresses: HashSet<IpAddr> = self
+            .stores
+            .slices
+            .state()
+            .iter()
+            .flat_map(|slice| slice.endpoints.iter().flatten())
+            .filter_map(|endpoint| endpoint.addresses.first()?.parse().ok())
+            .collect();
+        self.ready_since.retain(|address| addresses.contains(address));
+        // Only snapshots being built hold the shared label maps: start afresh.
+        self.label_sets = LabelSets::default();
     }
 
     /// The WeightedServices whose virtual services differ from their plans in
