@@ -371,6 +371,11 @@ impl Handle {
         lock(&self.0.faults).rules.push(rule);
     }
 
+    /// Drops every failure rule not used up yet (a burst ends now).
+    pub fn clear_fail_rules(&self) {
+        lock(&self.0.faults).rules.clear();
+    }
+
     /// Delays every answer by `delay` (`None` stops).
     pub fn set_delay(&self, delay: Option<Duration>) {
         lock(&self.0.faults).delay = delay;
