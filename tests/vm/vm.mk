@@ -76,7 +76,7 @@ soak-churn: setup vm-binaries
 ## soak-faults: the fault suite at full length, in the VM: each fault phase
 ## (watches cut, 410s, 500/503/429 bursts, kube-proxy fights, virtual services
 ## vanishing, a failing policy rollout, SIGKILLs, two controllers) lasts
-## FAULTS_SECONDS (60) instead of make test's 3. About 6 minutes.
+## FAULTS_SECONDS (60) instead of make test's 3. About 5 minutes in the VM.
 FAULTS_SECONDS ?= 60
 soak-faults: setup vm-binaries
 	IPVS_FAULTS_SECONDS=$(FAULTS_SECONDS) IPVS_VM_ENV="IPVS_FAULTS_SECONDS" IPVS_VM_TIMEOUT=3600 \
