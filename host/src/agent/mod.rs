@@ -205,6 +205,8 @@ pub struct Worker {
     listed: Option<Vec<ipvs::Service>>,
     /// Sweeps started, for the occasional cross-check of the cache and the state.
     sweeps: u64,
+    /// The last text of `/proc/net/ip_vs`: its buffer is reused by the next sweep.
+    table_text: String,
 }
 
 /// Every this many sweeps, the WeightedServices in the cache and those the
@@ -235,6 +237,7 @@ impl Worker {
             label_sets: LabelSets::default(),
             listed: None,
             sweeps: 0,
+            table_text: String::new(),
         }
     }
 
@@ -400,37 +403,31 @@ impl Worker {
     /// The WeightedServices whose virtual services differ from their plans in
     /// `/proc/net/ip_vs`: a scheduler, a weight, or a destination the kernel
     /// does not have (yet). `None` when the file cannot be read or understood.
-    fn drifted(&self) -> Option<HashSet<WsKey>> {
-        let text = match procfs::read() {
-            Ok(text) => text,
+    fn drifted(&mut self) -> Option<HashSet<WsKey>> {
+        let mut text = std::mem::take(&mut self.table_text);
+        let drifted = self.drifted_in(&mut text);
+        self.table_text = text;
+        drifted
+    }
+
+    fn drifted_in(&self, text: &mut String) -> Option<HashSet<WsKey>> {
+        match procfs::read_into(text) {
+            Ok(()) => {}
             Err(error) => {
                 tracing::debug!(%error, "cannot read /proc/net/ip_vs: the sweep reads everything through netlink");
                 return None;
             }
         };
-        let Some(table) = procfs::parse(&text) else {
+        let matcher = plan::Matcher::new(self.states.iter().filter_map(|(k, s)| Some((k, s.plan.as_deref()?))));
+        let drifted = procfs::drifted(text, |key| {
+            let m = matcher.find(key)?;
+            Some(procfs::Wanted { owner: m.key, scheduler: &m.plan.scheduler, weights: &m.port.weights })
+        });
+        let Some(drifted) = drifted else {
             tracing::warn!("/proc/net/ip_vs is not in the expected format: the sweep reads everything through netlink");
             return None;
         };
-        let matcher = plan::Matcher::new(self.states.iter().filter_map(|(k, s)| Some((k, s.plan.as_deref()?))));
-        let mut drifted = HashSet::new();
-        for service in &table {
-            let Some(m) = service.key.as_ref().and_then(|key| matcher.find(key)) else { continue };
-            if drifted.contains(m.key) {
-                continue;
-            }
-            let differs = service.scheduler != m.plan.scheduler
-                || if service.destinations.len() <= 16 {
-                    m.port.weights.iter().any(|(address, weight)| service.weight_of(address) != Some(u32::from(*weight)))
-                } else {
-                    let have: HashMap<&SocketAddr, u32> = service.destinations.iter().map(|(a, w)| (a, *w)).collect();
-                    m.port.weights.iter().any(|(address, weight)| have.get(address) != Some(&u32::from(*weight)))
-                };
-            if differs {
-                drifted.insert(m.key.clone());
-            }
-        }
-        Some(drifted)
+        Some(drifted.into_iter().cloned().collect())
     }
 
     fn note(&self, change: Change, dirty: &mut Dirty, retries: &mut BTreeSet<Instant>, retry_keys: &mut HashSet<WsKey>) {
