@@ -46,9 +46,9 @@ const KEEP_RESIDENT: usize = 4 << 20;
 /// them, its memory image still mapped). Each one keeps that module's machine
 /// code resident, about 1 MiB, even after the module is dropped: with
 /// wasmtime's default (100, so all 64 slots) every policy reload added 1 MiB
-/// until 64 were held (the churn soak saw 0.9 MiB per reload). A handful
-/// covers the policies a node evaluates repeatedly.
-const WARM_SLOTS: u32 = 8;
+/// until 64 were held (the churn soak saw 0.9 MiB per reload). The four
+/// built-ins, or a few policies a node evaluates repeatedly, stay warm.
+const WARM_SLOTS: u32 = 4;
 
 /// Limits for every evaluation, and where compiled modules are kept.
 #[derive(Debug, Clone)]
