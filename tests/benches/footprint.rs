@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ipvs_operator_tests::apiserver::{kubeconfig_yaml, Config, TestApiServer};
+use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks, status_kib};
 
 /// The agent's memory target (issue 7).
 const AGENT_RSS_TARGET_MIB: f64 = 64.0;
@@ -98,29 +99,8 @@ fn watched(metrics: &str, kind: &str) -> Option<u64> {
     metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
 }
 
-/// CPU time (user + system) of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc/PID/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; 12 and 13 after the name and state.
-    let utime: u64 = fields.get(11).context("utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
-}
 
-/// A `/proc/PID/status` line's value in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, key: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("{key} in /proc/{pid}/status"))?;
-    Ok(line.split_whitespace().nth(1).context("a number")?.parse()?)
-}
 
-fn clock_ticks_per_second() -> Result<u64> {
-    let out = Command::new("getconf").arg("CLK_TCK").output().context("running getconf CLK_TCK")?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
-}
 
 /// The project's binary in the directory cargo builds into.
 fn project_binary(name: &str) -> Result<PathBuf> {
@@ -208,7 +188,7 @@ fn main() -> Result<()> {
     // Let the first passes and the controller's reconciles finish.
     std::thread::sleep(Duration::from_secs(10));
 
-    let ticks_per_second = clock_ticks_per_second()? as f64;
+    let ticks_per_second = clock_ticks_per_second() as f64;
     let measure = |process: &Process, before: u64| -> Result<Footprint> {
         let pid = process.child.id();
         let ticks = cpu_ticks(pid)? - before;

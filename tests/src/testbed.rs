@@ -537,6 +537,31 @@ pub fn load_ip_vs() {
     );
 }
 
+/// A manifest of one running, ready pod in `default` with port 8080 named
+/// `www`, at a fixed IP on `node` (for [`Testbed::load`]).
+pub fn pod_manifest(name: &str, labels: &[(&str, &str)], node: &str, ip: &str) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: web
+    image: web
+    ports: [{{name: www, containerPort: 8080, protocol: TCP}}]
+status:
+  phase: Running
+  podIP: {ip}
+  conditions: [{{type: Ready, status: "True"}}]
+---
+"#,
+        labels = labels.join(", ")
+    )
+}
+
 /// Poll `check` every 100 ms until it gives a value, or panic after `timeout`
 /// saying what was awaited.
 pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::policy::{BUILTIN_POLICIES, FIXTURE_POLICIES};
 use ipvs_operator_tests::apiserver::PodUpdate;
-use ipvs_operator_tests::testbed::{wait_until, Testbed, TestbedConfig};
+use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig};
 use jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
@@ -86,29 +86,6 @@ fn now_plus(seconds: i64) -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second() + seconds).expect("a time")
 }
 
-/// A running, ready pod with port 8080 named `www`, at a fixed IP on `node`.
-fn pod(name: &str, labels: &[(&str, &str)], node: &str, ip: &str) -> String {
-    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-    format!(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}
-spec:
-  nodeName: {node}
-  containers:
-  - name: web
-    image: web
-    ports: [{{name: www, containerPort: 8080, protocol: TCP}}]
-status:
-  phase: Running
-  podIP: {ip}
-  conditions: [{{type: Ready, status: "True"}}]
----
-"#,
-        labels = labels.join(", ")
-    )
-}
 
 /// The virtual service of WeightedService `name` (port 80 of its Service).
 fn vip(bed: &Testbed, name: &str) -> SocketAddr {
@@ -557,9 +534,9 @@ spec:
     let dir = ConfigMapDir::new(&[("mine.wasm", first)]);
     let mut bed = Testbed::new(TestbedConfig { policy_dir: Some(dir.path().to_path_buf()), ..config("wrr") });
     let pods = [
-        pod("web-prod-1", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.11"),
-        pod("web-prod-2", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.12"),
-        pod("web-canary-1", &[("app", "web"), ("env", "canary")], "node-2", "10.244.9.13"),
+        pod_manifest("web-prod-1", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.11"),
+        pod_manifest("web-prod-2", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.12"),
+        pod_manifest("web-canary-1", &[("app", "web"), ("env", "canary")], "node-2", "10.244.9.13"),
     ];
     bed.load(&pods.concat());
     bed.load(WS);

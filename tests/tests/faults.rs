@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ipvs_operator::policy::{BUILTIN_POLICIES, FIXTURE_POLICIES};
 use ipvs_operator_tests::apiserver::FailRule;
 use ipvs_operator_tests::consistency::{wait_for_kernel_to_match_eval, Sampler, SamplerConfig};
-use ipvs_operator_tests::testbed::{wait_until, Testbed, TestbedConfig};
+use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -53,26 +53,7 @@ fn pods() -> String {
         ("web-5", "prod", "node-2", "10.244.7.15"),
     ];
     pods.iter()
-        .map(|(name, env, node, ip)| {
-            format!(
-                r#"
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: web, env: {env}}}}}
-spec:
-  nodeName: {node}
-  containers:
-  - name: web
-    image: web
-    ports: [{{name: www, containerPort: 8080, protocol: TCP}}]
-status:
-  phase: Running
-  podIP: {ip}
-  conditions: [{{type: Ready, status: "True"}}]
----
-"#
-            )
-        })
+        .map(|(name, env, node, ip)| pod_manifest(name, &[("app", "web"), ("env", env)], node, ip))
         .collect()
 }
 

@@ -135,8 +135,7 @@ fn agent_pid() -> Option<u32> {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+    ipvs_operator_tests::procstat::status_kib(pid, "VmRSS:").ok()
 }
 
 /// A change waiting to reach the kernel: the destination and the weight it must show.

@@ -61,6 +61,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ipvs::{IpvsClient, ServiceKey, Write};
 use ipvs_operator::crd::WeightedService;
+use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks, status_kib};
 use ipvs_operator_tests::testbed::{Testbed, TestbedConfig, NODE_NAME};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{json, Value};
@@ -311,29 +312,8 @@ fn print_smaps(pid: u32) {
     }
 }
 
-/// CPU time (user + system) of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("/proc/PID/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat: 12 and 13 after the name and state.
-    let utime: u64 = fields.get(11).context("utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
-}
 
-/// A `/proc/PID/status` value in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, key: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with(key)).with_context(|| format!("{key} in /proc/{pid}/status"))?;
-    Ok(line.split_whitespace().nth(1).context("a number")?.parse()?)
-}
 
-fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as u64 } else { 100 }
-}
 
 fn metric(bed: &Testbed, name: &str, labels: &str) -> f64 {
     bed.agent_metric(name, labels).unwrap_or(0.0)
