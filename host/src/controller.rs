@@ -60,7 +60,17 @@ pub struct Context {
     events: EventSink,
     ready_since: Mutex<ReadySince>,
     label_sets: Mutex<LabelSets>,
+    /// When `ready_since` and `label_sets` were last pruned.
+    pruned: Mutex<Instant>,
 }
+
+/// Reconciles at once. Unbounded (kube-runtime's default), 5,000
+/// WeightedServices made 5,000 connections to the API server at start and
+/// failed to connect; each also needs one of the policy engine's 64 instance slots.
+const CONCURRENCY: u16 = 16;
+
+/// How often the controller forgets endpoints no EndpointSlice has.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Run the controller until the process gets a signal.
 pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, health: Arc<Health>) {
@@ -78,7 +88,8 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     let (events, publisher) = crate::events::publisher(client.clone(), reporter);
     tokio::spawn(publisher);
 
-    let controller = Controller::new(Api::<WeightedService>::all(client.clone()), watcher::Config::default());
+    let controller = Controller::new(Api::<WeightedService>::all(client.clone()), watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let weighted_services = controller.store();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -88,6 +99,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         metrics,
         events,
         ready_since: Mutex::new(ReadySince::default()),
+        pruned: Mutex::new(Instant::now()),
         label_sets: Mutex::new(LabelSets::default()),
     });
 
@@ -269,6 +281,15 @@ fn build_snapshot(ctx: &Context, ws: &WeightedService, service: &Service, now: T
         .collect();
     let mut ready_since = ctx.ready_since.lock().unwrap_or_else(|p| p.into_inner());
     let mut label_sets = ctx.label_sets.lock().unwrap_or_else(|p| p.into_inner());
+    {
+        let mut pruned = ctx.pruned.lock().unwrap_or_else(|p| p.into_inner());
+        if pruned.elapsed() >= PRUNE_EVERY {
+            ready_since.forget_absent(ctx.slices.state().iter().map(|slice| slice.as_ref()));
+            // Only snapshots being built hold the shared label maps: start afresh.
+            *label_sets = LabelSets::default();
+            *pruned = Instant::now();
+        }
+    }
     Snapshot::from_cluster(
         ws,
         service,

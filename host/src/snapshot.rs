@@ -287,6 +287,18 @@ impl ReadySince {
     pub fn retain(&mut self, keep: impl Fn(&IpAddr) -> bool) {
         self.since.retain(|a, _| keep(a));
     }
+
+    /// Forget addresses none of `slices` has any more: under churn (pods come
+    /// and go) the map would grow for ever. An address that comes back later
+    /// is new again (ready since its pod's creation), as after a restart.
+    pub fn forget_absent<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
+        let present: std::collections::HashSet<IpAddr> = slices
+            .into_iter()
+            .flat_map(|slice| slice.endpoints.iter().flatten())
+            .filter_map(|endpoint| endpoint.addresses.first()?.parse().ok())
+            .collect();
+        self.retain(|address| present.contains(address));
+    }
 }
 
 /// Hands out one shared map per distinct label set, so that the pods of one
@@ -527,6 +539,24 @@ status:
         // Not ready again, and back: from the new transition.
         assert_eq!(since.observe(a, false, Some(t(-3600)), t(40)), None);
         assert_eq!(since.observe(a, true, Some(t(-3600)), t(50)), Some(t(50)));
+    }
+
+    #[test]
+    fn ready_since_forgets_addresses_no_endpoint_slice_has() {
+        let t = |s: i64| Timestamp::from_second(1_767_225_600 + s).unwrap();
+        let (kept, gone): (IpAddr, IpAddr) = ("10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap());
+        let mut since = ReadySince::default();
+        since.observe(kept, true, None, t(0));
+        since.observe(gone, true, None, t(0));
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "s"}, "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.5"]}],
+        }))
+        .unwrap();
+        since.forget_absent([&slice]);
+        // The one still there keeps its time; the one that went is new when it comes back.
+        assert_eq!(since.observe(kept, true, None, t(100)), Some(t(0)));
+        assert_eq!(since.observe(gone, true, None, t(100)), Some(t(100)));
     }
 
     #[test]

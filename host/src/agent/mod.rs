@@ -387,15 +387,7 @@ impl Worker {
     /// An address that comes back later is new again (ready since its pod's
     /// creation), as it is after a restart.
     fn forget_gone_endpoints(&mut self) {
-        let addresses: HashSet<IpAddr> = self
-            .stores
-            .slices
-            .state()
-            .iter()
-            .flat_map(|slice| slice.endpoints.iter().flatten())
-            .filter_map(|endpoint| endpoint.addresses.first()?.parse().ok())
-            .collect();
-        self.ready_since.retain(|address| addresses.contains(address));
+        self.ready_since.forget_absent(self.stores.slices.state().iter().map(|slice| slice.as_ref()));
         // Only snapshots being built hold the shared label maps: start afresh.
         self.label_sets = LabelSets::default();
     }
