@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipvs_operator::crd::WeightedService;
-use ipvs_operator::policy::{BUILTIN_POLICIES, FIXTURE_POLICIES};
+use ipvs_operator::policy::embedded_module;
 use ipvs_operator_tests::apiserver::PodUpdate;
 use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig};
 use jiff::Timestamp;
@@ -42,12 +42,7 @@ fn config(scheduler: &str) -> TestbedConfig {
 
 /// A built-in policy's (or a test fixture's) module bytes, as the binary embeds them.
 fn module(name: &str) -> &'static [u8] {
-    BUILTIN_POLICIES
-        .iter()
-        .chain(FIXTURE_POLICIES)
-        .find(|(n, _)| *n == name)
-        .map(|(_, bytes)| *bytes)
-        .unwrap_or_else(|| panic!("no policy {name}"))
+    embedded_module(name).unwrap_or_else(|| panic!("no policy {name}"))
 }
 
 /// `bytes` with a custom section appended: the same component, other bytes —

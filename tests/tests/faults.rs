@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ipvs_operator::policy::{BUILTIN_POLICIES, FIXTURE_POLICIES};
+use ipvs_operator::policy::embedded_module;
 use ipvs_operator_tests::apiserver::FailRule;
 use ipvs_operator_tests::consistency::{wait_for_kernel_to_match_eval, Sampler, SamplerConfig};
 use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig};
@@ -346,12 +346,7 @@ fn virtual_services_vanishing_mid_pass_are_reapplied_without_an_error_loop() {
 
 /// A policy module by name, as the binary embeds it.
 fn module(name: &str) -> &'static [u8] {
-    BUILTIN_POLICIES
-        .iter()
-        .chain(FIXTURE_POLICIES)
-        .find(|(n, _)| *n == name)
-        .map(|(_, bytes)| *bytes)
-        .unwrap_or_else(|| panic!("no policy {name}"))
+    embedded_module(name).unwrap_or_else(|| panic!("no policy {name}"))
 }
 
 /// Replace `NAME.wasm` in a ConfigMap-style directory as the kubelet does: a

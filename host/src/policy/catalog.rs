@@ -24,6 +24,11 @@ use crate::snapshot::{Endpoint, ServiceMeta, Snapshot};
 
 include!(concat!(env!("OUT_DIR"), "/policies.rs"));
 
+/// The bytes of a built-in policy or a test fixture, as the binary embeds them.
+pub fn embedded_module(name: &str) -> Option<&'static [u8]> {
+    BUILTIN_POLICIES.iter().chain(FIXTURE_POLICIES).find(|(n, _)| *n == name).map(|(_, bytes)| *bytes)
+}
+
 /// How long the directory must be quiet before it is read again: a ConfigMap
 /// update is several filesystem events.
 const SETTLE: Duration = Duration::from_millis(150);
@@ -380,7 +385,7 @@ mod tests {
     use crate::policy::EngineConfig;
 
     fn builtin(name: &str) -> &'static [u8] {
-        BUILTIN_POLICIES.iter().chain(FIXTURE_POLICIES).find(|(n, _)| *n == name).map(|(_, b)| *b).expect(name)
+        embedded_module(name).expect(name)
     }
 
     fn catalog(dir: &Path) -> Catalog {

@@ -10,7 +10,7 @@ mod engine;
 
 use std::time::Duration;
 
-pub use catalog::{Catalog, CatalogEvent, BUILTIN_POLICIES, FIXTURE_POLICIES};
+pub use catalog::{embedded_module, Catalog, CatalogEvent, BUILTIN_POLICIES, FIXTURE_POLICIES};
 pub use engine::{check_decision, Compiler, EngineConfig, Evaluation, LoadedPolicy, PolicyEngine, INTERFACE_EXPORT};
 
 /// Why a policy could not be loaded or evaluated. Every variant names the policy.
