@@ -19,12 +19,12 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::cluster::{is_controlled_by, reflect, OWNER_LABEL, SERVICE_NAME_LABEL};
+use crate::cluster::{is_controlled_by, reflect, reflect_pods, PodCache, OWNER_LABEL, SERVICE_NAME_LABEL};
 use crate::crd::{PolicyStatus, WeightedService};
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
 use crate::policy::Catalog;
-use crate::snapshot::{LabelSets, PodMeta, ReadySince, Snapshot};
+use crate::snapshot::{ReadySince, Snapshot};
 use crate::status::{self, PolicyOutcome, ServiceOutcome};
 
 /// The field manager of the controller's server-side applies.
@@ -55,12 +55,11 @@ pub struct Context {
     client: Client,
     catalog: Arc<Catalog>,
     slices: Store<EndpointSlice>,
-    pods: Store<PartialObjectMeta<Pod>>,
+    pods: PodCache,
     metrics: Arc<Metrics>,
     events: EventSink,
     ready_since: Mutex<ReadySince>,
-    label_sets: Mutex<LabelSets>,
-    /// When `ready_since` and `label_sets` were last pruned.
+    /// When `ready_since` was last pruned.
     pruned: Mutex<Instant>,
 }
 
@@ -79,11 +78,8 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
     );
-    let (pods, pod_changes) = reflect(
-        "Pod",
-        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default()),
-        metrics.clone(),
-    );
+    let (pods, pod_changes) =
+        reflect_pods(watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default()), metrics.clone());
     let reporter = Reporter { controller: "ipvs-operator".into(), instance: std::env::var("POD_NAME").ok() };
     let (events, publisher) = crate::events::publisher(client.clone(), reporter);
     tokio::spawn(publisher);
@@ -100,7 +96,6 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         events,
         ready_since: Mutex::new(ReadySince::default()),
         pruned: Mutex::new(Instant::now()),
-        label_sets: Mutex::new(LabelSets::default()),
     });
 
     // Ready once every cache has its first list. kube-runtime's
@@ -111,7 +106,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     let (ws_ready, slices_ready, pods_ready) = (weighted_services.clone(), slices.clone(), pods.clone());
     let ready_health = health.clone();
     tokio::spawn(async move {
-        if synced(&ws_ready).await && synced(&slices_ready).await && synced(&pods_ready).await {
+        if synced(&ws_ready).await && synced(&slices_ready).await && pods_ready.wait_until_ready().await.is_ok() {
             ready_health.set_ready();
             tracing::info!("watch caches synced: ready");
         }
@@ -280,13 +275,10 @@ fn build_snapshot(ctx: &Context, ws: &WeightedService, service: &Service, now: T
         .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()) && s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
         .collect();
     let mut ready_since = ctx.ready_since.lock().unwrap_or_else(|p| p.into_inner());
-    let mut label_sets = ctx.label_sets.lock().unwrap_or_else(|p| p.into_inner());
     {
         let mut pruned = ctx.pruned.lock().unwrap_or_else(|p| p.into_inner());
         if pruned.elapsed() >= PRUNE_EVERY {
             ready_since.forget_absent(ctx.slices.state().iter().map(|slice| slice.as_ref()));
-            // Only snapshots being built hold the shared label maps: start afresh.
-            *label_sets = LabelSets::default();
             *pruned = Instant::now();
         }
     }
@@ -294,16 +286,10 @@ fn build_snapshot(ctx: &Context, ws: &WeightedService, service: &Service, now: T
         ws,
         service,
         slices.iter().map(|s| s.as_ref()),
-        |ns, pod| {
-            ctx.pods.get(&ObjectRef::new(pod).within(ns)).map(|p| PodMeta {
-                labels: p.metadata.labels.clone().unwrap_or_default(),
-                created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            })
-        },
+        |ns, pod| ctx.pods.get(ns, pod),
         None,
         now,
         &mut ready_since,
-        &mut label_sets,
     )
 }
 

@@ -244,12 +244,18 @@ fn main() -> ExitCode {
 }
 
 fn run_async(future: impl std::future::Future<Output = Result<()>>) -> Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(future)
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(future);
+    // Dropping the runtime would wait for its blocking tasks, one of which
+    // waits for the agent's work loop: the process would not end on SIGTERM.
+    // What is in flight is abandoned, as a SIGKILL would (the agent is built
+    // to be killed at any point).
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 impl LimitArgs {
@@ -309,6 +315,8 @@ async fn run_controller(args: ControllerArgs) -> Result<()> {
     let (client, catalog, metrics, health) = common("controller", &args.limits, args.listen, Duration::from_secs(60)).await?;
     tracing::info!(policies = ?catalog.names(), "controller starting");
     controller::run(client, catalog, metrics, health).await;
+    // It returns once SIGTERM or SIGINT came and in-flight reconciles ended.
+    tracing::info!("signalled: stopping");
     Ok(())
 }
 

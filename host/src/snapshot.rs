@@ -225,8 +225,8 @@ impl Snapshot {
 /// What the snapshot needs of a pod (from a metadata-only watch).
 #[derive(Debug, Clone, Default)]
 pub struct PodMeta {
-    /// The pod's labels.
-    pub labels: Labels,
+    /// The pod's labels (shared by the pods that have the same).
+    pub labels: Arc<Labels>,
     /// Its creation time.
     pub created: Option<Timestamp>,
 }
@@ -325,7 +325,6 @@ impl Snapshot {
     /// EndpointSlices of that Service, and pod metadata (`pod(namespace, name)`).
     /// Endpoints are merged across slices by address; each slice port is matched
     /// to the Service port of the same name and protocol.
-    #[allow(clippy::too_many_arguments)]
     pub fn from_cluster<'a>(
         ws: &WeightedService,
         service: &Service,
@@ -334,7 +333,6 @@ impl Snapshot {
         node: Option<NodeInfo>,
         now: Timestamp,
         ready_since: &mut ReadySince,
-        label_sets: &mut LabelSets,
     ) -> Result<Snapshot, Incomplete> {
         let meta = ServiceMeta::of(ws);
         let service_ports: Vec<&ServicePort> = service.spec.iter().flat_map(|s| s.ports.iter().flatten()).collect();
@@ -399,7 +397,7 @@ impl Snapshot {
                     address,
                     node_name: ep.node_name.clone(),
                     zone: ep.zone.clone(),
-                    labels: label_sets.share(pod_meta.labels),
+                    labels: pod_meta.labels,
                     ready: ready_now,
                     serving,
                     terminating,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ipvs_operator_tests::apiserver::{kubeconfig_yaml, Config, TestApiServer};
 use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks, status_kib};
+use ipvs_operator_tests::project_binary;
 
 /// The agent's memory target (issue 7).
 const AGENT_RSS_TARGET_MIB: f64 = 64.0;
@@ -34,16 +35,19 @@ fn env_number(name: &str, default: usize) -> Result<usize> {
     }
 }
 
-/// The cluster: one Deployment and one WeightedService per service, and the
-/// background pods in a namespace of their own.
+/// The cluster: one Deployment and one WeightedService per service, 20 to a
+/// namespace (the test API server's built-in controllers work per namespace,
+/// and every change reconciles its whole namespace), and the background pods
+/// in a namespace of their own.
 fn cluster(services: usize, replicas: usize, other_pods: usize) -> String {
     let mut yaml = String::new();
     for i in 0..services {
+        let ns = i / 20;
         yaml.push_str(&format!(
             r#"---
 apiVersion: apps/v1
 kind: Deployment
-metadata: {{name: web-{i}, namespace: shop}}
+metadata: {{name: web-{i}, namespace: shop-{ns}}}
 spec:
   replicas: {replicas}
   selector: {{matchLabels: {{app: web-{i}}}}}
@@ -53,7 +57,7 @@ spec:
 ---
 apiVersion: codesink.net/v1alpha1
 kind: WeightedService
-metadata: {{name: web-{i}, namespace: shop}}
+metadata: {{name: web-{i}, namespace: shop-{ns}}}
 spec:
   selector: {{app: web-{i}}}
   ports: [{{protocol: TCP, port: 80, targetPort: www}}]
@@ -101,17 +105,6 @@ fn watched(metrics: &str, kind: &str) -> Option<u64> {
 
 
 
-
-/// The project's binary in the directory cargo builds into.
-fn project_binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} is not built: `cargo build --release -p ipvs-operator` first"))
-}
 
 struct Process {
     child: Child,

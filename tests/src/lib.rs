@@ -24,3 +24,14 @@ pub mod kube_proxy;
 pub mod procstat;
 pub mod rbac;
 pub mod testbed;
+
+/// A binary of this workspace in the directory cargo builds into (e.g.
+/// `target/release`): one or two levels up from the running test or bench
+/// executable (`deps/`).
+pub fn project_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let found = exe.ancestors().skip(1).take(2).map(|d| d.join(name)).find(|p| p.is_file());
+    found.ok_or_else(|| {
+        anyhow::anyhow!("{name} is not built next to {}: run `cargo build --release -p ipvs-operator` (or build the whole workspace)", exe.display())
+    })
+}

@@ -14,6 +14,7 @@ use std::process::Command;
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator_tests::apiserver::RequestRecord;
 use ipvs_operator_tests::rbac::{self, Attributes, Rbac, ServiceAccount};
+use ipvs_operator_tests::project_binary;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, ResourceQuota, ServiceAccount as SaObject};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
@@ -376,7 +377,7 @@ fn the_controller_runs_unprivileged() {
 /// fails on an unknown flag before it prints help.
 #[test]
 fn the_manifests_pass_flags_the_binary_has() {
-    let binary = project_binary("ipvs-operator");
+    let binary = project_binary("ipvs-operator").expect("the operator binary");
     let objects = parse(&rendered());
     let containers = [
         only_container(pod_spec_of_deployment(one(&objects.deployments, "Deployment"))),
@@ -392,16 +393,6 @@ fn the_manifests_pass_flags_the_binary_has() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-}
-
-/// A project binary in the directory cargo builds into (`target/release`):
-/// one up from this test's `deps/`.
-fn project_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's path");
-    let dirs = exe.ancestors().skip(1).take(2);
-    dirs.map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
-        panic!("{name} is not built next to {}: run `cargo build --release -p ipvs-operator` (or test the whole workspace)", exe.display())
-    })
 }
 
 #[test]
@@ -585,7 +576,7 @@ struct Running {
 impl Running {
     fn start(role_args: &[&str], kubeconfig: &Path, log: PathBuf) -> Running {
         let file = std::fs::File::create(&log).expect("a log file");
-        let child = Command::new(project_binary("ipvs-operator"))
+        let child = Command::new(project_binary("ipvs-operator").expect("the operator binary"))
             .args(role_args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")

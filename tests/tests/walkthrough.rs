@@ -21,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ipvs_operator_tests::apiserver::{Config, Handle, TestApiServer, kubeconfig_yaml};
+use ipvs_operator_tests::project_binary;
 use serde_json::Value;
 
 const README: &str = include_str!("../../README.md");
@@ -66,13 +67,6 @@ fn kubectl_path() -> Option<PathBuf> {
         return Some(PathBuf::from(k));
     }
     std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("kubectl")).find(|p| p.is_file()))
-}
-
-/// A project binary in the directory cargo builds into (`target/release`).
-fn project_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's path");
-    let found = exe.ancestors().skip(1).take(2).map(|d| d.join(name)).find(|p| p.is_file());
-    found.unwrap_or_else(|| panic!("{name} is not built next to {}: run `cargo build --release -p ipvs-operator`", exe.display()))
 }
 
 /// The shell commands of the `sh` blocks in the README section under
@@ -212,7 +206,7 @@ impl Controller {
             .into_iter()
             .find(|p| p["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
             .expect("the emulated cluster runs the controller's pod");
-        let mut command = Command::new(project_binary("ipvs-operator"));
+        let mut command = Command::new(project_binary("ipvs-operator").expect("the operator binary"));
         command.args(&args).env("KUBECONFIG", kubeconfig).env("POD_NAME", pod["metadata"]["name"].as_str().unwrap_or_default());
         for env in container["env"].as_array().into_iter().flatten() {
             if let (Some(name), Some(value)) = (env["name"].as_str(), env["value"].as_str()) {

@@ -23,7 +23,7 @@
 pub mod plan;
 pub mod procfs;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -42,7 +42,7 @@ use crate::crd::WeightedService;
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
 use crate::policy::{Catalog, PolicyError};
-use crate::snapshot::{LabelSets, NodeInfo, ReadySince, Snapshot};
+use crate::snapshot::{NodeInfo, ReadySince, Snapshot};
 use plan::{desired, ServicePlan};
 
 /// How the agent runs.
@@ -138,8 +138,9 @@ struct Dirty {
     all: bool,
     /// Rebuild and compare these.
     keys: HashSet<WsKey>,
-    /// Rebuild and compare every WeightedService of these namespaces.
-    namespaces: HashSet<String>,
+    /// Labels of pods that changed, by namespace: the WeightedServices whose
+    /// selectors match them are rebuilt (see [`Worker::resolve_pods`]).
+    pods: HashMap<String, Vec<BTreeMap<String, String>>>,
     /// Only compare these with the kernel (a chunk of the periodic sweep): their
     /// inputs did not change.
     check: HashSet<WsKey>,
@@ -151,8 +152,12 @@ impl Dirty {
             Change::WeightedService(namespace, name) | Change::Service(namespace, name) | Change::Slices(namespace, name) => {
                 self.keys.insert(WsKey { namespace, name });
             }
-            Change::Pods(namespace) => {
-                self.namespaces.insert(namespace);
+            Change::Pod(namespace, labels) => {
+                let changed = self.pods.entry(namespace).or_default();
+                // A burst of changes to pods of one Deployment carries the same labels.
+                if !changed.contains(&labels) {
+                    changed.push(labels);
+                }
             }
             Change::Node | Change::All => self.all = true,
         }
@@ -160,7 +165,7 @@ impl Dirty {
 
     /// Whether the WeightedService's snapshot is rebuilt.
     fn contains(&self, key: &WsKey) -> bool {
-        self.all || self.keys.contains(key) || self.namespaces.contains(&key.namespace)
+        self.all || self.keys.contains(key)
     }
 
     /// Whether the WeightedService is compared with the kernel.
@@ -169,7 +174,7 @@ impl Dirty {
     }
 
     fn is_empty(&self) -> bool {
-        !self.all && self.keys.is_empty() && self.namespaces.is_empty() && self.check.is_empty()
+        !self.all && self.keys.is_empty() && self.pods.is_empty() && self.check.is_empty()
     }
 }
 
@@ -198,7 +203,6 @@ pub struct Worker {
     states: HashMap<WsKey, WsState>,
     changed: HashMap<WsKey, Changed>,
     ready_since: ReadySince,
-    label_sets: LabelSets,
     /// The node's virtual services as listed for the sweep under way: its
     /// chunks read only their destinations. Dropped when a sweep starts and
     /// when a pass writes.
@@ -207,6 +211,20 @@ pub struct Worker {
     sweeps: u64,
     /// The last text of `/proc/net/ip_vs`: its buffer is reused by the next sweep.
     table_text: String,
+    /// Counts changes to the plans (set, replaced, dropped).
+    plans_changed: u64,
+    /// The last sweep that found nothing to repair: a sweep that reads the
+    /// same text while the plans are the same has nothing to repair either.
+    quiet_sweep: Option<QuietSweep>,
+}
+
+/// What a sweep that found no drift saw.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct QuietSweep {
+    /// A hash of `/proc/net/ip_vs`'s text.
+    table: u64,
+    /// [`Worker::plans_changed`] then.
+    plans: u64,
 }
 
 /// Every this many sweeps, the WeightedServices in the cache and those the
@@ -234,10 +252,11 @@ impl Worker {
             states: HashMap::new(),
             changed: HashMap::new(),
             ready_since: ReadySince::default(),
-            label_sets: LabelSets::default(),
             listed: None,
             sweeps: 0,
             table_text: String::new(),
+            plans_changed: 0,
+            quiet_sweep: None,
         }
     }
 
@@ -246,8 +265,9 @@ impl Worker {
         let mut dirty = Dirty { all: true, ..Dirty::default() };
         // The first pass compares everything: the first sweep comes one interval later.
         let mut next_sweep = Instant::now() + self.config.drift_interval;
-        // What is left of the current sweep.
+        // What is left of the current sweep, and its read of the table under way.
         let mut sweep: Vec<WsKey> = Vec::new();
+        let mut reading: Option<procfs::TableRead> = None;
         let mut retries: BTreeSet<Instant> = BTreeSet::new();
         let mut retry_keys: HashSet<WsKey> = HashSet::new();
         // Changes and sweep chunks take turns when both wait, so that a stream of
@@ -256,7 +276,7 @@ impl Worker {
         loop {
             self.health.beat();
             let now = Instant::now();
-            if dirty.is_empty() && !sweep.is_empty() {
+            if dirty.is_empty() && (!sweep.is_empty() || reading.is_some()) {
                 // Between two chunks of a sweep: what changed meanwhile goes first.
                 loop {
                     match changes.try_recv() {
@@ -288,8 +308,11 @@ impl Worker {
             if now >= next_sweep {
                 next_sweep = now + self.config.drift_interval;
                 // A sweep still going (slower than the interval) is not restarted.
-                if sweep.is_empty() {
-                    sweep = self.sweep_keys(&mut dirty);
+                if sweep.is_empty() && reading.is_none() {
+                    reading = self.begin_sweep(&mut dirty);
+                    if reading.is_none() {
+                        sweep = self.states.keys().cloned().collect();
+                    }
                 }
             }
             while retries.first().is_some_and(|r| *r <= now) {
@@ -304,9 +327,28 @@ impl Worker {
                     dirty.keys.insert(key.clone());
                 }
             }
-            let work = if !dirty.is_empty() && (!chunk_turn || sweep.is_empty()) {
+            let sweep_waits = !sweep.is_empty() || reading.is_some();
+            let work = if !dirty.is_empty() && (!chunk_turn || !sweep_waits) {
                 chunk_turn = true;
                 std::mem::take(&mut dirty)
+            } else if let Some(read) = reading.as_mut() {
+                chunk_turn = false;
+                match read.next_piece(&mut self.table_text) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        reading = None;
+                        sweep = match self.drifted() {
+                            Some(drifted) => drifted.into_iter().collect(),
+                            None => self.states.keys().cloned().collect(),
+                        };
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot read /proc/net/ip_vs: the sweep reads everything through netlink");
+                        reading = None;
+                        sweep = self.states.keys().cloned().collect();
+                    }
+                }
+                continue;
             } else if !sweep.is_empty() {
                 chunk_turn = false;
                 let chunk = sweep.split_off(sweep.len().saturating_sub(SWEEP_CHUNK));
@@ -317,13 +359,17 @@ impl Worker {
             if work.all {
                 // This pass compares everything: the sweep under way is done with it.
                 sweep.clear();
+                reading = None;
             }
+            let mut work = work;
+            self.resolve_pods(&mut work);
             let started = Instant::now();
             let report = self.pass(&work);
             self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             if self.ipvs.is_none() {
                 // The kernel could not be opened or read: the next sweep tries again.
                 sweep.clear();
+                reading = None;
             }
             if report.writes > 0 || report.errors > 0 || report.evaluated > 0 {
                 tracing::info!(
@@ -356,11 +402,13 @@ impl Worker {
         }
     }
 
-    /// The WeightedServices a new sweep compares with the kernel. Now and then,
-    /// any that the cache and the agent's state disagree on (new, gone, or
-    /// replaced under the same name) are made dirty, should a change have been
-    /// missed.
-    fn sweep_keys(&mut self, dirty: &mut Dirty) -> Vec<WsKey> {
+    /// Start a sweep: open the table for reading (in pieces, between changes;
+    /// [`Worker::drifted`] then compares it), or `None` if it cannot be read
+    /// (the sweep then reads every virtual service through netlink). Now and
+    /// then, any WeightedServices that the cache and the agent's state disagree
+    /// on (new, gone, or replaced under the same name) are made dirty, should a
+    /// change have been missed.
+    fn begin_sweep(&mut self, dirty: &mut Dirty) -> Option<procfs::TableRead> {
         self.listed = None;
         self.sweeps += 1;
         if self.sweeps.is_multiple_of(CROSS_CHECK_EVERY) {
@@ -374,10 +422,15 @@ impl Worker {
             }
             dirty.keys.extend(self.states.keys().filter(|k| !seen.contains(*k)).cloned());
             self.forget_gone_endpoints();
+            // And the table is compared in full, whatever its hash.
+            self.quiet_sweep = None;
         }
-        match self.drifted() {
-            Some(drifted) => drifted.into_iter().collect(),
-            None => self.states.keys().cloned().collect(),
+        match procfs::TableRead::open(&mut self.table_text) {
+            Ok(read) => Some(read),
+            Err(error) => {
+                tracing::debug!(%error, "cannot read /proc/net/ip_vs: the sweep reads everything through netlink");
+                None
+            }
         }
     }
 
@@ -388,28 +441,30 @@ impl Worker {
     /// creation), as it is after a restart.
     fn forget_gone_endpoints(&mut self) {
         self.ready_since.forget_absent(self.stores.slices.state().iter().map(|slice| slice.as_ref()));
-        // Only snapshots being built hold the shared label maps: start afresh.
-        self.label_sets = LabelSets::default();
     }
 
     /// The WeightedServices whose virtual services differ from their plans in
-    /// `/proc/net/ip_vs`: a scheduler, a weight, or a destination the kernel
-    /// does not have (yet). `None` when the file cannot be read or understood.
+    /// the table just read (`table_text`): a scheduler, a weight, or a
+    /// destination the kernel does not have (yet). `None` when the text is not
+    /// in the kernel's format.
     fn drifted(&mut self) -> Option<HashSet<WsKey>> {
-        let mut text = std::mem::take(&mut self.table_text);
-        let drifted = self.drifted_in(&mut text);
+        let text = std::mem::take(&mut self.table_text);
+        // An idle node reads the same table every sweep: hashing it costs a
+        // fraction of comparing it with every plan.
+        let seen = QuietSweep { table: procfs::table_hash(&text), plans: self.plans_changed };
+        let drifted = if self.quiet_sweep == Some(seen) {
+            Some(HashSet::new())
+        } else {
+            let drifted = self.compare_table(&text);
+            self.quiet_sweep = drifted.as_ref().filter(|d| d.is_empty()).map(|_| seen);
+            drifted
+        };
+        // The buffer is reused by the next sweep.
         self.table_text = text;
         drifted
     }
 
-    fn drifted_in(&self, text: &mut String) -> Option<HashSet<WsKey>> {
-        match procfs::read_into(text) {
-            Ok(()) => {}
-            Err(error) => {
-                tracing::debug!(%error, "cannot read /proc/net/ip_vs: the sweep reads everything through netlink");
-                return None;
-            }
-        };
+    fn compare_table(&self, text: &str) -> Option<HashSet<WsKey>> {
         let matcher = plan::Matcher::new(self.states.iter().filter_map(|(k, s)| Some((k, s.plan.as_deref()?))));
         let drifted = procfs::drifted(text, |key| {
             let m = matcher.find(key)?;
@@ -433,6 +488,38 @@ impl Worker {
         dirty.add(change);
     }
 
+    /// Turn pod changes into the WeightedServices they can matter to: those of
+    /// the pod's namespace whose Service selector matches its labels (or that
+    /// have no selector). A pod that stops or starts matching also changes an
+    /// EndpointSlice, which names its WeightedService; rebuilding every
+    /// WeightedService of a busy namespace on each pod change was most of the
+    /// agent's work under churn.
+    fn resolve_pods(&self, dirty: &mut Dirty) {
+        if dirty.pods.is_empty() {
+            return;
+        }
+        let pods = std::mem::take(&mut dirty.pods);
+        if dirty.all {
+            return;
+        }
+        for key in self.states.keys() {
+            let Some(changed) = pods.get(&key.namespace) else { continue };
+            if dirty.keys.contains(key) {
+                continue;
+            }
+            let Some(ws) = self.stores.weighted_services.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
+                continue;
+            };
+            let selector = ws.spec.service.selector.as_ref().filter(|s| !s.is_empty());
+            let matches = |labels: &BTreeMap<String, String>| {
+                selector.is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            };
+            if changed.iter().any(matches) {
+                dirty.keys.insert(key.clone());
+            }
+        }
+    }
+
     /// One pass: rebuild what changed, then compare what is in scope with the kernel.
     fn pass(&mut self, dirty: &Dirty) -> PassReport {
         let mut report = PassReport::default();
@@ -451,11 +538,9 @@ impl Worker {
                 self.states.keys().filter(|k| !current.contains_key(*k)).map(|k| (k.clone(), None)).collect();
             current.into_iter().map(|(k, ws)| (k, Some(ws))).chain(gone).collect()
         } else {
-            let mut keys: HashSet<&WsKey> = dirty.keys.iter().collect();
-            if !dirty.namespaces.is_empty() {
-                keys.extend(self.states.keys().filter(|k| dirty.namespaces.contains(&k.namespace)));
-            }
-            keys.into_iter()
+            dirty
+                .keys
+                .iter()
                 .map(|k| (k.clone(), store.get(&ObjectRef::new(&k.name).within(&k.namespace))))
                 .collect()
         };
@@ -464,6 +549,7 @@ impl Worker {
             let uid = ws.as_ref().and_then(|ws| ws.metadata.uid.as_deref());
             if self.states.get(key).is_some_and(|s| Some(s.uid.as_str()) != uid) {
                 self.states.remove(key);
+                self.plans_changed += 1;
                 tracing::info!(weighted_service = %key, "WeightedService gone: restoring what it changed");
                 gone.push(key.clone());
             }
@@ -506,7 +592,7 @@ impl Worker {
     /// Read the kernel's virtual services of what is in scope (or restored) and
     /// write the difference.
     fn sync_kernel(&mut self, ipvs: &mut IpvsClient, dirty: &Dirty, gone: &[WsKey], report: &mut PassReport) -> Result<(), IpvsError> {
-        let in_scope: Vec<(WsKey, Arc<ServicePlan>)> = if dirty.all || !dirty.namespaces.is_empty() {
+        let in_scope: Vec<(WsKey, Arc<ServicePlan>)> = if dirty.all {
             self.states
                 .iter()
                 .filter(|(k, _)| dirty.in_scope(k))
@@ -532,7 +618,7 @@ impl Worker {
             .flat_map(|c| c.weights.iter().map(|(s, _)| *s).chain(c.schedulers.keys().copied()))
             .collect();
         let wanted = |service: &ipvs::Service| matcher.find(&service.key).is_some() || restoring.contains(&service.key);
-        let sweeping = !dirty.all && dirty.keys.is_empty() && dirty.namespaces.is_empty() && gone.is_empty();
+        let sweeping = !dirty.all && dirty.keys.is_empty() && gone.is_empty();
         let entries = if sweeping {
             // A chunk of the sweep: the listing made for the sweep, fresh destinations.
             let listed = match self.listed.take() {
@@ -672,7 +758,9 @@ impl Worker {
         });
         let Some(service) = self.stores.owned_service(ws) else {
             // The controller has not created it (or it is someone else's): nothing to program.
-            state.plan = None;
+            if state.plan.take().is_some() {
+                self.plans_changed += 1;
+            }
             return false;
         };
         let stores = &self.stores;
@@ -684,7 +772,6 @@ impl Worker {
             Some(node.clone()),
             now,
             &mut self.ready_since,
-            &mut self.label_sets,
         ) {
             Ok(snapshot) => snapshot,
             Err(incomplete) => {
@@ -753,6 +840,7 @@ impl Worker {
         if state.plan.as_deref() != Some(&plan) {
             state.plan_applied = false;
             state.plan = Some(Arc::new(plan));
+            self.plans_changed += 1;
         }
         evaluated
     }
@@ -951,14 +1039,18 @@ mod tests {
     }
 
     #[test]
-    fn dirty_tracks_keys_namespaces_and_everything() {
+    fn dirty_tracks_keys_pods_and_everything() {
         let mut dirty = Dirty::default();
         assert!(dirty.is_empty());
         dirty.add(Change::Slices("shop".into(), "web".into()));
-        dirty.add(Change::Pods("blog".into()));
+        let labels: BTreeMap<String, String> = [("app".to_string(), "blog".to_string())].into();
+        dirty.add(Change::Pod("blog".into(), labels.clone()));
+        dirty.add(Change::Pod("blog".into(), labels.clone()));
         let key = |ns: &str, n: &str| WsKey { namespace: ns.into(), name: n.into() };
         assert!(dirty.contains(&key("shop", "web")));
-        assert!(dirty.contains(&key("blog", "anything")));
+        // Pods are resolved to WeightedServices by the worker, with the cache.
+        assert!(!dirty.contains(&key("blog", "anything")));
+        assert_eq!(dirty.pods["blog"], [labels], "the same labels are kept once");
         assert!(!dirty.contains(&key("shop", "api")));
         dirty.add(Change::All);
         assert!(dirty.contains(&key("shop", "api")));

@@ -8,11 +8,15 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+
+mod pods;
+pub use pods::{reflect_pods, PodCache, PodWatchStopped};
 
 use crate::crd::WeightedService;
 use crate::metrics::{KindLabels, Metrics};
@@ -34,8 +38,9 @@ pub enum Change {
     Service(String, String),
     /// An EndpointSlice of the Service of that name.
     Slices(String, String),
-    /// A pod in that namespace.
-    Pods(String),
+    /// A pod in that namespace, with its labels: what matters is which
+    /// WeightedServices' selectors match them.
+    Pod(String, std::collections::BTreeMap<String, String>),
     /// The agent's Node.
     Node,
     /// A watch (re)listed everything of a kind: look at everything again.
@@ -52,20 +57,21 @@ pub struct Stores {
     /// EndpointSlices (label [`SERVICE_NAME_LABEL`]).
     pub slices: Store<EndpointSlice>,
     /// Pod metadata.
-    pub pods: Store<PartialObjectMeta<Pod>>,
+    pub pods: PodCache,
     /// The agent's own Node, if watched.
     pub node: Option<Store<Node>>,
 }
 
 impl Stores {
     /// Wait until every cache has had its first full list.
-    pub async fn wait_until_ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.weighted_services.wait_until_ready().await?;
-        self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
+    pub async fn wait_until_ready(&self) -> Result<(), WatchesStopped> {
+        let stopped = |_| WatchesStopped;
+        self.weighted_services.wait_until_ready().await.map_err(stopped)?;
+        self.services.wait_until_ready().await.map_err(stopped)?;
+        self.slices.wait_until_ready().await.map_err(stopped)?;
+        self.pods.wait_until_ready().await.map_err(|_| WatchesStopped)?;
         if let Some(node) = &self.node {
-            node.wait_until_ready().await?;
+            node.wait_until_ready().await.map_err(stopped)?;
         }
         Ok(())
     }
@@ -92,10 +98,7 @@ impl Stores {
 
     /// Labels and creation time of a pod.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<PodMeta> {
-        self.pods.get(&ObjectRef::new(name).within(namespace)).map(|p| PodMeta {
-            labels: p.metadata.labels.clone().unwrap_or_default(),
-            created: p.metadata.creation_timestamp.as_ref().map(|t| t.0),
-        })
+        self.pods.get(namespace, name)
     }
 
     /// The agent's Node: name, zone and labels.
@@ -113,6 +116,11 @@ impl Stores {
         }
     }
 }
+
+/// A watch stopped before its first full list (the process is ending).
+#[derive(Debug, thiserror::Error)]
+#[error("the watches stopped before their first full list")]
+pub struct WatchesStopped;
 
 /// Whether `ws` is the controlling owner of `service`.
 pub fn is_controlled_by(service: &Service, ws: &WeightedService) -> bool {
@@ -151,11 +159,8 @@ pub fn watch(
         watcher(Api::<EndpointSlice>::all(client.clone()), config.clone().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
     );
-    let (pods, pod_stream) = reflect(
-        "Pod",
-        watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), config.clone()),
-        metrics.clone(),
-    );
+    let (pods, pod_stream) =
+        reflect_pods(watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), config.clone()), metrics.clone());
     let node_watch = node_name.map(|name| {
         reflect(
             "Node",
@@ -190,7 +195,10 @@ pub fn watch(
     });
     let c = changed.clone();
     let pod_changes = pod_stream.for_each(move |pod| {
-        c(pod.map_or(Change::All, |pod| Change::Pods(pod.namespace().unwrap_or_default())));
+        c(pod.map_or(Change::All, |pod| {
+            let labels = pod.metadata.labels.unwrap_or_default();
+            Change::Pod(pod.metadata.namespace.unwrap_or_default(), labels)
+        }));
         async {}
     });
     let c = changed;
@@ -210,17 +218,102 @@ pub fn watch(
     (stores, drive)
 }
 
+/// Dropping, before an object is cached, the fields the agent and the
+/// controller never read. Every node runs an agent that caches every pod's
+/// metadata and every EndpointSlice: what a real cluster puts in them
+/// (annotations, owner references, uids, topology hints) would be most of the
+/// agent's memory.
+pub trait Trim {
+    /// Drop what is never read.
+    fn trim(&mut self);
+}
+
+/// Metadata no one here reads: the cache is keyed by namespace and name.
+fn trim_bookkeeping(meta: &mut ObjectMeta) {
+    meta.generate_name = None;
+    meta.uid = None;
+    meta.resource_version = None;
+    meta.generation = None;
+    meta.finalizers = None;
+}
+
+impl Trim for PartialObjectMeta<Pod> {
+    /// Only the name, labels and creation (and deletion) time are read.
+    fn trim(&mut self) {
+        let meta = &mut self.metadata;
+        trim_bookkeeping(meta);
+        meta.managed_fields = None;
+        meta.annotations = None;
+        meta.owner_references = None;
+    }
+}
+
+impl Trim for EndpointSlice {
+    /// Addresses, ports, conditions, node, zone and which pod: not the
+    /// slice's own bookkeeping, topology hints or the pod's uid.
+    fn trim(&mut self) {
+        trim_bookkeeping(&mut self.metadata);
+        self.metadata.annotations = None;
+        self.metadata.owner_references = None;
+        for endpoint in self.endpoints.iter_mut().flatten() {
+            endpoint.hints = None;
+            endpoint.hostname = None;
+            endpoint.deprecated_topology = None;
+            if let Some(target) = endpoint.target_ref.as_mut() {
+                target.uid = None;
+                target.resource_version = None;
+                target.api_version = None;
+                target.field_path = None;
+            }
+        }
+    }
+}
+
+impl Trim for Service {
+    /// The spec, load-balancer addresses and the owner reference are read;
+    /// the WeightedService's annotations (not the Service's) go to policies.
+    fn trim(&mut self) {
+        trim_bookkeeping(&mut self.metadata);
+        self.metadata.annotations = None;
+        if let Some(status) = self.status.as_mut() {
+            status.conditions = None;
+        }
+    }
+}
+
+impl Trim for WeightedService {
+    /// The agent reads the spec, never the status the controller writes (the
+    /// controller keeps its own cache). The uid is kept: it tells a
+    /// WeightedService from one re-created under the same name.
+    fn trim(&mut self) {
+        self.status = None;
+        self.metadata.resource_version = None;
+        self.metadata.finalizers = None;
+    }
+}
+
+impl Trim for Node {
+    /// Only the Node's labels (zone, and what policies match) are read; its
+    /// status (images, conditions, capacity) is large on real nodes.
+    fn trim(&mut self) {
+        trim_bookkeeping(&mut self.metadata);
+        self.metadata.annotations = None;
+        self.spec = None;
+        self.status = None;
+    }
+}
+
 /// A reflector over `stream`: the cache, and the changes (objects applied or
 /// deleted as `Some`, a completed relist as `None`), with watch errors logged and
 /// counted (the watcher retries with backoff). Fields no one here reads are
-/// dropped before caching: this runs on every node.
+/// dropped before caching ([`Trim`]): this runs on every node.
 pub fn reflect<K>(
     kind: &'static str,
     stream: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     metrics: Arc<Metrics>,
 ) -> (Store<K>, impl Stream<Item = Option<K>> + Send)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Trim + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (reader, writer) = reflector::store();
@@ -234,6 +327,7 @@ where
             if let Some(annotations) = meta.annotations.as_mut() {
                 annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
             }
+            object.trim();
         })
         .reflect(writer)
         .filter_map(move |event| {

@@ -1,0 +1,269 @@
+//! The pod metadata cache: for each pod, its labels and creation time, and
+//! nothing else.
+//!
+//! Every agent caches the metadata of every pod in the cluster (a WeightedService
+//! may select any of them), so this is the largest part of its memory. A
+//! reflector store of `PartialObjectMeta<Pod>` costs about 1.5 KiB per pod even
+//! trimmed (an `ObjectMeta` of mostly empty fields, a label map per pod, the
+//! store's own keys). Here the pods of one ReplicaSet share one label map
+//! (they have the same labels), and a pod costs its name, a pointer and a time.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::PartialObjectMeta;
+use kube::runtime::{watcher, WatchStreamExt};
+
+use super::Trim;
+use crate::metrics::{KindLabels, Metrics};
+use crate::snapshot::{Labels, PodMeta};
+
+/// Every this many changes, label maps no pod has any more are dropped.
+const PRUNE_EVERY: u64 = 4096;
+
+/// One pod, as cached.
+#[derive(Debug, Clone)]
+struct Entry {
+    labels: Arc<Labels>,
+    created: Option<Timestamp>,
+}
+
+/// Pods by namespace and name, and the label maps they share.
+#[derive(Debug, Default)]
+struct Pods {
+    by_namespace: HashMap<Box<str>, HashMap<Box<str>, Entry>>,
+    len: usize,
+    label_sets: HashSet<Arc<Labels>>,
+}
+
+impl Pods {
+    fn share(&mut self, labels: Labels) -> Arc<Labels> {
+        if let Some(shared) = self.label_sets.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        self.label_sets.insert(shared.clone());
+        shared
+    }
+
+    fn insert(&mut self, pod: PartialObjectMeta<Pod>) {
+        let meta = pod.metadata;
+        let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else { return };
+        let entry = Entry {
+            labels: self.share(meta.labels.unwrap_or_default()),
+            created: meta.creation_timestamp.map(|t| t.0),
+        };
+        let pods = self.by_namespace.entry(namespace.into_boxed_str()).or_default();
+        if pods.insert(name.into_boxed_str(), entry).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, pod: &PartialObjectMeta<Pod>) {
+        let (Some(namespace), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
+            return;
+        };
+        if let Some(pods) = self.by_namespace.get_mut(namespace) {
+            if pods.remove(name).is_some() {
+                self.len -= 1;
+            }
+            if pods.is_empty() {
+                self.by_namespace.remove(namespace);
+            }
+        }
+    }
+
+    /// Drop the label maps only this set holds.
+    fn prune(&mut self) {
+        self.label_sets.retain(|labels| Arc::strong_count(labels) > 1);
+    }
+}
+
+/// Read access to the pod metadata cache. Cheap to clone.
+#[derive(Clone)]
+pub struct PodCache {
+    pods: Arc<RwLock<Pods>>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The cache's writer went away before its first full list.
+#[derive(Debug, thiserror::Error)]
+#[error("the pod watch stopped before its first full list")]
+pub struct PodWatchStopped;
+
+impl PodCache {
+    /// Labels and creation time of a pod.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<PodMeta> {
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let entry = pods.by_namespace.get(namespace)?.get(name)?;
+        Some(PodMeta { labels: entry.labels.clone(), created: entry.created })
+    }
+
+    /// How many pods are cached.
+    pub fn len(&self) -> usize {
+        self.pods.read().unwrap_or_else(|p| p.into_inner()).len
+    }
+
+    /// Whether no pod is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many distinct label maps the cached pods have.
+    pub fn label_sets(&self) -> usize {
+        self.pods.read().unwrap_or_else(|p| p.into_inner()).label_sets.len()
+    }
+
+    /// Wait for the first full list.
+    pub async fn wait_until_ready(&self) -> Result<(), PodWatchStopped> {
+        let mut ready = self.ready.clone();
+        ready.wait_for(|r| *r).await.map(|_| ()).map_err(|_| PodWatchStopped)
+    }
+}
+
+/// The pod cache fed by `stream`, and the pods that changed (applied or deleted
+/// as `Some`, a completed relist as `None`), as [`super::reflect`] gives them
+/// for other kinds. A relist is built aside and swapped in when complete, as a
+/// reflector store does, so that lookups never see half a list.
+pub fn reflect_pods(
+    stream: impl Stream<Item = watcher::Result<watcher::Event<PartialObjectMeta<Pod>>>> + Send + 'static,
+    metrics: Arc<Metrics>,
+) -> (PodCache, impl Stream<Item = Option<PartialObjectMeta<Pod>>> + Send) {
+    let pods = Arc::new(RwLock::new(Pods::default()));
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    let cache = PodCache { pods: pods.clone(), ready };
+    let gauge = metrics.watched_objects.get_or_create(&KindLabels { kind: "Pod".into() }).clone();
+    let mut relist: Option<Pods> = None;
+    let mut changes: u64 = 0;
+    let stream = stream.default_backoff().filter_map(move |event| {
+        let change = match event {
+            Ok(event) => {
+                let mut pods = pods.write().unwrap_or_else(|p| p.into_inner());
+                let change = match event {
+                    watcher::Event::Init => {
+                        // Label maps are shared with the current set until it is swapped out.
+                        relist = Some(Pods::default());
+                        None
+                    }
+                    watcher::Event::InitApply(mut pod) => {
+                        pod.trim();
+                        relist.get_or_insert_with(Pods::default).insert(pod);
+                        None
+                    }
+                    watcher::Event::InitDone => {
+                        if let Some(fresh) = relist.take() {
+                            *pods = fresh;
+                        }
+                        pods.prune();
+                        ready_tx.send_replace(true);
+                        Some(None)
+                    }
+                    watcher::Event::Apply(mut pod) => {
+                        pod.trim();
+                        pods.insert(pod.clone());
+                        Some(Some(pod))
+                    }
+                    watcher::Event::Delete(mut pod) => {
+                        pod.trim();
+                        pods.remove(&pod);
+                        Some(Some(pod))
+                    }
+                };
+                changes += 1;
+                if changes.is_multiple_of(PRUNE_EVERY) {
+                    pods.prune();
+                }
+                gauge.set(pods.len as i64);
+                change
+            }
+            Err(error) => {
+                tracing::warn!(kind = "Pod", %error, "watch failed; retrying with backoff");
+                Metrics::count(&metrics.watch_errors, "Pod", 1);
+                None
+            }
+        };
+        async move { change }
+    });
+    (cache, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Pod> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                namespace: Some(namespace.into()),
+                name: Some(name.into()),
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                creation_timestamp: Some(Time(Timestamp::UNIX_EPOCH)),
+                uid: Some("0a6c2c1e-uid".into()),
+                ..ObjectMeta::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    fn run(events: Vec<watcher::Event<PartialObjectMeta<Pod>>>) -> (PodCache, Vec<Option<String>>) {
+        let metrics = Arc::new(Metrics::new());
+        let (cache, changes) = reflect_pods(futures::stream::iter(events.into_iter().map(Ok)), metrics);
+        let changes: Vec<Option<String>> =
+            futures::executor::block_on(changes.map(|c| c.and_then(|p| p.metadata.name)).collect());
+        (cache, changes)
+    }
+
+    #[test]
+    fn pods_of_one_replica_set_share_their_labels_and_are_found_by_name() {
+        let web = [("app", "web"), ("env", "prod")];
+        let (cache, changes) = run(vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(pod("shop", "web-1", &web)),
+            watcher::Event::InitApply(pod("shop", "web-2", &web)),
+            watcher::Event::InitApply(pod("blog", "web-1", &[("app", "blog")])),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(pod("shop", "web-3", &web)),
+            watcher::Event::Delete(pod("shop", "web-1", &web)),
+        ]);
+        assert_eq!(changes, [None, Some("web-3".into()), Some("web-1".into())]);
+        assert!(futures::executor::block_on(cache.wait_until_ready()).is_ok());
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get("shop", "web-1").is_none(), "deleted");
+        let (a, b) = (cache.get("shop", "web-2").expect("web-2"), cache.get("shop", "web-3").expect("web-3"));
+        assert!(Arc::ptr_eq(&a.labels, &b.labels), "one map for the same labels");
+        assert_eq!(a.labels.get("env").map(String::as_str), Some("prod"));
+        assert_eq!(a.created, Some(Timestamp::UNIX_EPOCH));
+        assert_eq!(cache.get("blog", "web-1").expect("blog's").labels.get("app").map(String::as_str), Some("blog"));
+        assert_eq!(cache.label_sets(), 2);
+    }
+
+    #[test]
+    fn a_relist_replaces_everything_at_once_and_label_maps_no_pod_has_go() {
+        let (cache, _) = run(vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(pod("shop", "old", &[("app", "old")])),
+            watcher::Event::InitDone,
+            watcher::Event::Init,
+            watcher::Event::InitApply(pod("shop", "new", &[("app", "new")])),
+            watcher::Event::InitDone,
+        ]);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get("shop", "old").is_none(), "not in the new list");
+        assert!(cache.get("shop", "new").is_some());
+        assert_eq!(cache.label_sets(), 1);
+    }
+
+    #[test]
+    fn not_ready_before_the_first_list() {
+        let metrics = Arc::new(Metrics::new());
+        let (cache, changes) = reflect_pods(futures::stream::iter(vec![Ok(watcher::Event::Init)]), metrics);
+        futures::executor::block_on(changes.collect::<Vec<_>>());
+        assert!(cache.ready.has_changed().is_err() || !*cache.ready.borrow());
+        assert!(futures::executor::block_on(cache.wait_until_ready()).is_err(), "the writer is gone");
+    }
+}
