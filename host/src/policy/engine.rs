@@ -256,8 +256,11 @@ impl PolicyEngine {
             },
         );
         store.limiter(|s| &mut s.limits);
+        // The clock ticks every TICK, not when the evaluation starts: the
+        // first tick can come at once. One more tick, so that a policy always
+        // gets its whole timeout (and at most one tick more).
         let ticks = self.config.timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64;
-        store.set_epoch_deadline(ticks.max(1));
+        store.set_epoch_deadline(ticks + 1);
         store.epoch_deadline_trap();
         store
     }
