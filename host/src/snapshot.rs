@@ -305,7 +305,7 @@ impl ReadySince {
 /// ReplicaSet share theirs (and the policy input passes each set once).
 #[derive(Debug, Default)]
 pub struct LabelSets {
-    seen: std::collections::HashMap<Labels, Arc<Labels>>,
+    seen: std::collections::HashSet<Arc<Labels>>,
 }
 
 impl LabelSets {
@@ -314,9 +314,24 @@ impl LabelSets {
         if let Some(shared) = self.seen.get(&labels) {
             return shared.clone();
         }
-        let shared = Arc::new(labels.clone());
-        self.seen.insert(labels, shared.clone());
+        let shared = Arc::new(labels);
+        self.seen.insert(shared.clone());
         shared
+    }
+
+    /// Forget the maps no one else holds any more.
+    pub fn prune(&mut self) {
+        self.seen.retain(|labels| Arc::strong_count(labels) > 1);
+    }
+
+    /// How many distinct maps are kept.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
     }
 }
 

@@ -140,7 +140,7 @@ struct Dirty {
     keys: HashSet<WsKey>,
     /// Labels of pods that changed, by namespace: the WeightedServices whose
     /// selectors match them are rebuilt (see [`Worker::resolve_pods`]).
-    pods: HashMap<String, Vec<BTreeMap<String, String>>>,
+    pods: HashMap<String, HashSet<BTreeMap<String, String>>>,
     /// Only compare these with the kernel (a chunk of the periodic sweep): their
     /// inputs did not change.
     check: HashSet<WsKey>,
@@ -153,11 +153,8 @@ impl Dirty {
                 self.keys.insert(WsKey { namespace, name });
             }
             Change::Pod(namespace, labels) => {
-                let changed = self.pods.entry(namespace).or_default();
                 // A burst of changes to pods of one Deployment carries the same labels.
-                if !changed.contains(&labels) {
-                    changed.push(labels);
-                }
+                self.pods.entry(namespace).or_default().insert(labels);
             }
             Change::Node | Change::All => self.all = true,
         }
@@ -328,7 +325,7 @@ impl Worker {
                 }
             }
             let sweep_waits = !sweep.is_empty() || reading.is_some();
-            let work = if !dirty.is_empty() && (!chunk_turn || !sweep_waits) {
+            let mut work = if !dirty.is_empty() && (!chunk_turn || !sweep_waits) {
                 chunk_turn = true;
                 std::mem::take(&mut dirty)
             } else if let Some(read) = reading.as_mut() {
@@ -361,7 +358,6 @@ impl Worker {
                 sweep.clear();
                 reading = None;
             }
-            let mut work = work;
             self.resolve_pods(&mut work);
             let started = Instant::now();
             let report = self.pass(&work);
@@ -1050,7 +1046,7 @@ mod tests {
         assert!(dirty.contains(&key("shop", "web")));
         // Pods are resolved to WeightedServices by the worker, with the cache.
         assert!(!dirty.contains(&key("blog", "anything")));
-        assert_eq!(dirty.pods["blog"], [labels], "the same labels are kept once");
+        assert_eq!(dirty.pods["blog"], HashSet::from([labels]), "the same labels are kept once");
         assert!(!dirty.contains(&key("shop", "api")));
         dirty.add(Change::All);
         assert!(dirty.contains(&key("shop", "api")));

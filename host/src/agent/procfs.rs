@@ -1,6 +1,6 @@
 //! The kernel's IPVS table as text, from `/proc/net/ip_vs`: every virtual
-//! service with its scheduler and every destination with its weight, in one
-//! read. The periodic sweep uses it to find what drifted; only those virtual
+//! service with its scheduler and every destination with its weight, read in
+//! pieces ([`TableRead`]). The periodic sweep uses it to find what drifted; only those virtual
 //! services are then read (and written) through netlink, whose dumps cost one
 //! request per virtual service.
 //!
@@ -53,6 +53,10 @@ const PIECE: usize = 64 * 1024;
 
 impl TableRead {
     /// Open the table of this thread's network namespace and clear `buffer`.
+    /// Keep the buffer from one read to the next: the table of 5,000 virtual
+    /// services is about 3 MiB, and a fresh buffer each time costs the kernel
+    /// page faults and zeroed pages (12 % of the idle agent's time in the
+    /// scale bench's profile).
     pub fn open(buffer: &mut String) -> std::io::Result<Self> {
         buffer.clear();
         Ok(TableRead { file: std::fs::File::open("/proc/thread-self/net/ip_vs")? })
@@ -65,18 +69,6 @@ impl TableRead {
         let read = piece.read_to_string(buffer)?;
         Ok(read < PIECE)
     }
-}
-
-/// Read the table of this thread's network namespace into `buffer` (cleared
-/// first). Keep the buffer from one read to the next: the table of 5,000
-/// virtual services is about 3 MiB, and a fresh buffer each time costs the
-/// kernel page faults and zeroed pages (12 % of the idle agent's time in the
-/// scale bench's profile).
-pub fn read_into(buffer: &mut String) -> std::io::Result<()> {
-    use std::io::Read;
-    buffer.clear();
-    std::fs::File::open("/proc/thread-self/net/ip_vs")?.read_to_string(buffer)?;
-    Ok(())
 }
 
 /// A hash of the table's text, to tell a table read before from a changed one
@@ -99,13 +91,6 @@ pub fn table_hash(text: &str) -> u64 {
     last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
     state = step(state, u64::from_le_bytes(last));
     step(state, text.len() as u64)
-}
-
-/// Read the table of this thread's network namespace.
-pub fn read() -> std::io::Result<String> {
-    let mut text = String::new();
-    read_into(&mut text)?;
-    Ok(text)
 }
 
 /// Parse the table; `None` when the text is not in the format above.

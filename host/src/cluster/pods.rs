@@ -8,7 +8,7 @@
 //! store's own keys). Here the pods of one ReplicaSet share one label map
 //! (they have the same labels), and a pod costs its name, a pointer and a time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use futures::{Stream, StreamExt};
@@ -19,7 +19,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 
 use super::Trim;
 use crate::metrics::{KindLabels, Metrics};
-use crate::snapshot::{Labels, PodMeta};
+use crate::snapshot::{LabelSets, Labels, PodMeta};
 
 /// Every this many changes, label maps no pod has any more are dropped.
 const PRUNE_EVERY: u64 = 4096;
@@ -36,24 +36,15 @@ struct Entry {
 struct Pods {
     by_namespace: HashMap<Box<str>, HashMap<Box<str>, Entry>>,
     len: usize,
-    label_sets: HashSet<Arc<Labels>>,
+    label_sets: LabelSets,
 }
 
 impl Pods {
-    fn share(&mut self, labels: Labels) -> Arc<Labels> {
-        if let Some(shared) = self.label_sets.get(&labels) {
-            return shared.clone();
-        }
-        let shared = Arc::new(labels);
-        self.label_sets.insert(shared.clone());
-        shared
-    }
-
     fn insert(&mut self, pod: PartialObjectMeta<Pod>) {
         let meta = pod.metadata;
         let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else { return };
         let entry = Entry {
-            labels: self.share(meta.labels.unwrap_or_default()),
+            labels: self.label_sets.share(meta.labels.unwrap_or_default()),
             created: meta.creation_timestamp.map(|t| t.0),
         };
         let pods = self.by_namespace.entry(namespace.into_boxed_str()).or_default();
@@ -74,11 +65,6 @@ impl Pods {
                 self.by_namespace.remove(namespace);
             }
         }
-    }
-
-    /// Drop the label maps only this set holds.
-    fn prune(&mut self) {
-        self.label_sets.retain(|labels| Arc::strong_count(labels) > 1);
     }
 }
 
@@ -157,7 +143,7 @@ pub fn reflect_pods(
                         if let Some(fresh) = relist.take() {
                             *pods = fresh;
                         }
-                        pods.prune();
+                        pods.label_sets.prune();
                         ready_tx.send_replace(true);
                         Some(None)
                     }
@@ -174,7 +160,7 @@ pub fn reflect_pods(
                 };
                 changes += 1;
                 if changes.is_multiple_of(PRUNE_EVERY) {
-                    pods.prune();
+                    pods.label_sets.prune();
                 }
                 gauge.set(pods.len as i64);
                 change
