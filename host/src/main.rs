@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ipvs_operator::agent::{self, AgentConfig};
+use ipvs_operator::agent::{self, AgentConfig, TableReader};
 use ipvs_operator::controller;
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::eval;
@@ -122,6 +122,9 @@ struct AgentArgs {
     /// what kube-proxy reverted (IPVS has no change notifications).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     drift_interval: Duration,
+    /// How the periodic comparison reads the kernel's table.
+    #[arg(long, value_name = "HOW", default_value = "auto")]
+    table_reader: TableReader,
     /// Where to serve /metrics, /healthz and /readyz (the agent runs on the host network).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9494")]
     listen: SocketAddr,
@@ -323,7 +326,12 @@ async fn run_controller(args: ControllerArgs) -> Result<()> {
 async fn run_agent(args: AgentArgs) -> Result<()> {
     args.logs.init();
     let (client, catalog, metrics, health) = common("agent", &args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
-    let config = AgentConfig { node_name: args.node_name, drift_interval: args.drift_interval, ..AgentConfig::default() };
+    let config = AgentConfig {
+        node_name: args.node_name,
+        drift_interval: args.drift_interval,
+        table_reader: args.table_reader,
+        ..AgentConfig::default()
+    };
     tracing::info!(node = %config.node_name, drift_interval = ?config.drift_interval, policies = ?catalog.names(), "agent starting");
     tokio::select! {
         result = agent::run(client, config, catalog, metrics, health) => result.context("the agent stopped")?,

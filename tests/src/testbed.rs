@@ -52,6 +52,8 @@ pub struct TestbedConfig {
     pub policy_dir: Option<PathBuf>,
     /// The agent's and the controller's `--policy-timeout` (by default theirs).
     pub policy_timeout: Option<Duration>,
+    /// The agent's `--table-reader` (by default its own).
+    pub table_reader: Option<String>,
 }
 
 impl Default for TestbedConfig {
@@ -63,6 +65,7 @@ impl Default for TestbedConfig {
             proxy_graceful_check: Duration::from_secs(2),
             policy_dir: None,
             policy_timeout: None,
+            table_reader: None,
         }
     }
 }
@@ -275,6 +278,9 @@ impl Testbed {
             "--listen".into(),
             format!("{}:9494", self.mgmt_node),
         ];
+        if let Some(reader) = &self.config.table_reader {
+            args.extend(["--table-reader".into(), reader.clone()]);
+        }
         args.extend(self.policy_args());
         self.spawn("agent", true, "ipvs-operator", &args);
     }

@@ -214,10 +214,22 @@ fn editing_weights_converges_and_the_status_follows() {
 
 #[test]
 fn kube_proxy_reverts_and_restarts_are_repaired_within_a_drift_interval() {
+    reverts_and_restarts_are_repaired(None);
+}
+
+/// The same with the sweep reading `/proc/net/ip_vs` (what it does when a
+/// WeightedService has IPv6 virtual services) instead of getsockopt.
+#[test]
+fn reverts_and_restarts_are_repaired_when_the_sweep_reads_proc() {
+    reverts_and_restarts_are_repaired(Some("proc"));
+}
+
+fn reverts_and_restarts_are_repaired(table_reader: Option<&str>) {
     let drift = Duration::from_secs(1);
     let (mut bed, vip) = seed_bed(TestbedConfig {
         drift_interval: drift,
         proxy_sync_period: Duration::from_secs(2),
+        table_reader: table_reader.map(str::to_owned),
         ..TestbedConfig::default()
     });
     // kube-proxy (scheduler rr) reverts wlc on every sync; the agent puts it back.

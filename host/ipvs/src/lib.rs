@@ -9,6 +9,9 @@
 //!   [`Write`]s pipelined and reports a result per write.
 //! - [`plan`] compares a [`DesiredService`] list with a dump and returns the
 //!   minimal writes; a pass over unchanged state writes nothing.
+//! - [`SockoptTable`] reads the IPv4 services with their schedulers and
+//!   weights through the older `getsockopt` interface: a cheap periodic read
+//!   (IPv6 services are not shown there).
 //! - [`render_ipvsadm`] prints a dump exactly as `ipvsadm -Ln` does.
 //! - [`IpvsError`] says which operation failed and what to do about it.
 //!
@@ -54,6 +57,7 @@ mod error;
 pub mod fuzzing;
 mod message;
 pub mod nlas;
+mod sockopt;
 mod table;
 mod types;
 mod write;
@@ -62,6 +66,7 @@ pub use client::{Counters, DEFAULT_TIMEOUT, IpvsClient};
 pub use diff::{DesiredService, Plan, plan};
 pub use error::{IpvsError, Operation, Result};
 pub use message::{IpvsAttr, IpvsCmd, IpvsMessage};
+pub use sockopt::{SockoptService, SockoptTable};
 pub use table::render_ipvsadm;
 pub use types::{
     AddressFamily, Destination, ForwardMethod, Info, Protocol, Service, ServiceEntry, ServiceKey, Stats, Tunnel,

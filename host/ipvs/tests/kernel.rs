@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use ipvs::{
-    AddressFamily, DesiredService, Destination, ForwardMethod, IpvsClient, IpvsError, Protocol, Service, ServiceEntry,
-    ServiceKey, TunnelType, Write, plan, render_ipvsadm,
+    AddressFamily, DesiredService, Destination, ForwardMethod, IpvsClient, IpvsError, Protocol, Service,
+    ServiceEntry, ServiceKey, SockoptTable, TunnelType, Write, plan, render_ipvsadm,
 };
 use support::{NetNs, link, load_ip_vs, project_binary};
 
@@ -161,6 +161,95 @@ fn our_dump_equals_ipvsadm_and_ipvsadm_sees_exactly_our_writes() {
         }
     }
     assert_eq!(configuration(client.dump().unwrap()), want);
+}
+
+/// Each IPv4 service of `entries` with its scheduler and destination weights,
+/// and each of `table`'s, both sorted: what the sweep compares.
+type Weights = Vec<(ServiceKey, String, Vec<(SocketAddr, u32)>)>;
+
+fn ipv4_weights(entries: &[ServiceEntry]) -> Weights {
+    let mut out: Weights = entries
+        .iter()
+        .filter(|e| e.service.family() == AddressFamily::Inet)
+        .map(|e| {
+            let mut d: Vec<_> = e.destinations.iter().map(|d| (d.socket_addr(), d.weight)).collect();
+            d.sort();
+            (e.service.key, e.service.scheduler.clone(), d)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn sockopt_weights(table: &SockoptTable) -> Weights {
+    let mut out: Weights = table
+        .services()
+        .map(|(s, d)| {
+            let mut d = d.to_vec();
+            d.sort();
+            (s.key, s.scheduler().to_string(), d)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_sockopt_table_reads_what_netlink_dumps_for_ipv4() {
+    load_ip_vs();
+    let ns = NetNs::new("k-sockopt");
+    for rule in [
+        "-A -t 10.20.0.1:80 -s wrr",
+        "-a -t 10.20.0.1:80 -r 10.20.1.1:8080 -m -w 1",
+        "-a -t 10.20.0.1:80 -r 10.20.1.2:8080 -m -w 65535",
+        "-a -t 10.20.0.1:80 -r 10.20.1.3:8080 -m -w 0",
+        "-A -u 10.20.0.2:53 -s sh",
+        "--add-service --sctp-service 10.20.0.3:3868 -s rr",
+        "-a --sctp-service 10.20.0.3:3868 -r 10.20.3.1:3868 -g -w 4",
+        "-A -f 7 -s lc",
+        "-a -f 7 -r 10.20.4.1:0 -g -w 2",
+    ] {
+        ns.ipvsadm(&rule.split(' ').collect::<Vec<_>>());
+    }
+    let mut client = client_in(&ns);
+    let mut table = ns.enter(|| SockoptTable::new().expect("a UDP socket"));
+    let read_all = |table: &mut SockoptTable| {
+        table.list_services().expect("listing");
+        // In pieces of one service, as the agent reads between changes.
+        while !table.read_destinations(1).expect("reading destinations") {}
+    };
+    read_all(&mut table);
+    let want = ipv4_weights(&client.dump().unwrap());
+    assert_eq!(want.len(), 4);
+    assert_eq!(sockopt_weights(&table), want);
+
+    // Our writes show in the next read.
+    let entries = client.dump().unwrap();
+    let tcp = entries.iter().find(|e| e.service.key == ServiceKey::tcp(addr("10.20.0.1:80"))).unwrap();
+    let results = client.apply(&[
+        Write::set_weight(tcp.service.key, &tcp.destinations[0], 9),
+        Write::set_scheduler(&tcp.service, "wlc"),
+    ]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    read_all(&mut table);
+    let changed = sockopt_weights(&table);
+    assert_ne!(changed, want);
+    assert_eq!(changed, ipv4_weights(&client.dump().unwrap()));
+
+    // IPv6 services are not shown here, and do not disturb the IPv4 ones.
+    ns.ipvsadm(&["-A", "-t", "[fd00::20]:80", "-s", "rr"]);
+    ns.ipvsadm(&["-a", "-t", "[fd00::20]:80", "-r", "[fd00::2:1]:80", "-m", "-w", "3"]);
+    read_all(&mut table);
+    assert_eq!(sockopt_weights(&table), ipv4_weights(&client.dump().unwrap()));
+
+    // A service deleted between the listing and its destinations is dropped;
+    // a destination deleted meanwhile is not read as a zeroed one.
+    ns.ipvsadm(&["-D", "-t", "[fd00::20]:80"]);
+    table.list_services().expect("listing");
+    ns.ipvsadm(&["-D", "-u", "10.20.0.2:53"]);
+    ns.ipvsadm(&["-d", "-t", "10.20.0.1:80", "-r", "10.20.1.3:8080"]);
+    while !table.read_destinations(100).expect("reading destinations") {}
+    assert_eq!(sockopt_weights(&table), ipv4_weights(&client.dump().unwrap()));
 }
 
 #[test]

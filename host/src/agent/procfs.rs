@@ -1,8 +1,10 @@
 //! The kernel's IPVS table as text, from `/proc/net/ip_vs`: every virtual
 //! service with its scheduler and every destination with its weight, read in
-//! pieces ([`TableRead`]). The periodic sweep uses it to find what drifted; only those virtual
-//! services are then read (and written) through netlink, whose dumps cost one
-//! request per virtual service.
+//! pieces ([`TableRead`]). The periodic sweep uses it to find what drifted
+//! when the plans have IPv6 virtual services (the cheaper
+//! [`ipvs::SockoptTable`] shows IPv4 only); only those virtual services are
+//! then read (and written) through netlink, whose dumps cost one request per
+//! virtual service.
 //!
 //! The format is the kernel's (`ip_vs_info_seq_show` in `ip_vs_ctl.c`):
 //!
@@ -16,11 +18,13 @@
 //! FWM  00000001 rr
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipvs::{Protocol, ServiceKey};
+
+use super::drift::{Comparison, TableHash, Wanted};
 
 /// One virtual service as `/proc/net/ip_vs` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,25 +76,11 @@ impl TableRead {
 }
 
 /// A hash of the table's text, to tell a table read before from a changed one
-/// at a fraction of the cost of comparing it. Eight bytes at a time, each step
-/// a bijection of the state for the same input word, so that texts differing
-/// in one word (a weight, a scheduler) never hash the same. (Under emulation,
-/// SipHash over 1,000 virtual services cost a quarter of the idle agent's own
-/// work.)
+/// at a fraction of the cost of comparing it.
 pub fn table_hash(text: &str) -> u64 {
-    const K: u64 = 0x517c_c1b7_2722_0a95;
-    let step = |state: u64, word: u64| (state.rotate_left(5) ^ word).wrapping_mul(K);
-    let mut chunks = text.as_bytes().chunks_exact(8);
-    let mut state = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        state = step(state, u64::from_le_bytes(word));
-    }
-    let mut last = [0u8; 8];
-    last[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    state = step(state, u64::from_le_bytes(last));
-    step(state, text.len() as u64)
+    let mut hash = TableHash::default();
+    hash.add_bytes(text.as_bytes());
+    hash.finish()
 }
 
 /// Parse the table; `None` when the text is not in the format above.
@@ -135,17 +125,6 @@ pub fn parse(text: &str) -> Option<Vec<ProcService>> {
     Some(services)
 }
 
-/// What one virtual service should be: whose it is, its scheduler, and the
-/// weight of each destination that has one.
-pub struct Wanted<'a, K> {
-    /// Whose (a WeightedService).
-    pub owner: &'a K,
-    /// The scheduler it should have.
-    pub scheduler: &'a str,
-    /// The weight each of these destinations should have.
-    pub weights: &'a BTreeMap<SocketAddr, u16>,
-}
-
 /// The owners of the virtual services in `text` (the table) that differ from
 /// what `find` wants of them: another scheduler, another weight, or a
 /// destination missing. One pass over the text, nothing allocated per line:
@@ -154,40 +133,24 @@ pub struct Wanted<'a, K> {
 /// sweep's comparison: at 5,000 virtual services and 50,000 destinations,
 /// parsing the whole table into [`ProcService`]s first cost more than reading it.)
 pub fn drifted<'a, K: Eq + Hash>(text: &str, mut find: impl FnMut(&ServiceKey) -> Option<Wanted<'a, K>>) -> Option<HashSet<&'a K>> {
-    /// The virtual service being read, when it is someone's.
-    struct Current<'a, K> {
-        wanted: Wanted<'a, K>,
-        found: usize,
-        differs: bool,
-    }
-    fn finish<'a, K: Eq + Hash>(current: Option<Current<'a, K>>, drifted: &mut HashSet<&'a K>) {
-        if let Some(c) = current
-            && (c.differs || c.found < c.wanted.weights.len())
-        {
-            drifted.insert(c.wanted.owner);
-        }
-    }
     let mut lines = text.lines();
     if !lines.next()?.starts_with("IP Virtual Server version") {
         return None;
     }
     let mut drifted = HashSet::new();
-    let mut current: Option<Current<'a, K>> = None;
+    // The virtual service being read, when it is someone's.
+    let mut current: Option<Comparison<'a, K>> = None;
     for line in lines {
         if let Some(rest) = line.trim_start().strip_prefix("->") {
-            let Some(c) = current.as_mut().filter(|c| !c.differs) else { continue };
+            let Some(c) = current.as_mut().filter(|c| !c.differs()) else { continue };
             let mut fields = rest.split_whitespace();
             let address = socket_addr(fields.next()?)?;
             let _forward = fields.next()?;
             let weight: u32 = fields.next()?.parse().ok()?;
-            match c.wanted.weights.get(&address) {
-                Some(w) if u32::from(*w) == weight => c.found += 1,
-                Some(_) => c.differs = true,
-                None => {} // not the agent's to weigh (not ready, terminating)
-            }
+            c.destination(&address, weight);
             continue;
         }
-        finish(current.take(), &mut drifted);
+        drifted.extend(current.take().and_then(Comparison::finish));
         let mut fields = line.split_whitespace();
         let Some(protocol) = fields.next() else { continue };
         let protocol = match protocol {
@@ -203,11 +166,10 @@ pub fn drifted<'a, K: Eq + Hash>(text: &str, mut find: impl FnMut(&ServiceKey) -
         let key = ServiceKey::new(protocol, socket_addr(fields.next()?)?);
         let scheduler = fields.next()?;
         if let Some(wanted) = find(&key).filter(|w| !drifted.contains(w.owner)) {
-            let differs = wanted.scheduler != scheduler;
-            current = Some(Current { wanted, found: 0, differs });
+            current = Some(Comparison::new(wanted, scheduler));
         }
     }
-    finish(current, &mut drifted);
+    drifted.extend(current.and_then(Comparison::finish));
     Some(drifted)
 }
 
@@ -225,6 +187,7 @@ fn socket_addr(text: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     const TABLE: &str = "IP Virtual Server version 1.2.1 (size=4096)
 Prot LocalAddress:Port Scheduler Flags

@@ -44,9 +44,11 @@
 //!
 //! For idle CPU, the floor of a periodic comparison is what reading the table
 //! costs: the same run measures one netlink dump of the whole table with the
-//! ipvs crate (one request per virtual service) and one read of
-//! `/proc/net/ip_vs` (the agent's sweep reads that, and netlink only for what
-//! differs), each as a share of one core at one read per drift interval.
+//! ipvs crate (one request per virtual service), one read of
+//! `/proc/net/ip_vs`, and one read through `getsockopt` with
+//! `ipvs::SockoptTable` (the agent's sweep reads that — or the text, when it
+//! has IPv6 virtual services — and netlink only for what differs), each as a
+//! share of one core at one read per drift interval.
 //!
 //! Pods have no network-namespace backends (weights need none), and the
 //! controller runs only in the churn phase (the Services it would create are
@@ -587,6 +589,18 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
         .collect::<Result<_, _>>()?;
     proc_reads.sort_by(f64::total_cmp);
     let proc_read_ms = proc_reads[1];
+    // And as the agent's sweep reads it: the IPv4 table through getsockopt.
+    let mut sockopt = bed.node.enter(ipvs::SockoptTable::new)?;
+    let mut sockopt_reads: Vec<f64> = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            sockopt.list_services()?;
+            while !sockopt.read_destinations(usize::MAX)? {}
+            Ok::<_, ipvs::IpvsError>(ms(started.elapsed()))
+        })
+        .collect::<Result<_, _>>()?;
+    sockopt_reads.sort_by(f64::total_cmp);
+    let sockopt_read_ms = sockopt_reads[1];
 
     let sort = |v: &mut Vec<f64>| v.sort_by(f64::total_cmp);
     sort(&mut latencies);
@@ -635,6 +649,8 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
         "netlinkDumpCpuPercent": round(full_dump_ms / ms(DRIFT_INTERVAL) * 100.0),
         "procReadMs": round(proc_read_ms),
         "procReadCpuPercent": round(proc_read_ms / ms(DRIFT_INTERVAL) * 100.0),
+        "sockoptReadMs": round(sockopt_read_ms),
+        "sockoptReadCpuPercent": round(sockopt_read_ms / ms(DRIFT_INTERVAL) * 100.0),
         "patchAckP50Ms": round(percentile(&acked, 50.0)),
         "edits": edits,
         "timeouts": timeouts,
