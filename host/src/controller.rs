@@ -4,23 +4,27 @@
 //! writes `status`. Two controllers running at once (during a rollout) do no
 //! harm: the apply is idempotent and an unchanged status is not written.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::hash::Hasher;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::cluster::{is_controlled_by, reflect, reflect_pods, PodCache, OWNER_LABEL, SERVICE_NAME_LABEL};
-use crate::crd::{PolicyStatus, WeightedService};
+use crate::cluster::{
+    is_controlled_by, reflect_pods, reflect_slices, strip, PodCache, SliceCache, OWNER_LABEL, SERVICE_NAME_LABEL,
+};
+use crate::crd::{PolicyStatus, WeightedService, WeightedServiceStatus};
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
 use crate::policy::Catalog;
@@ -48,19 +52,122 @@ pub enum ControllerError {
     /// The policy evaluation task could not run.
     #[error("evaluating the policy: {0}")]
     Task(String),
+    /// A watch stopped before its first full list (the process is ending).
+    #[error("the watch caches stopped before their first full list")]
+    NotSynced,
 }
 
 /// What every reconcile shares.
 pub struct Context {
     client: Client,
     catalog: Arc<Catalog>,
-    slices: Store<EndpointSlice>,
+    /// The Controller's cache of WeightedServices.
+    weighted_services: Store<WeightedService>,
+    slices: SliceCache,
     pods: PodCache,
     metrics: Arc<Metrics>,
     events: EventSink,
     ready_since: Mutex<ReadySince>,
-    /// When `ready_since` was last pruned.
-    pruned: Mutex<Instant>,
+    /// True once every watch cache has had its first full list (and the
+    /// policies in use are compiled): reconciles wait for it.
+    synced: tokio::sync::watch::Receiver<bool>,
+    applied: AppliedServices,
+    written: Arc<WrittenStatuses>,
+}
+
+/// What the controller last applied to each WeightedService's Service. When
+/// neither that nor the Service has changed since, applying again would change
+/// nothing, and the request is saved: a reconcile whose WeightedService and
+/// Service are as before only reads the Service. (The Services are not cached:
+/// at 5,000 that took 20 MiB more than a request per reconcile is worth.)
+#[derive(Debug, Default)]
+struct AppliedServices(Mutex<HashMap<ObjectRef<WeightedService>, Applied>>);
+
+/// One WeightedService's last apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Applied {
+    /// A hash of the Service applied.
+    desired: u64,
+    /// A hash of the Service the API server answered with ([`strip`]ped): a
+    /// read shows the same until someone changes it.
+    result: u64,
+}
+
+impl AppliedServices {
+    /// Whether `desired` is what was last applied for `key`, and `current` (the
+    /// Service as it is now, [`strip`]ped) is what the API server answered then.
+    fn unchanged(&self, key: &ObjectRef<WeightedService>, desired: &Service, current: &Service) -> bool {
+        lock(&self.0).get(key) == Some(&Applied { desired: json_hash(desired), result: json_hash(current) })
+    }
+
+    /// `desired` was applied for `key`, and the API server answered `result` ([`strip`]ped).
+    fn record(&self, key: &ObjectRef<WeightedService>, desired: &Service, result: &Service) {
+        lock(&self.0).insert(key.clone(), Applied { desired: json_hash(desired), result: json_hash(result) });
+    }
+
+    /// Forget the WeightedServices for which `keep` is false.
+    fn retain(&self, keep: impl Fn(&ObjectRef<WeightedService>) -> bool) {
+        lock(&self.0).retain(|key, _| keep(key));
+    }
+}
+
+/// The last status written to each WeightedService, until the cache has it.
+/// The cache sees a write only when its watch event arrives; a reconcile that
+/// runs before (another trigger came meanwhile) would compare with the status
+/// before the write, and write the same again. A record lives from the write
+/// to that event.
+#[derive(Debug, Default)]
+struct WrittenStatuses(Mutex<HashMap<ObjectRef<WeightedService>, Written>>);
+
+/// A status written, and the version of the WeightedService it replaced.
+#[derive(Debug, Clone)]
+struct Written {
+    /// The resourceVersion of the WeightedService the status was computed from.
+    replaced: String,
+    /// The status written.
+    status: WeightedServiceStatus,
+}
+
+impl WrittenStatuses {
+    /// `ws` (the cache's latest copy), with the status last written to it if
+    /// the cache does not show that write yet. (A record goes when the watch
+    /// brings a newer version, after the cache has it: without a record, the
+    /// cache's copy is new enough.)
+    fn latest(&self, ws: Arc<WeightedService>) -> Arc<WeightedService> {
+        let key = ObjectRef::from_obj(ws.as_ref());
+        let mut written = lock(&self.0);
+        let Some(last) = written.get(&key) else { return ws };
+        if ws.metadata.resource_version.as_ref() == Some(&last.replaced) {
+            let mut newer = (*ws).clone();
+            newer.status = Some(last.status.clone());
+            return Arc::new(newer);
+        }
+        // The cache has the write (or something newer): it is the truth again.
+        written.remove(&key);
+        ws
+    }
+
+    /// The watch brought `ws`: a record of a write over an older version is done with.
+    fn seen(&self, ws: &WeightedService) {
+        let key = ObjectRef::from_obj(ws);
+        let mut written = lock(&self.0);
+        if written.get(&key).is_some_and(|last| ws.metadata.resource_version.as_ref() != Some(&last.replaced)) {
+            written.remove(&key);
+        }
+    }
+
+    /// `status` was written over `ws` (the version it was computed from).
+    fn record(&self, ws: &WeightedService, status: WeightedServiceStatus) {
+        // Without a resourceVersion (never from the API server) nothing tells the versions apart.
+        if let Some(replaced) = ws.metadata.resource_version.clone() {
+            lock(&self.0).insert(ObjectRef::from_obj(ws), Written { replaced, status });
+        }
+    }
+
+    /// Forget the WeightedServices for which `keep` is false.
+    fn retain(&self, keep: impl Fn(&ObjectRef<WeightedService>) -> bool) {
+        lock(&self.0).retain(|key, _| keep(key));
+    }
 }
 
 /// Reconciles at once. Unbounded (kube-runtime's default), 5,000
@@ -68,13 +175,13 @@ pub struct Context {
 /// failed to connect; each also needs one of the policy engine's 64 instance slots.
 const CONCURRENCY: u16 = 16;
 
-/// How often the controller forgets endpoints no EndpointSlice has.
+/// How often the controller forgets endpoints no EndpointSlice has, and what
+/// it remembers of WeightedServices that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Run the controller until the process gets a signal.
 pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, health: Arc<Health>) {
-    let (slices, slice_changes) = reflect(
-        "EndpointSlice",
+    let (slices, slice_changes) = reflect_slices(
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
     );
@@ -84,31 +191,65 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     let (events, publisher) = crate::events::publisher(client.clone(), reporter);
     tokio::spawn(publisher);
 
-    let controller = Controller::new(Api::<WeightedService>::all(client.clone()), watcher::Config::default())
+    // WeightedServices trigger a reconcile when what it reads of them changes:
+    // the spec (generation), labels and annotations (policy input), not the
+    // status the reconcile itself writes (that would reconcile every
+    // WeightedService once more after each status write).
+    let (weighted_services, ws_writer) = reflector::store();
+    let written = Arc::new(WrittenStatuses::default());
+    let written_seen = written.clone();
+    let ws_triggers = watcher(Api::<WeightedService>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(ws_writer)
+        .applied_objects()
+        .inspect_ok(move |ws| written_seen.seen(ws))
+        .predicate_filter(
+            predicates::generation.combine(predicates::labels).combine(predicates::annotations),
+            Default::default(),
+        );
+    let controller = Controller::for_stream(ws_triggers, weighted_services.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
-    let weighted_services = controller.store();
+    let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Context {
         client: client.clone(),
         catalog,
+        weighted_services: weighted_services.clone(),
         slices: slices.clone(),
         pods: pods.clone(),
         metrics,
         events,
         ready_since: Mutex::new(ReadySince::default()),
-        pruned: Mutex::new(Instant::now()),
+        synced: synced_rx,
+        applied: AppliedServices::default(),
+        written,
     });
 
-    // Ready once every cache has its first list. kube-runtime's
+    // Ready once every cache has its first list; reconciles wait for it (a
+    // snapshot from half a list would be missing endpoints). kube-runtime's
     // `Store::wait_until_ready` wakes only one of several tasks waiting on the
-    // same store (the Controller waits on the WeightedService store too), so a
-    // waiter that missed its wake-up asks again: an already-ready store answers
-    // at once.
+    // same store, so a waiter that missed its wake-up asks again: an
+    // already-ready store answers at once.
     let (ws_ready, slices_ready, pods_ready) = (weighted_services.clone(), slices.clone(), pods.clone());
     let ready_health = health.clone();
+    let warm_catalog = ctx.catalog.clone();
     tokio::spawn(async move {
-        if synced(&ws_ready).await && synced(&slices_ready).await && pods_ready.wait_until_ready().await.is_ok() {
+        if synced(&ws_ready).await
+            && slices_ready.wait_until_ready().await.is_ok()
+            && pods_ready.wait_until_ready().await.is_ok()
+        {
             ready_health.set_ready();
             tracing::info!("watch caches synced: ready");
+            warm_policies(warm_catalog, &ws_ready).await;
+            synced_tx.send_replace(true);
+        }
+    });
+    let prune_ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + PRUNE_EVERY, PRUNE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            prune_ctx.prune();
         }
     });
     let heartbeat = health.clone();
@@ -183,15 +324,20 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
 
 /// Reconcile one WeightedService.
 pub async fn reconcile(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    // Reconciles queue up from the WeightedService list while the other
+    // caches fill: a snapshot from half a list would be wrong (and written).
+    ctx.synced.clone().wait_for(|synced| *synced).await.map_err(|_| ControllerError::NotSynced)?;
     let started = Instant::now();
     if ws.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    // The cache's copy now may be newer than the one this reconcile was
+    // started with (a status written meanwhile).
+    let ws = ctx.written.latest(ctx.weighted_services.get(&ObjectRef::from_obj(ws.as_ref())).unwrap_or(ws));
     let namespace = ws.namespace().unwrap_or_else(|| "default".into());
     let name = ws.name_any();
-    let services = Api::<Service>::namespaced(ctx.client.clone(), &namespace);
 
-    let (service_outcome, service) = apply_service(&ws, &services).await?;
+    let (service_outcome, service) = apply_service(&ctx, &ws).await?;
     let now = Timestamp::now();
     let mut action = Action::requeue(RESYNC);
 
@@ -259,29 +405,61 @@ pub async fn reconcile(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<Ac
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(|source| ControllerError::Api { action: format!("writing the status of WeightedService {namespace}/{name}"), source })?;
+        ctx.written.record(&ws, new_status);
     }
     ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     Ok(action)
 }
 
+impl Context {
+    /// Forget the ready-since times of endpoints no EndpointSlice has (under
+    /// churn the map would grow for ever), and what is remembered of
+    /// WeightedServices that are gone. Runs every [`PRUNE_EVERY`]: it looks at
+    /// every slice.
+    fn prune(&self) {
+        {
+            // The slices are read under the `ready_since` lock, so an address a
+            // reconcile records meanwhile is in them (it took its slices before).
+            let mut ready_since = lock(&self.ready_since);
+            self.slices.with_all(|slices| ready_since.forget_absent(slices));
+        }
+        self.applied.retain(|key| self.weighted_services.get(key).is_some());
+        self.written.retain(|key| self.weighted_services.get(key).is_some());
+    }
+}
+
+/// `mutex`, locked. A lock poisoned by a panic elsewhere is used as is: these
+/// maps hold independent entries, none left half written.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A hash of `value`'s JSON form (k8s-openapi types have no `Hash`; their
+/// JSON is deterministic: fields in declaration order, maps sorted).
+fn json_hash(value: &impl serde::Serialize) -> u64 {
+    /// Feeds what is written to a hasher.
+    struct HashWriter<'a>(&'a mut std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for HashWriter<'_> {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // Serialising k8s-openapi types (string-keyed maps only) cannot fail; were it
+    // to, the hash would differ from the last one and the Service would be applied.
+    let _ = serde_json::to_writer(HashWriter(&mut hasher), value);
+    hasher.finish()
+}
+
 /// The cluster-wide snapshot of `ws` from the watch caches.
 fn build_snapshot(ctx: &Context, ws: &WeightedService, service: &Service, now: Timestamp) -> Result<Snapshot, crate::snapshot::Incomplete> {
     let namespace = ws.namespace().unwrap_or_default();
-    let name = ws.name_any();
-    let slices: Vec<Arc<EndpointSlice>> = ctx
-        .slices
-        .state()
-        .into_iter()
-        .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()) && s.labels().get(SERVICE_NAME_LABEL) == Some(&name))
-        .collect();
-    let mut ready_since = ctx.ready_since.lock().unwrap_or_else(|p| p.into_inner());
-    {
-        let mut pruned = ctx.pruned.lock().unwrap_or_else(|p| p.into_inner());
-        if pruned.elapsed() >= PRUNE_EVERY {
-            ready_since.forget_absent(ctx.slices.state().iter().map(|slice| slice.as_ref()));
-            *pruned = Instant::now();
-        }
-    }
+    let slices = ctx.slices.slices_of(&namespace, &ws.name_any());
+    let mut ready_since = lock(&ctx.ready_since);
     Snapshot::from_cluster(
         ws,
         service,
@@ -293,9 +471,14 @@ fn build_snapshot(ctx: &Context, ws: &WeightedService, service: &Service, now: T
     )
 }
 
-/// Apply the owned Service unless a Service of that name belongs to someone else.
-async fn apply_service(ws: &WeightedService, services: &Api<Service>) -> Result<(ServiceOutcome, Option<Service>), ControllerError> {
+/// Apply the owned Service unless a Service of that name belongs to someone
+/// else. The apply is left out when the Service is what this controller's last
+/// apply left and the WeightedService wants the same.
+async fn apply_service(ctx: &Context, ws: &WeightedService) -> Result<(ServiceOutcome, Option<Service>), ControllerError> {
+    let key = ObjectRef::from_obj(ws);
     let name = ws.name_any();
+    let namespace = ws.namespace().unwrap_or_else(|| "default".into());
+    let services = Api::<Service>::namespaced(ctx.client.clone(), &namespace);
     let existing = services
         .get_opt(&name)
         .await
@@ -327,10 +510,17 @@ async fn apply_service(ws: &WeightedService, services: &Api<Service>) -> Result<
         spec: Some(ws.spec.service.clone()),
         status: None,
     };
+    if let Some(mut existing) = existing {
+        strip(&mut existing);
+        if ctx.applied.unchanged(&key, &desired, &existing) {
+            return Ok((ServiceOutcome::Applied { cluster_ip: cluster_ip(&existing), name }, Some(existing)));
+        }
+    }
     match services.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await {
-        Ok(service) => {
-            let cluster_ip = service.spec.as_ref().and_then(|s| s.cluster_ip.clone()).filter(|ip| ip != "None");
-            Ok((ServiceOutcome::Applied { name, cluster_ip }, Some(service)))
+        Ok(mut service) => {
+            strip(&mut service);
+            ctx.applied.record(&key, &desired, &service);
+            Ok((ServiceOutcome::Applied { cluster_ip: cluster_ip(&service), name }, Some(service)))
         }
         // The API server refused the spec (validation): that is the user's to fix, not a retry.
         Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => {
@@ -338,6 +528,11 @@ async fn apply_service(ws: &WeightedService, services: &Api<Service>) -> Result<
         }
         Err(source) => Err(ControllerError::Api { action: format!("applying Service {name}"), source }),
     }
+}
+
+/// The ClusterIP of `service`, unless headless.
+fn cluster_ip(service: &Service) -> Option<String> {
+    service.spec.as_ref().and_then(|s| s.cluster_ip.clone()).filter(|ip| ip != "None")
 }
 
 /// Events for conditions that turned bad (or good again).
@@ -371,6 +566,27 @@ fn publish_transitions(ctx: &Context, ws: &WeightedService, old: &crate::crd::We
     }
 }
 
+/// Compile the policies the WeightedServices name, one after the other,
+/// before the first reconcile. The catalog compiles a module on its first use,
+/// and the [`CONCURRENCY`] reconciles that start together would each compile
+/// the same one at once (16 compiles of one module at every start).
+async fn warm_policies(catalog: Arc<Catalog>, weighted_services: &Store<WeightedService>) {
+    let names: std::collections::BTreeSet<String> =
+        weighted_services.state().iter().map(|ws| ws.policy_name().to_string()).collect();
+    let warmed = tokio::task::spawn_blocking(move || {
+        for name in names {
+            // One that fails is reported by the reconciles of the WeightedServices naming it.
+            if let Err(error) = catalog.get(&name) {
+                tracing::debug!(policy = name, %error, "policy not compiled ahead");
+            }
+        }
+    })
+    .await;
+    if let Err(error) = warmed {
+        tracing::warn!(%error, "compiling the policies ahead failed; reconciles compile them");
+    }
+}
+
 /// Whether `store` had its first full list (false: its writer is gone).
 async fn synced<K>(store: &Store<K>) -> bool
 where
@@ -388,4 +604,89 @@ where
 pub fn error_policy(ws: Arc<WeightedService>, error: &ControllerError, _ctx: Arc<Context>) -> Action {
     tracing::warn!(weighted_service = %format!("{}/{}", ws.namespace().unwrap_or_default(), ws.name_any()), %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ServiceSpec;
+
+    fn ws(resource_version: &str) -> Arc<WeightedService> {
+        let mut ws: WeightedService = serde_json::from_value(json!({
+            "apiVersion": "codesink.net/v1alpha1", "kind": "WeightedService",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-1", "generation": 1},
+            "spec": {"selector": {"app": "web"}, "weights": []},
+        }))
+        .expect("a WeightedService");
+        ws.metadata.resource_version = Some(resource_version.into());
+        Arc::new(ws)
+    }
+
+    fn status(message: &str) -> WeightedServiceStatus {
+        WeightedServiceStatus { observed_generation: Some(1), message: Some(message.into()), ..Default::default() }
+    }
+
+    fn service(cluster_ip: &str) -> Service {
+        Service {
+            metadata: ObjectMeta { name: Some("web".into()), namespace: Some("shop".into()), ..Default::default() },
+            spec: Some(ServiceSpec { cluster_ip: Some(cluster_ip.into()), ..Default::default() }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn a_written_status_stands_in_until_the_cache_has_the_write() {
+        let written = WrittenStatuses::default();
+        // Nothing written: the cache's copy as it is.
+        let cached = ws("10");
+        assert!(Arc::ptr_eq(&written.latest(cached.clone()), &cached));
+
+        written.record(&cached, status("evaluated"));
+        // The cache still has version 10, the one the write replaced.
+        let latest = written.latest(ws("10"));
+        assert_eq!(latest.status.as_ref().and_then(|s| s.message.as_deref()), Some("evaluated"));
+
+        // The cache has moved on (the write, or a newer change): it is the truth,
+        // and the record is gone for good.
+        let mut newer = (*ws("11")).clone();
+        newer.status = Some(status("someone else's"));
+        let newer = Arc::new(newer);
+        assert!(Arc::ptr_eq(&written.latest(newer.clone()), &newer));
+        assert_eq!(written.latest(ws("10")).status, None);
+    }
+
+    #[test]
+    fn written_statuses_of_deleted_weighted_services_are_forgotten() {
+        let written = WrittenStatuses::default();
+        written.record(&ws("10"), status("evaluated"));
+        written.retain(|_| false);
+        assert_eq!(written.latest(ws("10")).status, None);
+    }
+
+    #[test]
+    fn an_apply_is_skipped_only_when_neither_side_changed() {
+        let applied = AppliedServices::default();
+        let key = ObjectRef::from_obj(ws("10").as_ref());
+        let (desired, answered) = (service(""), service("10.96.0.10"));
+        assert!(!applied.unchanged(&key, &desired, &answered), "never applied");
+
+        applied.record(&key, &desired, &answered);
+        assert!(applied.unchanged(&key, &desired, &answered));
+        // The WeightedService wants something else.
+        assert!(!applied.unchanged(&key, &service("None"), &answered));
+        // Someone changed the Service since.
+        assert!(!applied.unchanged(&key, &desired, &service("10.96.0.11")));
+        // Another WeightedService.
+        let other = ObjectRef::new("db").within("shop");
+        assert!(!applied.unchanged(&other, &desired, &answered));
+
+        applied.retain(|_| false);
+        assert!(!applied.unchanged(&key, &desired, &answered), "forgotten");
+    }
+
+    #[test]
+    fn json_hashes_tell_values_apart() {
+        assert_eq!(json_hash(&service("10.96.0.10")), json_hash(&service("10.96.0.10")));
+        assert_ne!(json_hash(&service("10.96.0.10")), json_hash(&service("10.96.0.11")));
+    }
 }

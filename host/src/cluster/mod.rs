@@ -16,7 +16,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 mod pods;
+mod slices;
 pub use pods::{reflect_pods, PodCache, PodWatchStopped};
+pub use slices::{reflect_slices, SliceCache, SliceWatchStopped};
 
 use crate::crd::WeightedService;
 use crate::metrics::{KindLabels, Metrics};
@@ -303,6 +305,17 @@ impl Trim for Node {
     }
 }
 
+/// Drop from `object`, before it is cached, what no one here reads: managed
+/// fields, kubectl's last-applied annotation, and what [`Trim`] drops.
+pub(crate) fn strip<K: Resource + Trim>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    object.trim();
+}
+
 /// A reflector over `stream`: the cache, and the changes (objects applied or
 /// deleted as `Some`, a completed relist as `None`), with watch errors logged and
 /// counted (the watcher retries with backoff). Fields no one here reads are
@@ -321,14 +334,7 @@ where
     let gauge = metrics.watched_objects.get_or_create(&KindLabels { kind: kind.into() }).clone();
     let changes = stream
         .default_backoff()
-        .modify(|object: &mut K| {
-            let meta = object.meta_mut();
-            meta.managed_fields = None;
-            if let Some(annotations) = meta.annotations.as_mut() {
-                annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-            object.trim();
-        })
+        .modify(strip)
         .reflect(writer)
         .filter_map(move |event| {
             let result = match event {
