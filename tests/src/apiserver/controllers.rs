@@ -35,12 +35,26 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 
+/// `v.pointer(ptr)`, without allocating: `Value::pointer` unescapes every
+/// token into a new string, and the controllers look up a few paths of every
+/// object of a namespace whenever it changes.
+fn pointer<'a>(v: &'a Value, ptr: &str) -> Option<&'a Value> {
+    if ptr.is_empty() || ptr.contains('~') {
+        return v.pointer(ptr);
+    }
+    ptr.strip_prefix('/')?.split('/').try_fold(v, |cur, token| match cur {
+        Value::Object(map) => map.get(token),
+        Value::Array(items) => items.get(token.parse::<usize>().ok()?),
+        _ => None,
+    })
+}
+
 fn s<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
-    v.pointer(ptr).and_then(Value::as_str)
+    pointer(v, ptr).and_then(Value::as_str)
 }
 
 fn annotation<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
-    v.pointer("/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
+    pointer(v, "/metadata/annotations").and_then(|a| a.get(key)).and_then(Value::as_str)
 }
 
 fn owner_ref(owner: &Value, controller: bool) -> Value {
@@ -52,24 +66,24 @@ fn owner_ref(owner: &Value, controller: bool) -> Value {
 }
 
 fn owned_by(obj: &Value, uid: &str) -> bool {
-    obj.pointer("/metadata/ownerReferences")
+    pointer(obj, "/metadata/ownerReferences")
         .and_then(Value::as_array)
         .is_some_and(|r| r.iter().any(|o| o.get("uid").and_then(Value::as_str) == Some(uid)))
 }
 
 fn terminating(obj: &Value) -> bool {
-    obj.pointer("/metadata/deletionTimestamp").is_some()
+    pointer(obj, "/metadata/deletionTimestamp").is_some()
 }
 
 fn pod_ready(pod: &Value) -> bool {
-    pod.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| {
+    pointer(pod, "/status/conditions").and_then(Value::as_array).is_some_and(|cs| {
         cs.iter().any(|c| c.get("type").and_then(Value::as_str) == Some("Ready") && c.get("status").and_then(Value::as_str) == Some("True"))
     })
 }
 
 /// Whether a selector map matches an object's labels.
 fn selector_matches(selector: &serde_json::Map<String, Value>, obj: &Value) -> bool {
-    let labels = obj.pointer("/metadata/labels");
+    let labels = pointer(obj, "/metadata/labels");
     selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
@@ -88,6 +102,57 @@ fn template_hash(v: &Value) -> String {
             c
         })
         .collect()
+}
+
+/// A write of the EndpointSlice controller.
+enum SliceWrite {
+    /// Replace the slice of that name.
+    Update(String, Value),
+    /// Create a slice (generated name).
+    Create(Value),
+    /// Remove the slice of that name.
+    Remove(String),
+}
+
+/// The writes that make the slices `managed` of Service `svc` (named `name`)
+/// hold the endpoint `groups`: a slice per group, reusing one with the same
+/// ports if any (else any left), removing those left over.
+fn plan_slices(svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, managed: Vec<&Value>, writes: &mut Vec<SliceWrite>) {
+    let mut unused: Vec<&Value> = managed;
+    let mut labels = pointer(svc, "/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
+    labels.insert(LABEL_SERVICE_NAME.into(), json!(name));
+    labels.insert(LABEL_MANAGED_BY.into(), json!(MANAGED_BY));
+    let labels = Value::Object(labels);
+    let no_ports = json!([]);
+    for (ports, endpoints) in groups {
+        let pos = unused
+            .iter()
+            .position(|sl| sl.get("ports").unwrap_or(&no_ports) == &ports)
+            .or(if unused.is_empty() { None } else { Some(0) });
+        let endpoints = Value::Array(endpoints);
+        match pos {
+            Some(i) => {
+                let sl = unused.remove(i);
+                // Only these three are (re)written: the slice changes if one differs.
+                let same = sl.get("ports") == Some(&ports)
+                    && sl.get("endpoints") == Some(&endpoints)
+                    && pointer(sl, "/metadata/labels") == Some(&labels);
+                if !same {
+                    let mut next = sl.clone();
+                    next["ports"] = ports;
+                    next["endpoints"] = endpoints;
+                    next["metadata"]["labels"] = labels.clone();
+                    writes.push(SliceWrite::Update(s(sl, "/metadata/name").unwrap_or_default().to_string(), next));
+                }
+            }
+            None => writes.push(SliceWrite::Create(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"generateName": format!("{name}-"), "labels": labels, "ownerReferences": [owner_ref(svc, true)]},
+                "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+            }))),
+        }
+    }
+    writes.extend(unused.iter().filter_map(|sl| s(sl, "/metadata/name")).map(|n| SliceWrite::Remove(n.to_string())));
 }
 
 impl Store {
@@ -120,12 +185,15 @@ impl Store {
     }
 
     fn in_ns(&self, kind: usize, ns: &str) -> Vec<Value> {
+        self.iter_ns(kind, ns).cloned().collect()
+    }
+
+    /// The objects of a kind in a namespace, borrowed: the controllers run
+    /// after every write to a namespace, and copying all its pods each time
+    /// made that cost more than the write.
+    fn iter_ns<'a>(&'a self, kind: usize, ns: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
         let lo = (ns.to_string(), String::new());
-        self.objects[kind]
-            .range(lo..)
-            .take_while(|(k, _)| k.0 == ns)
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.objects[kind].range(lo..).take_while(move |(k, _)| k.0 == ns).map(|(_, v)| v)
     }
 
     fn reconcile_namespace_deletion(&mut self, ns: &str) {
@@ -293,6 +361,9 @@ impl Store {
 
     fn reconcile_deployments(&mut self, ns: &str) {
         let deployments = self.in_ns(ids::deployments(), ns);
+        if deployments.is_empty() {
+            return;
+        }
         let pods = self.in_ns(ids::pods(), ns);
         for d in deployments {
             let Some(uid) = s(&d, "/metadata/uid").map(str::to_string) else { continue };
@@ -472,14 +543,14 @@ impl Store {
     // ---- scheduler and kubelet ----
 
     fn run_kubelet(&mut self, ns: &str) {
-        let pods = self.in_ns(ids::pods(), ns);
-        for pod in pods {
-            if terminating(&pod) || s(&pod, "/status/podIP").is_some() {
-                continue;
-            }
-            if s(&pod, "/status/phase").is_some_and(|p| p != "Pending") {
-                continue;
-            }
+        // Only pods still to start: the others are not copied.
+        let starting: Vec<Value> = self
+            .iter_ns(ids::pods(), ns)
+            .filter(|pod| !terminating(pod) && s(pod, "/status/podIP").is_none())
+            .filter(|pod| s(pod, "/status/phase").is_none_or(|p| p == "Pending"))
+            .cloned()
+            .collect();
+        for pod in starting {
             let name = s(&pod, "/metadata/name").unwrap_or_default().to_string();
             let owner = self.owning_deployment(&pod);
             let (ip, node) = self.place_pod(&pod, owner.as_ref());
@@ -586,42 +657,65 @@ impl Store {
     // ---- EndpointSlices ----
 
     fn reconcile_endpoint_slices(&mut self, ns: &str) {
-        let services = self.in_ns(ids::services(), ns);
-        let pods = self.in_ns(ids::pods(), ns);
-        let slices = self.in_ns(ids::endpointslices(), ns);
-        for svc in &services {
-            let name = s(svc, "/metadata/name").unwrap_or_default().to_string();
+        for write in self.endpoint_slice_writes(ns) {
+            match write {
+                SliceWrite::Update(name, next) => {
+                    if let Err(e) = self.update(ids::endpointslices(), ns, &name, next, Sub::Main) {
+                        tracing::debug!(error = %e, "endpointslice controller: update");
+                    }
+                }
+                SliceWrite::Create(obj) => {
+                    if let Err(e) = self.create(ids::endpointslices(), ns, obj) {
+                        tracing::debug!(error = %e, "endpointslice controller: create");
+                    }
+                }
+                SliceWrite::Remove(name) => {
+                    let _ = self.remove(ids::endpointslices(), &(ns.to_string(), name));
+                }
+            }
+        }
+        // Slices whose Service is gone are garbage-collected through their owner reference.
+    }
+
+    /// The EndpointSlice controller's writes in `ns`, Service by Service. They
+    /// touch slices only, so all are planned first from the namespace's
+    /// objects as they are, borrowed: this runs after every write to a
+    /// namespace, and copying its pods, Services and slices each time cost
+    /// more than the write.
+    fn endpoint_slice_writes(&self, ns: &str) -> Vec<SliceWrite> {
+        let pods: Vec<&Value> = self.iter_ns(ids::pods(), ns).collect();
+        let slices: Vec<&Value> = self.iter_ns(ids::endpointslices(), ns).collect();
+        let mut writes = Vec::new();
+        for svc in self.iter_ns(ids::services(), ns) {
+            let name = s(svc, "/metadata/name").unwrap_or_default();
             let managed: Vec<&Value> = slices
                 .iter()
+                .copied()
                 .filter(|sl| {
-                    s(sl, "/metadata/labels/kubernetes.io~1service-name") == Some(name.as_str())
+                    s(sl, "/metadata/labels/kubernetes.io~1service-name") == Some(name)
                         && s(sl, "/metadata/labels/endpointslice.kubernetes.io~1managed-by") == Some(MANAGED_BY)
                 })
                 .collect();
-            let selector = svc.pointer("/spec/selector").and_then(Value::as_object).filter(|m| !m.is_empty());
+            let selector = pointer(svc, "/spec/selector").and_then(Value::as_object).filter(|m| !m.is_empty());
             let external = s(svc, "/spec/type") == Some("ExternalName");
             let (Some(selector), false) = (selector, external) else {
-                for sl in managed {
-                    if let Some(n) = s(sl, "/metadata/name") {
-                        let _ = self.remove(ids::endpointslices(), &(ns.to_string(), n.to_string()));
-                    }
-                }
+                writes.extend(managed.iter().filter_map(|sl| s(sl, "/metadata/name")).map(|n| SliceWrite::Remove(n.to_string())));
                 continue;
             };
             if terminating(svc) {
                 continue;
             }
             let groups = self.desired_slices(svc, selector, &pods);
-            self.write_slices(ns, svc, &name, groups, managed);
+            plan_slices(svc, name, groups, managed, &mut writes);
         }
-        // Slices whose Service is gone are garbage-collected through their owner reference.
+        writes
     }
 
     /// Endpoints grouped by their resolved port list: one slice per group.
-    fn desired_slices(&self, svc: &Value, selector: &serde_json::Map<String, Value>, pods: &[Value]) -> Vec<(Value, Vec<Value>)> {
+    fn desired_slices(&self, svc: &Value, selector: &serde_json::Map<String, Value>, pods: &[&Value]) -> Vec<(Value, Vec<Value>)> {
         let svc_ports: Vec<Value> = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
         let mut groups: Vec<(Value, Vec<Value>)> = Vec::new();
-        let mut sorted: Vec<&Value> = pods.iter().filter(|p| selector_matches(selector, p)).collect();
+        let mut sorted: Vec<&Value> = pods.iter().copied().filter(|p| selector_matches(selector, p)).collect();
         sorted.sort_by_key(|p| s(p, "/metadata/name").unwrap_or_default().to_string());
         for pod in sorted {
             let (Some(ip), Some(node)) = (s(pod, "/status/podIP"), s(pod, "/spec/nodeName")) else { continue };
@@ -650,47 +744,6 @@ impl Store {
             groups.push((json!([]), Vec::new()));
         }
         groups
-    }
-
-    fn write_slices(&mut self, ns: &str, svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, managed: Vec<&Value>) {
-        let mut unused: Vec<&Value> = managed;
-        let mut labels = svc.pointer("/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
-        labels.insert(LABEL_SERVICE_NAME.into(), json!(name));
-        labels.insert(LABEL_MANAGED_BY.into(), json!(MANAGED_BY));
-        for (ports, endpoints) in groups {
-            let pos = unused.iter().position(|sl| sl.get("ports").cloned().unwrap_or(json!([])) == ports)
-                .or(if unused.is_empty() { None } else { Some(0) });
-            match pos {
-                Some(i) => {
-                    let sl = unused.remove(i);
-                    let mut next = sl.clone();
-                    next["ports"] = ports;
-                    next["endpoints"] = Value::Array(endpoints);
-                    next["metadata"]["labels"] = Value::Object(labels.clone());
-                    if next != *sl {
-                        let n = s(sl, "/metadata/name").unwrap_or_default().to_string();
-                        if let Err(e) = self.update(ids::endpointslices(), ns, &n, next, Sub::Main) {
-                            tracing::debug!(error = %e, "endpointslice controller: update");
-                        }
-                    }
-                }
-                None => {
-                    let obj = json!({
-                        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                        "metadata": {"generateName": format!("{name}-"), "labels": labels, "ownerReferences": [owner_ref(svc, true)]},
-                        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
-                    });
-                    if let Err(e) = self.create(ids::endpointslices(), ns, obj) {
-                        tracing::debug!(error = %e, "endpointslice controller: create");
-                    }
-                }
-            }
-        }
-        for sl in unused {
-            if let Some(n) = s(sl, "/metadata/name") {
-                let _ = self.remove(ids::endpointslices(), &(ns.to_string(), n.to_string()));
-            }
-        }
     }
 
     /// Changes a pod as a test asks: IP, node, readiness, labels.
