@@ -214,17 +214,28 @@ fn editing_weights_converges_and_the_status_follows() {
 
 #[test]
 fn kube_proxy_reverts_and_restarts_are_repaired_within_a_drift_interval() {
-    reverts_and_restarts_are_repaired(None);
+    let (bed, vip) = reverts_and_restarts_are_repaired(None);
+    // The split is right again. kube-proxy keeps reverting the scheduler every
+    // 2 s here, and the kernel refuses the few connections that arrive while a
+    // virtual service's scheduler is being swapped: they are counted, and must
+    // stay rare.
+    let (counts, errors) = bed.connect_counting_errors(vip, 3000);
+    assert_split(&counts, 30.0 / 33.0, 3.0 / 33.0);
+    assert!(errors.len() <= 60, "{} of 3000 connections failed: {errors:?}", errors.len());
+    eprintln!("scheduler tug of war: {} of 3000 connections refused", errors.len());
 }
 
-/// The same with the sweep reading `/proc/net/ip_vs` (what it does when a
-/// WeightedService has IPv6 virtual services) instead of getsockopt.
+/// The same repairs with the sweep reading `/proc/net/ip_vs` (what it does
+/// when a WeightedService has IPv6 virtual services) instead of getsockopt.
 #[test]
 fn reverts_and_restarts_are_repaired_when_the_sweep_reads_proc() {
     reverts_and_restarts_are_repaired(Some("proc"));
 }
 
-fn reverts_and_restarts_are_repaired(table_reader: Option<&str>) {
+/// kube-proxy reverts the scheduler every 2 s and, restarted, resets the
+/// weights: each is repaired within a drift interval (with some slack for the
+/// emulated CPU). The testbed, for more checks.
+fn reverts_and_restarts_are_repaired(table_reader: Option<&str>) -> (Testbed, SocketAddr) {
     let drift = Duration::from_secs(1);
     let (mut bed, vip) = seed_bed(TestbedConfig {
         drift_interval: drift,
@@ -268,14 +279,7 @@ fn reverts_and_restarts_are_repaired(table_reader: Option<&str>) {
     let repairs = bed.agent_metric("ipvs_operator_drift_repairs_total", "kind=\"weight\"").unwrap_or(0.0);
     // The three prod weights went from 10 to 1; the canaries' 1 is kube-proxy's own.
     assert!(repairs >= 3.0, "{repairs} weight repairs counted after kube-proxy reset 3 weights");
-    // The split is right again. kube-proxy keeps reverting the scheduler every
-    // 2 s here, and the kernel refuses the few connections that arrive while a
-    // virtual service's scheduler is being swapped: they are counted, and must
-    // stay rare.
-    let (counts, errors) = bed.connect_counting_errors(vip, 3000);
-    assert_split(&counts, 30.0 / 33.0, 3.0 / 33.0);
-    assert!(errors.len() <= 60, "{} of 3000 connections failed: {errors:?}", errors.len());
-    eprintln!("scheduler tug of war: {} of 3000 connections refused", errors.len());
+    (bed, vip)
 }
 
 #[test]
