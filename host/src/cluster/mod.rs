@@ -15,10 +15,12 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
+mod indexed;
 mod pods;
 mod slices;
-pub use pods::{reflect_pods, PodCache, PodWatchStopped};
-pub use slices::{reflect_slices, SliceCache, SliceWatchStopped};
+pub use indexed::{Index, Indexed, WatchStopped};
+pub use pods::{reflect_pods, PodCache, Pods};
+pub use slices::{reflect_slices, SliceCache, Slices};
 
 use crate::crd::WeightedService;
 use crate::metrics::{KindLabels, Metrics};

@@ -9,16 +9,17 @@
 //! (they have the same labels), and a pod costs its name, a pointer and a time.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PartialObjectMeta;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 
+use super::indexed::{reflect_indexed, Index, Indexed};
 use super::Trim;
-use crate::metrics::{KindLabels, Metrics};
+use crate::metrics::Metrics;
 use crate::snapshot::{LabelSets, Labels, PodMeta};
 
 /// Every this many changes, label maps no pod has any more are dropped.
@@ -33,14 +34,23 @@ struct Entry {
 
 /// Pods by namespace and name, and the label maps they share.
 #[derive(Debug, Default)]
-struct Pods {
+pub struct Pods {
     by_namespace: HashMap<Box<str>, HashMap<Box<str>, Entry>>,
     len: usize,
     label_sets: LabelSets,
+    /// Watch events since the cache was made, for pruning `label_sets`.
+    changes: u64,
 }
 
-impl Pods {
-    fn insert(&mut self, pod: PartialObjectMeta<Pod>) {
+impl Index for Pods {
+    type Object = PartialObjectMeta<Pod>;
+    const KIND: &'static str = "Pod";
+
+    fn prepare(pod: &mut Self::Object) {
+        pod.trim();
+    }
+
+    fn insert(&mut self, pod: Self::Object) {
         let meta = pod.metadata;
         let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else { return };
         let entry = Entry {
@@ -53,7 +63,7 @@ impl Pods {
         }
     }
 
-    fn remove(&mut self, pod: &PartialObjectMeta<Pod>) {
+    fn remove(&mut self, pod: &Self::Object) {
         let (Some(namespace), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
             return;
         };
@@ -66,119 +76,53 @@ impl Pods {
             }
         }
     }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn changed(&mut self) {
+        self.changes += 1;
+        if self.changes.is_multiple_of(PRUNE_EVERY) {
+            self.label_sets.prune();
+        }
+    }
+
+    fn relisted(&mut self) {
+        // A relist's label maps were shared with the set it replaced until now.
+        self.label_sets.prune();
+    }
 }
 
 /// Read access to the pod metadata cache. Cheap to clone.
-#[derive(Clone)]
-pub struct PodCache {
-    pods: Arc<RwLock<Pods>>,
-    ready: tokio::sync::watch::Receiver<bool>,
-}
+pub type PodCache = Indexed<Pods>;
 
-/// The cache's writer went away before its first full list.
-#[derive(Debug, thiserror::Error)]
-#[error("the pod watch stopped before its first full list")]
-pub struct PodWatchStopped;
-
-impl PodCache {
+impl Indexed<Pods> {
     /// Labels and creation time of a pod.
     pub fn get(&self, namespace: &str, name: &str) -> Option<PodMeta> {
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = self.read();
         let entry = pods.by_namespace.get(namespace)?.get(name)?;
         Some(PodMeta { labels: entry.labels.clone(), created: entry.created })
     }
 
-    /// How many pods are cached.
-    pub fn len(&self) -> usize {
-        self.pods.read().unwrap_or_else(|p| p.into_inner()).len
-    }
-
-    /// Whether no pod is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// How many distinct label maps the cached pods have.
     pub fn label_sets(&self) -> usize {
-        self.pods.read().unwrap_or_else(|p| p.into_inner()).label_sets.len()
-    }
-
-    /// Wait for the first full list.
-    pub async fn wait_until_ready(&self) -> Result<(), PodWatchStopped> {
-        let mut ready = self.ready.clone();
-        ready.wait_for(|r| *r).await.map(|_| ()).map_err(|_| PodWatchStopped)
+        self.read().label_sets.len()
     }
 }
 
-/// The pod cache fed by `stream`, and the pods that changed (applied or deleted
-/// as `Some`, a completed relist as `None`), as [`super::reflect`] gives them
-/// for other kinds. A relist is built aside and swapped in when complete, as a
-/// reflector store does, so that lookups never see half a list.
+/// The pod cache fed by `stream`, and the pods that changed (see [`reflect_indexed`]).
 pub fn reflect_pods(
     stream: impl Stream<Item = watcher::Result<watcher::Event<PartialObjectMeta<Pod>>>> + Send + 'static,
     metrics: Arc<Metrics>,
 ) -> (PodCache, impl Stream<Item = Option<PartialObjectMeta<Pod>>> + Send) {
-    let pods = Arc::new(RwLock::new(Pods::default()));
-    let (ready_tx, ready) = tokio::sync::watch::channel(false);
-    let cache = PodCache { pods: pods.clone(), ready };
-    let gauge = metrics.watched_objects.get_or_create(&KindLabels { kind: "Pod".into() }).clone();
-    let mut relist: Option<Pods> = None;
-    let mut changes: u64 = 0;
-    let stream = stream.default_backoff().filter_map(move |event| {
-        let change = match event {
-            Ok(event) => {
-                let mut pods = pods.write().unwrap_or_else(|p| p.into_inner());
-                let change = match event {
-                    watcher::Event::Init => {
-                        // Label maps are shared with the current set until it is swapped out.
-                        relist = Some(Pods::default());
-                        None
-                    }
-                    watcher::Event::InitApply(mut pod) => {
-                        pod.trim();
-                        relist.get_or_insert_with(Pods::default).insert(pod);
-                        None
-                    }
-                    watcher::Event::InitDone => {
-                        if let Some(fresh) = relist.take() {
-                            *pods = fresh;
-                        }
-                        pods.label_sets.prune();
-                        ready_tx.send_replace(true);
-                        Some(None)
-                    }
-                    watcher::Event::Apply(mut pod) => {
-                        pod.trim();
-                        pods.insert(pod.clone());
-                        Some(Some(pod))
-                    }
-                    watcher::Event::Delete(mut pod) => {
-                        pod.trim();
-                        pods.remove(&pod);
-                        Some(Some(pod))
-                    }
-                };
-                changes += 1;
-                if changes.is_multiple_of(PRUNE_EVERY) {
-                    pods.label_sets.prune();
-                }
-                gauge.set(pods.len as i64);
-                change
-            }
-            Err(error) => {
-                tracing::warn!(kind = "Pod", %error, "watch failed; retrying with backoff");
-                Metrics::count(&metrics.watch_errors, "Pod", 1);
-                None
-            }
-        };
-        async move { change }
-    });
-    (cache, stream)
+    reflect_indexed(stream, metrics)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Pod> {
@@ -249,7 +193,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let (cache, changes) = reflect_pods(futures::stream::iter(vec![Ok(watcher::Event::Init)]), metrics);
         futures::executor::block_on(changes.collect::<Vec<_>>());
-        assert!(cache.ready.has_changed().is_err() || !*cache.ready.borrow());
+        assert!(!cache.is_ready());
         assert!(futures::executor::block_on(cache.wait_until_ready()).is_err(), "the writer is gone");
     }
 }

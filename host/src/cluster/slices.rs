@@ -7,21 +7,22 @@
 //! Service's own slices.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::watcher;
 
+use super::indexed::{reflect_indexed, Index, Indexed};
 use super::{strip, SERVICE_NAME_LABEL};
-use crate::metrics::{KindLabels, Metrics};
+use crate::metrics::Metrics;
 
 /// A Service: (namespace, name).
 type ServiceKey = (Box<str>, Box<str>);
 
 /// Slices by Service, and which Service each slice is filed under.
 #[derive(Debug, Default)]
-struct Slices {
+pub struct Slices {
     /// The slices of each Service, by slice name.
     by_service: HashMap<ServiceKey, HashMap<Box<str>, Arc<EndpointSlice>>>,
     /// The Service each slice (namespace, slice name) is filed under: a slice
@@ -29,17 +30,24 @@ struct Slices {
     service_of: HashMap<(Box<str>, Box<str>), Box<str>>,
 }
 
-impl Slices {
+impl Index for Slices {
+    type Object = EndpointSlice;
+    const KIND: &'static str = "EndpointSlice";
+
+    fn prepare(slice: &mut EndpointSlice) {
+        strip(slice);
+    }
+
     /// File a copy of `slice` under its Service (replacing the version before).
     /// A copy, because a deserialised list has up to half its capacity spare
     /// (it grew by doubling) and a copy has none: at 50,000 endpoints that
     /// was about 10 MiB. A slice without name, namespace or service-name label
     /// is not kept (the watch selects on the label, so the API server sends
     /// none such).
-    fn insert(&mut self, slice: &EndpointSlice) {
-        self.remove(slice);
+    fn insert(&mut self, slice: EndpointSlice) {
+        self.remove(&slice);
         let (Some(namespace), Some(name), Some(service)) =
-            (slice.metadata.namespace.as_deref(), slice.metadata.name.as_deref(), service_of(slice))
+            (slice.metadata.namespace.as_deref(), slice.metadata.name.as_deref(), service_of(&slice))
         else {
             return;
         };
@@ -76,23 +84,13 @@ fn service_of(slice: &EndpointSlice) -> Option<&str> {
 }
 
 /// Read access to the EndpointSlice cache. Cheap to clone.
-#[derive(Clone)]
-pub struct SliceCache {
-    slices: Arc<RwLock<Slices>>,
-    ready: tokio::sync::watch::Receiver<bool>,
-}
+pub type SliceCache = Indexed<Slices>;
 
-/// The cache's writer went away before its first full list.
-#[derive(Debug, thiserror::Error)]
-#[error("the EndpointSlice watch stopped before its first full list")]
-pub struct SliceWatchStopped;
-
-impl SliceCache {
+impl Indexed<Slices> {
     /// The EndpointSlices of the Service `name` in `namespace`, in no
     /// particular order.
     pub fn slices_of(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
-        let slices = self.slices.read().unwrap_or_else(|p| p.into_inner());
-        slices
+        self.read()
             .by_service
             .get(&(Box::from(namespace), Box::from(name)))
             .map(|of_service| of_service.values().cloned().collect())
@@ -103,95 +101,24 @@ impl SliceCache {
     /// updates wait meanwhile): for a periodic pass over all of them, without
     /// copying the set.
     pub fn with_all<R>(&self, f: impl FnOnce(&mut dyn Iterator<Item = &EndpointSlice>) -> R) -> R {
-        let slices = self.slices.read().unwrap_or_else(|p| p.into_inner());
+        let slices = self.read();
         let mut all = slices.by_service.values().flat_map(HashMap::values).map(Arc::as_ref);
         f(&mut all)
     }
-
-    /// How many slices are cached.
-    pub fn len(&self) -> usize {
-        self.slices.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether no slice is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether the first full list is in.
-    pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
-    }
-
-    /// Wait for the first full list.
-    pub async fn wait_until_ready(&self) -> Result<(), SliceWatchStopped> {
-        let mut ready = self.ready.clone();
-        ready.wait_for(|r| *r).await.map(|_| ()).map_err(|_| SliceWatchStopped)
-    }
 }
 
-/// The slice cache fed by `stream`, and the slices that changed (applied or
-/// deleted as `Some`, a completed relist as `None`), as [`super::reflect`]
-/// gives them for other kinds. A relist is built aside and swapped in when
-/// complete, as a reflector store does, so that lookups never see half a list.
+/// The slice cache fed by `stream`, and the slices that changed (see [`reflect_indexed`]).
 pub fn reflect_slices(
     stream: impl Stream<Item = watcher::Result<watcher::Event<EndpointSlice>>> + Send + 'static,
     metrics: Arc<Metrics>,
 ) -> (SliceCache, impl Stream<Item = Option<EndpointSlice>> + Send) {
-    let slices = Arc::new(RwLock::new(Slices::default()));
-    let (ready_tx, ready) = tokio::sync::watch::channel(false);
-    let cache = SliceCache { slices: slices.clone(), ready };
-    let gauge = metrics.watched_objects.get_or_create(&KindLabels { kind: "EndpointSlice".into() }).clone();
-    let mut relist: Option<Slices> = None;
-    let stream = stream.default_backoff().filter_map(move |event| {
-        let change = match event {
-            Ok(event) => {
-                let mut slices = slices.write().unwrap_or_else(|p| p.into_inner());
-                let change = match event {
-                    watcher::Event::Init => {
-                        relist = Some(Slices::default());
-                        None
-                    }
-                    watcher::Event::InitApply(mut slice) => {
-                        strip(&mut slice);
-                        relist.get_or_insert_with(Slices::default).insert(&slice);
-                        None
-                    }
-                    watcher::Event::InitDone => {
-                        if let Some(fresh) = relist.take() {
-                            *slices = fresh;
-                        }
-                        ready_tx.send_replace(true);
-                        Some(None)
-                    }
-                    watcher::Event::Apply(mut slice) => {
-                        strip(&mut slice);
-                        slices.insert(&slice);
-                        Some(Some(slice))
-                    }
-                    watcher::Event::Delete(mut slice) => {
-                        strip(&mut slice);
-                        slices.remove(&slice);
-                        Some(Some(slice))
-                    }
-                };
-                gauge.set(slices.len() as i64);
-                change
-            }
-            Err(error) => {
-                tracing::warn!(kind = "EndpointSlice", %error, "watch failed; retrying with backoff");
-                Metrics::count(&metrics.watch_errors, "EndpointSlice", 1);
-                None
-            }
-        };
-        async move { change }
-    });
-    (cache, stream)
+    reflect_indexed(stream, metrics)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
     use k8s_openapi::api::discovery::v1::Endpoint;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
