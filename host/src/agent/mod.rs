@@ -41,7 +41,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use crate::cluster::{Change, Stores, SERVICE_NAME_LABEL};
+use crate::cluster::{Change, Stores};
 use crate::crd::WeightedService;
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
@@ -104,10 +104,6 @@ const SWEEP_CHUNK: usize = 50;
 /// Up to this many virtual services, a pass reads them one by one by key
 /// rather than listing every virtual service of the node.
 const TARGETED_READS: usize = 32;
-
-/// A pass rebuilding more snapshots than this indexes the EndpointSlices once
-/// rather than scanning them for each WeightedService.
-const INDEX_SLICES_ABOVE: usize = 4;
 
 /// What the agent knows about one WeightedService.
 struct WsState {
@@ -523,7 +519,8 @@ impl Worker {
     /// An address that comes back later is new again (ready since its pod's
     /// creation), as it is after a restart.
     fn forget_gone_endpoints(&mut self) {
-        self.ready_since.forget_absent(self.stores.slices.state().iter().map(|slice| slice.as_ref()));
+        let ready_since = &mut self.ready_since;
+        self.stores.slices.with_all(|slices| ready_since.forget_absent(slices));
     }
 
     /// The WeightedServices whose virtual services differ from their plans in
@@ -661,13 +658,9 @@ impl Worker {
         let rebuilding = candidates.iter().filter(|(_, ws)| ws.is_some()).count();
         if rebuilding > 0 {
             let node = self.stores.node_info(&self.config.node_name);
-            let index = (rebuilding > INDEX_SLICES_ABOVE).then(|| index_slices(self.stores.slices.state()));
             for (key, ws) in &candidates {
                 let Some(ws) = ws else { continue };
-                let slices = match &index {
-                    Some(index) => index.get(key).cloned().unwrap_or_default(),
-                    None => self.stores.slices_of(&key.namespace, &key.name),
-                };
+                let slices = self.stores.slices.slices_of(&key.namespace, &key.name);
                 if self.refresh(key, ws, &slices, &node, now, instant) {
                     report.evaluated += 1;
                 }
@@ -973,18 +966,6 @@ fn resident_kib() -> u64 {
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok()))
         .unwrap_or(0)
-}
-
-/// The EndpointSlices by namespace and Service name (which is the
-/// WeightedService's), from one look at the cache.
-fn index_slices(slices: Vec<Arc<EndpointSlice>>) -> HashMap<WsKey, Vec<Arc<EndpointSlice>>> {
-    let mut index: HashMap<WsKey, Vec<Arc<EndpointSlice>>> = HashMap::new();
-    for slice in slices {
-        let Some(name) = slice.labels().get(SERVICE_NAME_LABEL) else { continue };
-        let key = WsKey { namespace: slice.metadata.namespace.clone().unwrap_or_default(), name: name.clone() };
-        index.entry(key).or_default().push(slice);
-    }
-    index
 }
 
 /// The virtual services to read by key, when that is cheaper than listing the

@@ -58,8 +58,8 @@ pub struct Stores {
     pub weighted_services: Store<WeightedService>,
     /// Services the controller owns (label [`OWNER_LABEL`]).
     pub services: Store<Service>,
-    /// EndpointSlices (label [`SERVICE_NAME_LABEL`]).
-    pub slices: Store<EndpointSlice>,
+    /// EndpointSlices (label [`SERVICE_NAME_LABEL`]), by Service.
+    pub slices: SliceCache,
     /// Pod metadata.
     pub pods: PodCache,
     /// The agent's own Node, if watched.
@@ -72,7 +72,7 @@ impl Stores {
         let stopped = |_| WatchesStopped;
         self.weighted_services.wait_until_ready().await.map_err(stopped)?;
         self.services.wait_until_ready().await.map_err(stopped)?;
-        self.slices.wait_until_ready().await.map_err(stopped)?;
+        self.slices.wait_until_ready().await.map_err(|_| WatchesStopped)?;
         self.pods.wait_until_ready().await.map_err(|_| WatchesStopped)?;
         if let Some(node) = &self.node {
             node.wait_until_ready().await.map_err(stopped)?;
@@ -86,18 +86,6 @@ impl Stores {
             .services
             .get(&ObjectRef::new(&ws.name_any()).within(&ws.namespace().unwrap_or_default()))?;
         is_controlled_by(&service, ws).then_some(service)
-    }
-
-    /// The EndpointSlices of the Service `name` in `namespace`.
-    pub fn slices_of(&self, namespace: &str, name: &str) -> Vec<Arc<EndpointSlice>> {
-        self.slices
-            .state()
-            .into_iter()
-            .filter(|s| {
-                s.metadata.namespace.as_deref() == Some(namespace)
-                    && s.labels().get(SERVICE_NAME_LABEL).map(String::as_str) == Some(name)
-            })
-            .collect()
     }
 
     /// Labels and creation time of a pod.
@@ -158,8 +146,7 @@ pub fn watch(
         watcher(Api::<Service>::all(client.clone()), config.clone().labels(OWNER_LABEL)),
         metrics.clone(),
     );
-    let (slices, slice_stream) = reflect(
-        "EndpointSlice",
+    let (slices, slice_stream) = reflect_slices(
         watcher(Api::<EndpointSlice>::all(client.clone()), config.clone().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
     );

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -68,6 +69,12 @@ impl CatalogEvent {
 
 type Listener = Box<dyn Fn(&CatalogEvent) + Send + Sync>;
 
+/// What [`Catalog::lookup`] found.
+enum Found {
+    Loaded(LoadedPolicy),
+    Source(Source),
+}
+
 /// Where a policy comes from.
 #[derive(Clone)]
 enum Source {
@@ -93,6 +100,12 @@ pub struct Catalog {
     dir: Option<PathBuf>,
     state: Mutex<State>,
     listeners: Mutex<Vec<Listener>>,
+    /// One lock per policy being compiled by [`Catalog::get`], so that
+    /// callers asking for the same policy at once wait for one compile
+    /// instead of each starting their own.
+    compiling: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+    /// How many modules [`Catalog::get`] compiled (tests check there is one per policy).
+    compiled_on_demand: AtomicUsize,
 }
 
 impl Catalog {
@@ -104,6 +117,8 @@ impl Catalog {
             dir: None,
             state: Mutex::new(State { sources, ..State::default() }),
             listeners: Mutex::new(Vec::new()),
+            compiling: Mutex::new(BTreeMap::new()),
+            compiled_on_demand: AtomicUsize::new(0),
         }
     }
 
@@ -165,25 +180,53 @@ impl Catalog {
 
     /// The policy called `name`, compiled.
     pub fn get(&self, name: &str) -> Result<LoadedPolicy, PolicyError> {
-        let source = {
-            let state = self.state();
-            if let Some(policy) = state.loaded.get(name) {
-                return Ok(policy.clone());
-            }
-            match state.sources.get(name) {
-                Some(source) => source.clone(),
-                None => {
-                    return Err(match state.failures.get(name) {
-                        Some(error) => PolicyError::Compile { policy: name.into(), reason: error.clone() },
-                        None => PolicyError::NotFound {
-                            name: name.into(),
-                            known: state.sources.keys().cloned().collect::<Vec<_>>().join(", "),
-                        },
-                    });
-                }
+        if let Found::Loaded(policy) = self.lookup(name)? {
+            return Ok(policy);
+        }
+        // Compiled outside the state lock (it takes a while, and other
+        // policies are in use), but once per name: whoever waited here finds
+        // it loaded.
+        let slot = {
+            let mut compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(compiling.entry(name.to_string()).or_default())
+        };
+        let result = {
+            let _one_at_a_time = slot.lock().unwrap_or_else(|p| p.into_inner());
+            match self.lookup(name) {
+                Ok(Found::Loaded(policy)) => Ok(policy),
+                Ok(Found::Source(source)) => self.compile(name, source),
+                Err(error) => Err(error),
             }
         };
-        // Compiled outside the lock: it takes a while, and other policies are in use.
+        let mut compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        // The last one out removes the slot (the map holds one reference).
+        if Arc::strong_count(&slot) == 2 {
+            compiling.remove(name);
+        }
+        result
+    }
+
+    /// What the catalog has for `name`: the compiled policy, or where to
+    /// compile it from; an error if nothing is called that.
+    fn lookup(&self, name: &str) -> Result<Found, PolicyError> {
+        let state = self.state();
+        if let Some(policy) = state.loaded.get(name) {
+            return Ok(Found::Loaded(policy.clone()));
+        }
+        if let Some(source) = state.sources.get(name) {
+            return Ok(Found::Source(source.clone()));
+        }
+        Err(match state.failures.get(name) {
+            Some(error) => PolicyError::Compile { policy: name.into(), reason: error.clone() },
+            None => PolicyError::NotFound {
+                name: name.into(),
+                known: state.sources.keys().cloned().collect::<Vec<_>>().join(", "),
+            },
+        })
+    }
+
+    fn compile(&self, name: &str, source: Source) -> Result<LoadedPolicy, PolicyError> {
+        self.compiled_on_demand.fetch_add(1, Ordering::Relaxed);
         let policy = match source {
             Source::Builtin(bytes) => self.engine.load(name, bytes)?,
             Source::File { path, .. } => {
@@ -194,6 +237,7 @@ impl Catalog {
                 self.engine.load(name, &bytes)?
             }
         };
+        // A rescan may have loaded newer bytes meanwhile: those win.
         Ok(self.state().loaded.entry(name.into()).or_insert(policy).clone())
     }
 
@@ -390,6 +434,27 @@ mod tests {
 
     fn catalog(dir: &Path) -> Catalog {
         Catalog::with_dir(PolicyEngine::new(EngineConfig::default()).unwrap(), dir)
+    }
+
+    #[test]
+    fn callers_asking_at_once_share_one_compile() {
+        let catalog = Catalog::builtin(PolicyEngine::new(EngineConfig::default()).unwrap());
+        let barrier = std::sync::Barrier::new(6);
+        let hashes: Vec<String> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..6)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        catalog.get("label-selector").map(|p| p.sha256().to_string())
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect()
+        });
+        assert!(hashes.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(catalog.compiled_on_demand.load(Ordering::Relaxed), 1);
+        assert!(catalog.compiling.lock().unwrap().is_empty(), "no slot is left behind");
+        assert!(matches!(catalog.get("nonesuch"), Err(PolicyError::NotFound { .. })));
     }
 
     #[test]
