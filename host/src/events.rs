@@ -67,7 +67,7 @@ pub fn publisher(client: Client, reporter: Reporter) -> (EventSink, impl std::fu
                 continue;
             }
             let event = to_event(&reporter, &notice, Timestamp::now());
-            let namespace = notice.reference.namespace.as_deref().unwrap_or("default");
+            let namespace = event.metadata.namespace.as_deref().unwrap_or_default();
             let api: Api<Event> = Api::namespaced(client.clone(), namespace);
             if let Err(error) = api.create(&PostParams::default(), &event).await {
                 tracing::warn!(%error, reason = notice.reason, "could not publish an Event");

@@ -100,10 +100,11 @@ pub struct Catalog {
     dir: Option<PathBuf>,
     state: Mutex<State>,
     listeners: Mutex<Vec<Listener>>,
-    /// One lock per policy being compiled by [`Catalog::get`], so that
-    /// callers asking for the same policy at once wait for one compile
-    /// instead of each starting their own.
-    compiling: Mutex<BTreeMap<String, Arc<Mutex<()>>>>,
+    /// Held while [`Catalog::get`] compiles, so that callers asking for the
+    /// same policy at once wait for one compile instead of each starting their
+    /// own. One lock for all policies: compiles are rare, and a compile uses
+    /// every core anyway.
+    compiling: Mutex<()>,
     /// How many modules [`Catalog::get`] compiled (tests check there is one per policy).
     compiled_on_demand: AtomicUsize,
 }
@@ -117,7 +118,7 @@ impl Catalog {
             dir: None,
             state: Mutex::new(State { sources, ..State::default() }),
             listeners: Mutex::new(Vec::new()),
-            compiling: Mutex::new(BTreeMap::new()),
+            compiling: Mutex::new(()),
             compiled_on_demand: AtomicUsize::new(0),
         }
     }
@@ -184,26 +185,13 @@ impl Catalog {
             return Ok(policy);
         }
         // Compiled outside the state lock (it takes a while, and other
-        // policies are in use), but once per name: whoever waited here finds
-        // it loaded.
-        let slot = {
-            let mut compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(compiling.entry(name.to_string()).or_default())
-        };
-        let result = {
-            let _one_at_a_time = slot.lock().unwrap_or_else(|p| p.into_inner());
-            match self.lookup(name) {
-                Ok(Found::Loaded(policy)) => Ok(policy),
-                Ok(Found::Source(source)) => self.compile(name, source),
-                Err(error) => Err(error),
-            }
-        };
-        let mut compiling = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
-        // The last one out removes the slot (the map holds one reference).
-        if Arc::strong_count(&slot) == 2 {
-            compiling.remove(name);
+        // policies are in use), one at a time: whoever waited here finds it
+        // loaded.
+        let _one_at_a_time = self.compiling.lock().unwrap_or_else(|p| p.into_inner());
+        match self.lookup(name)? {
+            Found::Loaded(policy) => Ok(policy),
+            Found::Source(source) => self.compile(name, source),
         }
-        result
     }
 
     /// What the catalog has for `name`: the compiled policy, or where to
@@ -453,7 +441,6 @@ mod tests {
         });
         assert!(hashes.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(catalog.compiled_on_demand.load(Ordering::Relaxed), 1);
-        assert!(catalog.compiling.lock().unwrap().is_empty(), "no slot is left behind");
         assert!(matches!(catalog.get("nonesuch"), Err(PolicyError::NotFound { .. })));
     }
 
