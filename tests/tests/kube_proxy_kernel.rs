@@ -105,5 +105,45 @@ async fn emulator_reverts_the_scheduler_and_resets_weights_on_restart() {
     let emu = start();
     assert!(emu.wait_for_syncs(1, WAIT).await);
     assert_eq!(ipvsadm_service(&vs).1, [("10.1.0.10:8080".to_string(), 1), ("10.1.0.11:8080".to_string(), 1)]);
+
+    // A new Service: its ClusterIP is bound before its destinations appear, as
+    // kube-proxy orders it, so a table with destinations takes connections
+    // (a client that waits for the weights must not find the address missing).
+    server.handle().load_manifests(NEW_SERVICE).expect("manifest");
+    let new_vip: std::net::IpAddr = server.handle().get("services", "default", "api").expect("service")["spec"]["clusterIP"]
+        .as_str()
+        .and_then(|ip| ip.parse().ok())
+        .expect("clusterIP");
+    let mut ipvs = ipvs::IpvsClient::new().expect("IPVS netlink");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let table = ipvs.dump().expect("dump");
+        let has_destinations =
+            table.iter().any(|e| e.service.address().map(|a| a.ip()) == Some(new_vip) && !e.destinations.is_empty());
+        if has_destinations {
+            // Binding a socket to an address succeeds only when it is local.
+            let bound = std::net::UdpSocket::bind((new_vip, 0));
+            assert!(bound.is_ok(), "{new_vip} has destinations but is not bound: {bound:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no destinations for {new_vip}");
+    }
     emu.stop().await.expect("stop");
 }
+
+const NEW_SERVICE: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: c
+  labels: {app: api}
+  annotations: {test-apiserver.codesink.net/pod-ip: 10.1.0.12}
+spec: {nodeName: node-1, containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec:
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}]
+"#;

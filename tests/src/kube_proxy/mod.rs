@@ -174,7 +174,6 @@ async fn run(
         _ = &mut shutdown => return Ok(()),
     }
     let mut proxier = Proxier::new(cfg.clone());
-    let mut bound: BTreeSet<IpAddr> = BTreeSet::new();
     if let Some(dev) = &cfg.dummy_interface {
         ensure_dummy(&cfg, dev);
     }
@@ -182,14 +181,21 @@ async fn run(
     loop {
         let svcs = owned_cache(&svc_store);
         let slices = owned_cache(&es_store);
-        let result = proxier.sync(&mut *ipvs, &svcs, &slices);
-        if let Some(dev) = &cfg.dummy_interface {
+        // As kube-proxy: a new Service's address is bound before its destinations
+        // exist, and an old one unbound after its virtual service is gone. So
+        // once the table shows destinations, the address takes connections.
+        let bound = cfg.dummy_interface.as_deref().map(|dev| {
             let want: BTreeSet<IpAddr> = desired_state(&cfg, &svcs, &slices)
                 .values()
                 .filter(|d| d.bind)
                 .filter_map(|d| d.service.address().map(|a| a.ip()))
                 .collect();
-            bind_addresses(&cfg, dev, &want, &mut bound);
+            let present = bind_addresses(&cfg, dev, &want);
+            (dev, want, present)
+        });
+        let result = proxier.sync(&mut *ipvs, &svcs, &slices);
+        if let Some((dev, want, present)) = bound {
+            unbind_addresses(&cfg, dev, &want, &present);
         }
         {
             let mut st = status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -259,9 +265,9 @@ fn ensure_dummy(cfg: &ProxyConfig, dev: &str) {
     }
 }
 
-/// Binds the wanted addresses to the dummy interface and unbinds ones it
-/// bound before that are no longer wanted.
-fn bind_addresses(cfg: &ProxyConfig, dev: &str, want: &BTreeSet<IpAddr>, bound: &mut BTreeSet<IpAddr>) {
+/// Binds the wanted addresses missing from the dummy interface; returns the
+/// addresses it had before.
+fn bind_addresses(cfg: &ProxyConfig, dev: &str, want: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
     let present: BTreeSet<IpAddr> = ip(cfg, &["-o", "addr", "show", "dev", dev])
         .unwrap_or_default()
         .lines()
@@ -272,15 +278,18 @@ fn bind_addresses(cfg: &ProxyConfig, dev: &str, want: &BTreeSet<IpAddr>, bound: 
         })
         .collect();
     for a in want.difference(&present) {
-        let cidr = if a.is_ipv4() { format!("{a}/32") } else { format!("{a}/128") };
-        if ip(cfg, &["addr", "add", &cidr, "dev", dev]).is_some() {
-            bound.insert(*a);
-        }
+        let _ = ip(cfg, &["addr", "add", &host_cidr(*a), "dev", dev]);
     }
+    present
+}
+
+/// Unbinds the addresses the dummy interface had that are no longer wanted.
+fn unbind_addresses(cfg: &ProxyConfig, dev: &str, want: &BTreeSet<IpAddr>, present: &BTreeSet<IpAddr>) {
     for a in present.difference(want) {
-        let cidr = if a.is_ipv4() { format!("{a}/32") } else { format!("{a}/128") };
-        let _ = ip(cfg, &["addr", "del", &cidr, "dev", dev]);
-        bound.remove(a);
+        let _ = ip(cfg, &["addr", "del", &host_cidr(*a), "dev", dev]);
     }
-    bound.extend(want.iter().copied());
+}
+
+fn host_cidr(a: IpAddr) -> String {
+    if a.is_ipv4() { format!("{a}/32") } else { format!("{a}/128") }
 }
