@@ -667,7 +667,6 @@ async fn the_binaries_recorded_requests_are_allowed_by_their_rbac() {
     let client = server.client().expect("a client");
     let weighted_services: kube::Api<WeightedService> = kube::Api::namespaced(client, "shop");
 
-
     // The controller: until both statuses are written and an Event is out.
     handle.clear_requests();
     let controller = Running::start(&["controller", "--listen=127.0.0.1:0"], &kubeconfig, dir.join("controller.log"));

@@ -42,6 +42,12 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The ClusterIP the test API server gave Service `name` (in `default`).
+fn cluster_ip(server: &TestApiServer, name: &str) -> String {
+    let service = server.handle().get("services", "default", name).expect("the Service");
+    service["spec"]["clusterIP"].as_str().expect("a clusterIP").to_string()
+}
+
 /// `ipvsadm -Ln` lines for one virtual service: its own line, then `(dest, weight)`.
 fn ipvsadm_service(vip: &str) -> (String, Vec<(String, u32)>) {
     let out = run("ipvsadm", &["-Ln"]);
@@ -64,10 +70,7 @@ async fn emulator_reverts_the_scheduler_and_resets_weights_on_restart() {
     assert!(std::path::Path::new("/proc/net/ip_vs").exists(), "no IPVS in this kernel: run with `make test-kernel`");
     let server = TestApiServer::start(Config::default()).await.expect("server");
     server.handle().load_manifests(MANIFEST).expect("manifest");
-    let vip = server.handle().get("services", "default", "web").expect("service")["spec"]["clusterIP"]
-        .as_str()
-        .expect("clusterIP")
-        .to_string();
+    let vip = cluster_ip(&server, "web");
     let vs = format!("{vip}:80");
     let cfg = ProxyConfig {
         sync_period: Duration::from_millis(500),
@@ -110,10 +113,7 @@ async fn emulator_reverts_the_scheduler_and_resets_weights_on_restart() {
     // kube-proxy orders it, so a table with destinations takes connections
     // (a client that waits for the weights must not find the address missing).
     server.handle().load_manifests(NEW_SERVICE).expect("manifest");
-    let new_vip: std::net::IpAddr = server.handle().get("services", "default", "api").expect("service")["spec"]["clusterIP"]
-        .as_str()
-        .and_then(|ip| ip.parse().ok())
-        .expect("clusterIP");
+    let new_vip: std::net::IpAddr = cluster_ip(&server, "api").parse().expect("an IP address");
     let mut ipvs = ipvs::IpvsClient::new().expect("IPVS netlink");
     let deadline = std::time::Instant::now() + WAIT;
     loop {
