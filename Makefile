@@ -65,6 +65,7 @@ bench: setup bench-ipvs bench-convergence bench-scale
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
 	$(CARGO) build --release -p ipvs-operator
 	$(CARGO) bench -p ipvs-operator-tests --bench footprint
+	$(CARGO) bench -p ipvs-operator-tests --bench policy-dir
 
 ## image: the container image — a static (musl) binary in an image FROM scratch
 ## (Containerfile) — built with podman or buildah, exported as an OCI layout to

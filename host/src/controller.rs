@@ -13,7 +13,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -22,12 +22,12 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cluster::{
-    is_controlled_by, reflect_pods, reflect_slices, strip, PodCache, SliceCache, OWNER_LABEL, SERVICE_NAME_LABEL,
+    is_controlled_by, reflect_pods, reflect_slices, strip, FullPodCache, SliceCache, OWNER_LABEL, SERVICE_NAME_LABEL,
 };
 use crate::crd::{PolicyStatus, WeightedService, WeightedServiceStatus};
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
-use crate::policy::Catalog;
+use crate::policy::{Catalog, PolicyError};
 use crate::snapshot::{ReadySince, Snapshot};
 use crate::status::{self, PolicyOutcome, ServiceOutcome};
 
@@ -64,12 +64,13 @@ pub struct Context {
     /// The Controller's cache of WeightedServices.
     weighted_services: Store<WeightedService>,
     slices: SliceCache,
-    pods: PodCache,
+    /// Whole pods: their Ready condition's transition time is the ready-since
+    /// policies see (the agents, watching metadata only, observe it).
+    pods: FullPodCache,
     metrics: Arc<Metrics>,
     events: EventSink,
     ready_since: Mutex<ReadySince>,
-    /// True once every watch cache has had its first full list (and the
-    /// policies in use are compiled): reconciles wait for it.
+    /// True once every watch cache has had its first full list: reconciles wait for it.
     synced: tokio::sync::watch::Receiver<bool>,
     applied: AppliedServices,
     written: Arc<WrittenStatuses>,
@@ -185,8 +186,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
     );
-    let (pods, pod_changes) =
-        reflect_pods(watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), watcher::Config::default()), metrics.clone());
+    let (pods, pod_changes) = reflect_pods(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()), metrics.clone());
     let reporter = Reporter { controller: "ipvs-operator".into(), instance: std::env::var("POD_NAME").ok() };
     let (events, publisher) = crate::events::publisher(client.clone(), reporter);
     tokio::spawn(publisher);
@@ -231,7 +231,6 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     // already-ready store answers at once.
     let (ws_ready, slices_ready, pods_ready) = (weighted_services.clone(), slices.clone(), pods.clone());
     let ready_health = health.clone();
-    let warm_catalog = ctx.catalog.clone();
     tokio::spawn(async move {
         if synced(&ws_ready).await
             && slices_ready.wait_until_ready().await.is_ok()
@@ -239,7 +238,6 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         {
             ready_health.set_ready();
             tracing::info!("watch caches synced: ready");
-            warm_policies(warm_catalog, &ws_ready).await;
             synced_tx.send_replace(true);
         }
     });
@@ -260,23 +258,32 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         }
     });
 
-    // Policy modules: a reload reconciles everything (the status names the
-    // module's hash); a refused module is reported on each WeightedService using it.
+    // Policy modules: a compile, refusal or removal reconciles everything (the
+    // status names the module's hash, or why there is none); a refused module
+    // is reported on each WeightedService using it. (A retry after host
+    // trouble changes nothing yet.)
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let ws_for_policies = weighted_services.clone();
     let policy_events = ctx.events.clone();
-    ctx.catalog.subscribe(move |event| match event {
-        crate::policy::CatalogEvent::Failed { name, error } => {
+    let catalog = Arc::downgrade(&ctx.catalog);
+    ctx.catalog.subscribe(move |event| {
+        if let crate::policy::CatalogEvent::Failed { name, error } = event {
+            let in_use = catalog.upgrade().is_some_and(|c| c.ready(name, None).is_ok());
+            let outcome = if in_use {
+                "the module in use stays"
+            } else {
+                "no module of that name is in use: WeightedServices naming it keep the weights nodes have"
+            };
             for ws in ws_for_policies.state().into_iter().filter(|ws| ws.policy_name() == name) {
                 policy_events.send(Notice {
                     reference: ws.object_ref(&()),
                     type_: EventType::Warning,
                     reason: "PolicyModuleRefused".into(),
-                    note: format!("{error}; the module in use stays"),
+                    note: format!("{error}; {outcome}"),
                 });
             }
         }
-        _ => {
+        if !matches!(event, crate::policy::CatalogEvent::Retrying { .. }) {
             let _ = reload_tx.send(());
         }
     });
@@ -294,7 +301,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
                 .get(SERVICE_NAME_LABEL)
                 .map(|service| ObjectRef::<WeightedService>::new(service).within(&namespace))
         })
-        .watches_stream(pod_triggers, move |pod: PartialObjectMeta<Pod>| {
+        .watches_stream(pod_triggers, move |pod: Pod| {
             // Pod labels decide groups: every WeightedService in the namespace whose selector matches.
             let namespace = pod.namespace().unwrap_or_default();
             let labels = pod.labels().clone();
@@ -359,13 +366,21 @@ pub async fn reconcile(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<Ac
             let (policy_name, pin) = (ws.policy_name().to_string(), ws.policy_sha256().map(str::to_string));
             let input = snapshot.clone();
             let started = Instant::now();
-            let outcome = tokio::task::spawn_blocking(move || -> Result<_, crate::policy::PolicyError> {
-                let policy = catalog.get_pinned(&policy_name, pin.as_deref())?;
-                let evaluation = policy.evaluate(&input)?;
-                Ok((PolicyStatus { name: policy.name().into(), sha256: policy.sha256().into() }, evaluation))
-            })
-            .await
-            .map_err(|e| ControllerError::Task(e.to_string()))?;
+            let outcome =
+                tokio::task::spawn_blocking(move || -> Result<_, crate::policy::PolicyError> {
+                    // Never waits for a compile: the catalog's Loaded event reconciles again.
+                    let policy = catalog.ready(&policy_name, pin.as_deref())?;
+                    let evaluation = policy.evaluate(&input)?;
+                    Ok((
+                        PolicyStatus {
+                            name: policy.name().into(),
+                            sha256: policy.sha256().into(),
+                        },
+                        evaluation,
+                    ))
+                })
+                .await
+                .map_err(|e| ControllerError::Task(e.to_string()))?;
             let result_kind = match &outcome {
                 Ok(_) => "ok",
                 Err(e) => e.kind(),
@@ -382,6 +397,9 @@ pub async fn reconcile(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<Ac
                 action = Action::requeue(after.min(RESYNC));
             }
             PolicyOutcome::Evaluated { policy: policy.clone(), snapshot, evaluation }
+        }
+        (Some(Err(PolicyError::Loading { policy })), _) => {
+            PolicyOutcome::Pending(format!("compiling policy {policy:?}"))
         }
         (Some(Err(error)), _) => PolicyOutcome::Failed(error),
         _ => PolicyOutcome::Pending(pending),
@@ -563,27 +581,6 @@ fn publish_transitions(ctx: &Context, ws: &WeightedService, old: &crate::crd::We
             reason: condition.reason.clone(),
             note: condition.message.clone(),
         });
-    }
-}
-
-/// Compile the policies the WeightedServices name, one after the other,
-/// before the first reconcile. The catalog compiles a module on its first use,
-/// and the [`CONCURRENCY`] reconciles that start together would each compile
-/// the same one at once (16 compiles of one module at every start).
-async fn warm_policies(catalog: Arc<Catalog>, weighted_services: &Store<WeightedService>) {
-    let names: std::collections::BTreeSet<String> =
-        weighted_services.state().iter().map(|ws| ws.policy_name().to_string()).collect();
-    let warmed = tokio::task::spawn_blocking(move || {
-        for name in names {
-            // One that fails is reported by the reconciles of the WeightedServices naming it.
-            if let Err(error) = catalog.get(&name) {
-                tracing::debug!(policy = name, %error, "policy not compiled ahead");
-            }
-        }
-    })
-    .await;
-    if let Err(error) = warmed {
-        tracing::warn!(%error, "compiling the policies ahead failed; reconciles compile them");
     }
 }
 

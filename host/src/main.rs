@@ -13,7 +13,10 @@ use ipvs_operator::controller;
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::eval;
 use ipvs_operator::metrics::{self, Health, Metrics};
-use ipvs_operator::policy::{Catalog, CatalogEvent, Compiler, EngineConfig, PolicyEngine, PolicyError};
+use ipvs_operator::policy::{
+    COMPILE_OUT_OF_MEMORY, Catalog, CatalogEvent, CompileLimits, Compiler, EngineConfig,
+    PolicyEngine, PolicyError, precompile_in_child,
+};
 use ipvs_operator::snapshot::Snapshot;
 use k8s_openapi::jiff::Timestamp;
 use kube::CustomResourceExt;
@@ -64,9 +67,12 @@ enum Command {
 
 #[derive(Args)]
 struct CompileArgs {
-    /// The parent's --policy-memory-mib (the machine code is specific to it).
+    /// The parent's --policy-memory-mib.
     #[arg(long, value_name = "MIB")]
     policy_memory_mib: usize,
+    /// This process's address-space limit (RLIMIT_AS), set before it reads the module.
+    #[arg(long, value_name = "MIB")]
+    address_space_mib: Option<usize>,
     /// The policy's name, for messages.
     #[arg(long)]
     name: String,
@@ -184,9 +190,26 @@ struct LimitArgs {
     policy_dir: Option<PathBuf>,
     /// Where policies are compiled: in a short-lived child process (this
     /// executable again), so that the compiler's ~20 MiB are not kept resident
-    /// by a long-running process; or in this process.
+    /// by a long-running process, and bounded in time and memory; or in this
+    /// process, unbounded.
     #[arg(long, value_name = "WHERE", default_value = "subprocess")]
     policy_compiler: CompilerKind,
+    /// Wall-clock limit of compiling one module (the compiler child is killed
+    /// after it, and the module refused).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    policy_compile_timeout: std::time::Duration,
+    /// Address-space limit of the compiler child, in MiB: a module whose
+    /// compile needs more is refused.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    policy_compile_memory_mib: usize,
+    /// Largest policy module accepted, in bytes; a larger one is refused
+    /// before it is read. (A ConfigMap holds at most 1 MiB.)
+    #[arg(long, value_name = "BYTES", default_value_t = 8 << 20)]
+    policy_max_module_bytes: usize,
+    /// The shortest requeue-after a policy gets: one that asks to be
+    /// evaluated again sooner is evaluated after this long.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    min_requeue: std::time::Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -200,7 +223,13 @@ impl LimitArgs {
         let compiler = match (self.policy_compiler, std::env::current_exe()) {
             (CompilerKind::Subprocess, Ok(program)) => Compiler::Subprocess {
                 program,
-                args: vec!["compile-policy".into(), "--policy-memory-mib".into(), self.policy_memory_mib.to_string()],
+                args: vec![
+                    "compile-policy".into(),
+                    "--policy-memory-mib".into(),
+                    self.policy_memory_mib.to_string(),
+                    "--address-space-mib".into(),
+                    self.policy_compile_memory_mib.to_string(),
+                ],
             },
             (CompilerKind::Subprocess, Err(error)) => {
                 tracing::warn!(%error, "cannot find this executable to compile policies in a child; compiling in this process");
@@ -213,6 +242,12 @@ impl LimitArgs {
             memory_limit: self.policy_memory_mib << 20,
             cache_dir: self.policy_cache.clone(),
             compiler,
+            compile: CompileLimits {
+                timeout: self.policy_compile_timeout,
+                address_space: self.policy_compile_memory_mib << 20,
+            },
+            max_module_bytes: self.policy_max_module_bytes,
+            min_requeue: self.min_requeue,
         }
     }
 }
@@ -292,17 +327,8 @@ async fn common(role: &str, limits: &LimitArgs, listen: SocketAddr, alive_window
     }
     let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
     let metrics = Arc::new(Metrics::new());
-    let catalog = Arc::new(limits.catalog()?);
-    let counters = metrics.clone();
-    catalog.subscribe(move |event| {
-        let policy = ipvs_operator::metrics::PolicyLabels { policy: event.name().to_string() };
-        match event {
-            CatalogEvent::Loaded { .. } => counters.policy_loads.get_or_create(&policy).inc(),
-            CatalogEvent::Failed { .. } => counters.policy_load_failures.get_or_create(&policy).inc(),
-            CatalogEvent::Removed { .. } => 0,
-        };
-    });
-    catalog.watch(Duration::from_secs(60)).context("watching --policy-dir")?;
+    // /healthz is served before anything is compiled: compiles happen in the
+    // catalog's loader thread, bounded by --policy-compile-timeout.
     let health = Arc::new(Health::default());
     let listener = metrics::serve(listen, metrics.clone(), health.clone(), alive_window);
     tokio::spawn(async move {
@@ -310,6 +336,24 @@ async fn common(role: &str, limits: &LimitArgs, listen: SocketAddr, alive_window
             tracing::error!(%error, %listen, "cannot serve /metrics and health checks");
         }
     });
+    let catalog = Arc::new(limits.catalog()?.counting(metrics.policy_dir.clone()));
+    let counters = metrics.clone();
+    catalog.subscribe(move |event| {
+        let policy = ipvs_operator::metrics::PolicyLabels { policy: event.name().to_string() };
+        match event {
+            CatalogEvent::Loaded { .. } => counters.policy_loads.get_or_create(&policy).inc(),
+            CatalogEvent::Failed { .. } => {
+                counters.policy_load_failures.get_or_create(&policy).inc()
+            }
+            CatalogEvent::Retrying { .. } => {
+                counters.policy_load_retries.get_or_create(&policy).inc()
+            }
+            CatalogEvent::Removed { .. } => 0,
+        };
+    });
+    catalog
+        .start(Duration::from_secs(60))
+        .context("watching --policy-dir")?;
     Ok((client, catalog, metrics, health))
 }
 
@@ -353,17 +397,29 @@ async fn terminated() {
 
 /// `compile-policy`: the module on stdin, the machine code on stdout. A module
 /// that does not compile is exit status 1 with only the reason on stderr (the
-/// parent names the policy); anything else is status 2.
+/// parent names the policy); running out of the address space it was given is
+/// [`COMPILE_OUT_OF_MEMORY`]; anything else is status 2.
 fn compile_policy(args: CompileArgs) -> ExitCode {
     use std::io::{Read, Write};
+    if let Some(mib) = args.address_space_mib
+        && let Err(e) = limit_address_space(mib << 20)
+    {
+        eprintln!("cannot limit the compiler's address space to {mib} MiB: {e}");
+        return ExitCode::from(2);
+    }
+    // Should the container run out of memory anyway, the kernel kills this
+    // process rather than the agent or controller that started it.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     let mut bytes = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {
         eprintln!("reading the module from stdin: {e}");
         return ExitCode::from(2);
     }
-    let config = EngineConfig { memory_limit: args.policy_memory_mib << 20, ..EngineConfig::default() };
-    let code = PolicyEngine::new(config).and_then(|engine| engine.precompile(&args.name, &bytes));
-    match code {
+    let config = EngineConfig {
+        memory_limit: args.policy_memory_mib << 20,
+        ..EngineConfig::default()
+    };
+    match precompile_in_child(&config, &args.name, &bytes) {
         Ok(code) => match std::io::stdout().lock().write_all(&code) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -371,6 +427,11 @@ fn compile_policy(args: CompileArgs) -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        // Cranelift reports a failed mmap of code memory as an error, not an abort.
+        Err(PolicyError::Compile { reason, .. }) if reason.contains("Cannot allocate memory") => {
+            eprintln!("{reason}");
+            ExitCode::from(COMPILE_OUT_OF_MEMORY)
+        }
         Err(PolicyError::Compile { reason, .. }) => {
             eprintln!("{reason}");
             ExitCode::FAILURE
@@ -379,6 +440,20 @@ fn compile_policy(args: CompileArgs) -> ExitCode {
             eprintln!("{other}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Set this process's RLIMIT_AS (soft and hard) to `bytes`.
+fn limit_address_space(bytes: usize) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads the struct we pass and changes only this process's limits.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -408,8 +483,24 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let policy = match (&args.policy_file, &args.policy) {
         (Some(path), _) => {
             let engine = PolicyEngine::new(args.limits.engine_config())?;
-            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let name = path.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
+            let name = path
+                .file_stem()
+                .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
+            // A module over the size limit is refused unread.
+            let size = std::fs::metadata(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .len();
+            let limit = engine.config().max_module_bytes as u64;
+            if size > limit {
+                return Err(PolicyError::TooLarge {
+                    policy: name,
+                    bytes: size,
+                    limit,
+                }
+                .into());
+            }
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             engine.load(&name, &bytes)?
         }
         (None, Some(name)) => args.limits.catalog()?.get(name)?,

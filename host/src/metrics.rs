@@ -20,6 +20,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::policy::CatalogCounters;
+
 /// Labels of a policy evaluation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvaluationLabels {
@@ -62,6 +64,10 @@ pub struct Metrics {
     pub policy_loads: Family<PolicyLabels, Counter>,
     /// Policy modules refused at load, by policy.
     pub policy_load_failures: Family<PolicyLabels, Counter>,
+    /// Policy module loads tried again after host trouble, by policy.
+    pub policy_load_retries: Family<PolicyLabels, Counter>,
+    /// Rescans of the policy directory, and bytes of modules read.
+    pub policy_dir: CatalogCounters,
     /// Objects in the watch caches, by kind.
     pub watched_objects: Family<KindLabels, Gauge>,
     /// Watch errors (the watch restarts with backoff), by kind.
@@ -87,6 +93,8 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 4.0, 10)),
             policy_loads: Family::default(),
             policy_load_failures: Family::default(),
+            policy_load_retries: Family::default(),
+            policy_dir: CatalogCounters::default(),
             watched_objects: Family::default(),
             watch_errors: Family::default(),
             registry: Registry::default(),
@@ -99,6 +107,13 @@ impl Metrics {
         registry.register("reconcile_seconds", "Time of one reconcile (controller) or IPVS pass (agent)", metrics.reconcile_seconds.clone());
         registry.register("policy_loads", "Policy modules loaded, by policy", metrics.policy_loads.clone());
         registry.register("policy_load_failures", "Policy modules refused at load, by policy", metrics.policy_load_failures.clone());
+        registry.register(
+            "policy_load_retries",
+            "Policy module loads tried again after trouble of the host's (compiler not started, instance pool full), by policy",
+            metrics.policy_load_retries.clone(),
+        );
+        registry.register("policy_dir_scans", "Rescans of the policy directory", metrics.policy_dir.scans.clone());
+        registry.register("policy_dir_read_bytes", "Bytes of policy module files read", metrics.policy_dir.bytes_read.clone());
         registry.register("watched_objects", "Objects in the watch caches, by kind", metrics.watched_objects.clone());
         registry.register("watch_errors", "Watch errors (the watch restarts with backoff), by kind", metrics.watch_errors.clone());
         // Known label values start at 0, so that they are on /metrics (and in
@@ -113,8 +128,10 @@ impl Metrics {
 
     /// Count an evaluation.
     pub fn evaluated(&self, policy: &str, result: &str, took: Duration) {
+        // The name comes from a WeightedService: a label value stays bounded.
+        let policy = crate::policy::bounded(policy.to_string());
         self.evaluations
-            .get_or_create(&EvaluationLabels { policy: policy.into(), result: result.into() })
+            .get_or_create(&EvaluationLabels { policy, result: result.into() })
             .inc();
         self.evaluation_seconds.observe(took.as_secs_f64());
     }
@@ -243,6 +260,8 @@ mod tests {
             reconcile_seconds,
             policy_loads,
             policy_load_failures,
+            policy_load_retries,
+            policy_dir,
             watched_objects,
             watch_errors,
         } = &metrics;
@@ -250,9 +269,11 @@ mod tests {
         for family in [netlink_writes, netlink_errors, drift_repairs, watch_errors] {
             Metrics::count(family, "weight", 1);
         }
-        for family in [policy_loads, policy_load_failures] {
+        for family in [policy_loads, policy_load_failures, policy_load_retries] {
             family.get_or_create(&PolicyLabels { policy: "p".into() }).inc();
         }
+        policy_dir.scans.inc();
+        policy_dir.bytes_read.inc();
         watched_objects.get_or_create(&KindLabels { kind: "Pod".into() }).set(1);
         reconcile_seconds.observe(0.001);
 
@@ -272,7 +293,7 @@ mod tests {
                 Some((format!("ipvs_operator_{name}"), rest.split('|').nth(1)?.trim().to_string()))
             })
             .collect();
-        assert_eq!(exposed.len(), 10, "{exposed:?}");
+        assert_eq!(exposed.len(), 13, "{exposed:?}");
         assert_eq!(documented, exposed, "the README's metrics table (left) is not what /metrics exposes (right)");
     }
 

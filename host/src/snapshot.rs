@@ -222,13 +222,16 @@ impl Snapshot {
     }
 }
 
-/// What the snapshot needs of a pod (from a metadata-only watch).
+/// What the snapshot needs of a pod.
 #[derive(Debug, Clone, Default)]
 pub struct PodMeta {
     /// The pod's labels (shared by the pods that have the same).
     pub labels: Arc<Labels>,
     /// Its creation time.
     pub created: Option<Timestamp>,
+    /// Since when it has been Ready (its Ready condition's transition time),
+    /// when the watch carries it (whole pods); `None` from a metadata watch.
+    pub ready_since: Option<Timestamp>,
 }
 
 /// A snapshot that cannot be built yet: evaluating it would give wrong weights.
@@ -417,7 +420,12 @@ impl Snapshot {
                     serving,
                     terminating,
                     created: pod_meta.created,
-                    ready_since: ready_since.observe(address, ready_now, pod_meta.created, now),
+                    // The pod's own word where there is one (the controller's
+                    // whole pods); otherwise what this process observed.
+                    ready_since: match pod_meta.ready_since {
+                        Some(since) if ready_now => Some(since),
+                        _ => ready_since.observe(address, ready_now, pod_meta.created, now),
+                    },
                     ports: ports.clone(),
                 });
             }

@@ -5,8 +5,11 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{GroupStatus, PolicyStatus, WeightedService, WeightedServiceStatus, HASHING_SCHEDULERS, WEIGHT_BLIND_SCHEDULERS};
-use crate::policy::{Evaluation, PolicyError};
+use crate::crd::{
+    GroupStatus, HASHING_SCHEDULERS, PolicyStatus, WEIGHT_BLIND_SCHEDULERS, WeightedService,
+    WeightedServiceStatus,
+};
+use crate::policy::{Evaluation, PolicyError, bounded};
 use crate::snapshot::Snapshot;
 use crate::summary::group_shares;
 
@@ -83,7 +86,7 @@ pub fn compute(ws: &WeightedService, service: &ServiceOutcome, policy: &PolicyOu
             type_: type_.into(),
             status: status.into(),
             reason: reason.into(),
-            message,
+            message: bounded(message),
             last_transition_time: since,
             observed_generation: generation,
         });
@@ -183,7 +186,7 @@ pub fn compute(ws: &WeightedService, service: &ServiceOutcome, policy: &PolicyOu
         policy: policy_status,
         conditions,
         groups,
-        message,
+        message: message.map(bounded),
     }
 }
 

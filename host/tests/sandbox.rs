@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use ipvs_operator::crd::WeightGroup;
-use ipvs_operator::policy::{Catalog, EngineConfig, LoadedPolicy, PolicyEngine, PolicyError, FIXTURE_POLICIES};
+use ipvs_operator::policy::{Catalog, EngineConfig, LoadedPolicy, PolicyEngine, PolicyError};
 use ipvs_operator::snapshot::{Endpoint, ServiceMeta, Snapshot};
 use k8s_openapi::jiff::Timestamp;
 
@@ -14,8 +14,9 @@ fn engine() -> PolicyEngine {
 }
 
 fn misbehaving(engine: &PolicyEngine) -> LoadedPolicy {
-    let (name, bytes) = FIXTURE_POLICIES.iter().find(|(n, _)| *n == "misbehaving").expect("fixture");
-    engine.load(name, bytes).expect("the fixture loads")
+    engine
+        .load("misbehaving", policy_fixtures::MISBEHAVING)
+        .expect("the fixture loads")
 }
 
 fn endpoint(i: usize, env: &str) -> Endpoint {
@@ -231,8 +232,10 @@ fn every_builtin_policy_imports_nothing_and_evaluates() {
 #[test]
 fn a_policy_that_reaches_for_the_hosts_clock_env_files_or_network_is_refused_at_load() {
     // Built with std, which on wasm32-wasip2 reaches the host through WASI imports.
-    let (name, bytes) = FIXTURE_POLICIES.iter().find(|(n, _)| *n == "nosy").expect("fixture");
-    let err = engine().load(name, bytes).err().expect("a component with WASI imports must not load");
+    let err = engine()
+        .load("nosy", policy_fixtures::NOSY)
+        .err()
+        .expect("a component with WASI imports must not load");
     assert!(matches!(err, PolicyError::Imports { .. }), "{err}");
     let text = err.to_string();
     for import in [

@@ -14,16 +14,15 @@
 //! in MiB, `baseline` the target it must stay under (64 MiB), plus the idle CPU
 //! share and the controller's numbers.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use ipvs_operator_tests::apiserver::{kubeconfig_yaml, Config, TestApiServer};
+use anyhow::{Context, Result};
+use ipvs_operator_tests::apiserver::{Config, TestApiServer, kubeconfig_yaml};
 use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks, status_kib};
-use ipvs_operator_tests::project_binary;
+
+mod process;
+use process::{Process, sample};
 
 /// The agent's memory target (issue 7).
 const AGENT_RSS_TARGET_MIB: f64 = 64.0;
@@ -82,71 +81,13 @@ spec:
     yaml
 }
 
-/// A free port on loopback (bound, read, released).
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// GET `path` from `addr` with HTTP/1.0; the body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
-}
-
-/// `ipvs_operator_watched_objects{kind="KIND"}` from a metrics page.
-fn watched(metrics: &str, kind: &str) -> Option<u64> {
-    let prefix = format!("ipvs_operator_watched_objects{{kind=\"{kind}\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok())
-}
-
-
-
-
-struct Process {
-    child: Child,
-    metrics: SocketAddr,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(args: &[&str], kubeconfig: &Path, log: &Path) -> Result<Process> {
-    let port = free_port()?;
-    let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
-    let child = Command::new(project_binary("ipvs-operator")?)
-        .args(args)
-        .arg(format!("--listen={metrics}"))
-        .env("KUBECONFIG", kubeconfig)
-        .env("NODE_NAME", "node-1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .context("starting ipvs-operator")?;
-    Ok(Process { child, metrics })
-}
-
 /// Waits until the process's caches hold `pods` pods.
 fn wait_synced(process: &Process, pods: u64, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let page = http_get(process.metrics, "/metrics").unwrap_or_default();
-        if watched(&page, "Pod") == Some(pods) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the {what} did not sync {pods} pods in 120 s (metrics: {page})");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    process.wait_for(
+        &format!("the {what} syncing {pods} pods"),
+        Duration::from_secs(120),
+        |page| sample(page, "ipvs_operator_watched_objects{kind=\"Pod\"}") == Some(pods as f64),
+    )
 }
 
 struct Footprint {
@@ -172,8 +113,12 @@ fn main() -> Result<()> {
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kubeconfig_yaml(server.url()))?;
 
-    let controller = start(&["controller"], &kubeconfig, &dir.join("controller.log"))?;
-    let agent = start(&["agent", "--drift-interval=2s"], &kubeconfig, &dir.join("agent.log"))?;
+    let controller = Process::start(&["controller"], &kubeconfig, &dir.join("controller.log"))?;
+    let agent = Process::start(
+        &["agent", "--drift-interval=2s"],
+        &kubeconfig,
+        &dir.join("agent.log"),
+    )?;
     let started = Instant::now();
     wait_synced(&controller, pods, "controller")?;
     wait_synced(&agent, pods, "agent")?;

@@ -54,6 +54,9 @@ pub struct TestbedConfig {
     pub policy_timeout: Option<Duration>,
     /// The agent's `--table-reader` (by default its own).
     pub table_reader: Option<String>,
+    /// More policy flags for the agent and the controller (e.g.
+    /// `--policy-compile-timeout`).
+    pub policy_flags: Vec<String>,
 }
 
 impl Default for TestbedConfig {
@@ -66,6 +69,7 @@ impl Default for TestbedConfig {
             policy_dir: None,
             policy_timeout: None,
             table_reader: None,
+            policy_flags: Vec::new(),
         }
     }
 }
@@ -294,6 +298,7 @@ impl Testbed {
         if let Some(timeout) = self.config.policy_timeout {
             args.extend(["--policy-timeout".into(), format!("{}ms", timeout.as_millis())]);
         }
+        args.extend(self.config.policy_flags.iter().cloned());
         args
     }
 
@@ -302,6 +307,11 @@ impl Testbed {
         if let Some(mut p) = self.processes.remove(name) {
             p.kill();
         }
+    }
+
+    /// A running process's pid (as seen from the root namespace).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes.get(name).map(|p| p.child.id())
     }
 
     /// A process's log so far.

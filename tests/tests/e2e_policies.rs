@@ -11,13 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipvs_operator::crd::WeightedService;
 use ipvs_operator::policy::embedded_module;
 use ipvs_operator_tests::apiserver::PodUpdate;
-use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig};
+use ipvs_operator_tests::procstat::status_kib;
+use ipvs_operator_tests::policy_dir::{ConfigMapDir, with_custom_section};
+use ipvs_operator_tests::testbed::{Testbed, TestbedConfig, pod_manifest, wait_until};
 use jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
@@ -40,35 +41,10 @@ fn config(scheduler: &str) -> TestbedConfig {
     }
 }
 
-/// A built-in policy's (or a test fixture's) module bytes, as the binary embeds them.
+/// A built-in policy's module bytes, as the binary embeds them. (The test
+/// fixtures are `policy_fixtures`'.)
 fn module(name: &str) -> &'static [u8] {
     embedded_module(name).unwrap_or_else(|| panic!("no policy {name}"))
-}
-
-/// `bytes` with a custom section appended: the same component, other bytes —
-/// another sha256, and nothing any process has compiled (and cached) before.
-fn with_custom_section(bytes: &[u8], tag: &str) -> Vec<u8> {
-    fn leb128(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"ipvs-operator-test";
-    let mut payload = Vec::new();
-    leb128(name.len(), &mut payload);
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(tag.as_bytes());
-    let mut out = bytes.to_vec();
-    out.push(0); // custom section
-    leb128(payload.len(), &mut out);
-    out.extend(payload);
-    out
 }
 
 /// A Kubernetes timestamp (whole seconds, UTC).
@@ -257,8 +233,17 @@ spec:
         pods["items"].as_array().expect("a List").iter().partition(|p| p["metadata"]["name"] == "api-4");
     // api-1..3 have been running for an hour; api-4 is the scale-up, later.
     let hour_ago = rfc3339(now_plus(-3600));
+    // The example's Ready times are for `eval --now` on its day: the
+    // controller reads them (the agent observes), so they move to today.
+    let ready_since = |pod: &Value, t: &str| -> String {
+        let mut pod = pod.clone();
+        for c in pod["status"]["conditions"].as_array_mut().into_iter().flatten() {
+            c["lastTransitionTime"] = json!(t);
+        }
+        pod.to_string()
+    };
     for pod in &old {
-        bed.load(&pod.to_string());
+        bed.load(&ready_since(pod, &hour_ago));
         bed.set_pod_creation_time("default", pod["metadata"]["name"].as_str().expect("a name"), &hour_ago);
     }
     bed.load(include_str!("../../examples/slow-start.yaml"));
@@ -277,7 +262,7 @@ spec:
 
     // The scale-up: api-4 becomes ready now (the agent sees it after `loaded`).
     let loaded = Instant::now();
-    bed.load(&new[0].to_string());
+    bed.load(&ready_since(new[0], &rfc3339(Timestamp::now())));
     let window = 120.0;
     let samples = std::thread::scope(|scope| {
         // The example (window 2m, from 10 %): api-4's weight in the kernel, every 250 ms, until all are warm.
@@ -462,53 +447,6 @@ spec:
 
 // ---- policy modules from a ConfigMap directory ----
 
-/// A policy directory laid out as the kubelet mounts a ConfigMap: the files in
-/// a timestamped directory, `..data` pointing at it, `NAME` → `..data/NAME`.
-struct ConfigMapDir {
-    dir: tempfile::TempDir,
-    generation: u32,
-}
-
-impl ConfigMapDir {
-    fn new(files: &[(&str, &[u8])]) -> Self {
-        let dir = tempfile::Builder::new().prefix("policies-").tempdir().expect("a temp dir");
-        let mut config_map = ConfigMapDir { dir, generation: 0 };
-        config_map.update(files);
-        config_map
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Update it as the kubelet does: write a new timestamped directory, swap
-    /// `..data` to it atomically (a rename over the old link), add missing
-    /// links, remove the old directory.
-    fn update(&mut self, files: &[(&str, &[u8])]) {
-        use std::os::unix::fs::symlink;
-        self.generation += 1;
-        let root = self.dir.path();
-        let old = std::fs::read_link(root.join("..data")).ok();
-        let version = format!("..{}.{}", Timestamp::now().strftime("%Y_%m_%d_%H_%M_%S"), self.generation);
-        std::fs::create_dir(root.join(&version)).expect("a version directory");
-        for (file, bytes) in files {
-            std::fs::write(root.join(&version).join(file), bytes).expect("writing a module");
-        }
-        let _ = std::fs::remove_file(root.join("..data_tmp"));
-        symlink(&version, root.join("..data_tmp")).expect("the ..data_tmp link");
-        std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swapping ..data");
-        for (file, _) in files {
-            let link = root.join(file);
-            if link.symlink_metadata().is_err() {
-                symlink(format!("..data/{file}"), &link).expect("a file link");
-            }
-        }
-        if let Some(old) = old {
-            let _ = std::fs::remove_dir_all(root.join(old));
-        }
-    }
-}
-
 /// Two prod pods on this node, a canary on node-2, and a WeightedService with
 /// the seed's groups (prod 10, canary 1) whose policy is the module `mine`.
 fn module_bed(first: &[u8]) -> (Testbed, ConfigMapDir, SocketAddr, BTreeMap<String, u32>) {
@@ -525,8 +463,11 @@ spec:
   - {weight: 1, selector: {env: canary}}
   policy: {name: mine, config: {}}
 "#;
-    let dir = ConfigMapDir::new(&[("mine.wasm", first)]);
-    let mut bed = Testbed::new(TestbedConfig { policy_dir: Some(dir.path().to_path_buf()), ..config("wrr") });
+    let dir = ConfigMapDir::new(&[("mine.wasm", first)]).expect("a policy directory");
+    let mut bed = Testbed::new(TestbedConfig {
+        policy_dir: Some(dir.path().to_path_buf()),
+        ..config("wrr")
+    });
     let pods = [
         pod_manifest("web-prod-1", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.11"),
         pod_manifest("web-prod-2", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.12"),
@@ -560,8 +501,13 @@ fn a_module_replaced_in_the_config_map_changes_the_kernel_weights_without_a_rest
 
     // prefer-local as `mine` (prod is local: 100; the canary is remote: 1), with
     // bytes nobody compiled before: the reload includes compiling it.
-    let second = with_custom_section(module("prefer-local"), &format!("{}-{}", bed.id, Timestamp::now()));
-    dir.update(&[("mine.wasm", &second)]);
+    let second = with_custom_section(
+        module("prefer-local"),
+        &format!("{}-{}", bed.id, Timestamp::now()),
+        0,
+    );
+    dir.update(&[("mine.wasm", &second)])
+        .expect("updating the policy directory");
     let took = time_until("the second module's weights in the kernel", || {
         let w = weights_by_pod(&bed, vip);
         w.len() == 3 && w.iter().all(|(pod, w)| *w == if pod.contains("canary") { 1 } else { 100 })
@@ -578,7 +524,8 @@ fn a_module_replaced_in_the_config_map_changes_the_kernel_weights_without_a_rest
     assert_share("after the reload, canary", &bed.connect(vip, 2000), |p| p.contains("canary"), 1.0 / 201.0);
 
     // Back to the first module, compiled before (from the compile cache).
-    dir.update(&[("mine.wasm", first)]);
+    dir.update(&[("mine.wasm", first)])
+        .expect("updating the policy directory");
     let took = time_until("the first module's weights again", || {
         let w = weights_by_pod(&bed, vip);
         w.len() == 3 && w.iter().all(|(pod, w)| *w == if pod.contains("canary") { 1 } else { 10 })
@@ -595,22 +542,44 @@ fn a_broken_module_is_refused_reported_and_the_working_one_stays_in_use() {
     assert_eq!(failures(&bed), (0.0, 0.0));
 
     // Not a component at all.
-    dir.update(&[("mine.wasm", b"\0asm garbage")]);
-    wait_until(TIMEOUT, "an Event saying why the module was refused", || {
-        events_about(&bed, "web").into_iter().find(|(reason, note, _)| reason == "PolicyModuleRefused" && note.contains("mine.wasm"))
-    });
-    wait_until(TIMEOUT, "the refusal counted by the agent and the controller", || (failures(&bed) == (1.0, 1.0)).then_some(()));
-    assert!(bed.log("agent").contains("policy module refused"), "the agent logs the refusal");
+    dir.update(&[("mine.wasm", b"\0asm garbage")])
+        .expect("updating the policy directory");
+    wait_until(
+        TIMEOUT,
+        "an Event saying why the module was refused",
+        || {
+            events_about(&bed, "web")
+                .into_iter()
+                .find(|(reason, note, _)| {
+                    reason == "PolicyModuleRefused" && note.contains("mine.wasm")
+                })
+        },
+    );
+    wait_until(
+        TIMEOUT,
+        "the refusal counted by the agent and the controller",
+        || (failures(&bed) == (1.0, 1.0)).then_some(()),
+    );
+    assert!(
+        bed.log("agent").contains("policy module refused"),
+        "the agent logs the refusal"
+    );
     assert_weights_hold(&bed, vip, &first_weights, Duration::from_secs(3));
     // The working module is still the one evaluated: a canary that turns prod gets prod's weight.
     bed.handle().set_pod_label("default", "web-canary-1", "env", Some("prod")).expect("relabelling");
     let all_prod = wait_for_weights(&bed, vip, "the relabelled canary at 10", |w| w.len() == 3 && w.values().all(|w| *w == 10));
 
-    // A module that imports WASI (the "nosy" fixture): refused at load as well
-    // (its compile takes a while: it has the whole of WASI's std in it).
-    dir.update(&[("mine.wasm", module("nosy"))]);
-    wait_until(TIMEOUT, "the second refusal counted", || (failures(&bed) == (2.0, 2.0)).then_some(()));
-    assert!(bed.log("controller").contains("imports wasi:"), "the controller logs why");
+    // A module that imports WASI (the "nosy" fixture): refused at load as well,
+    // from its imports, before it is compiled.
+    dir.update(&[("mine.wasm", policy_fixtures::NOSY)])
+        .expect("updating the policy directory");
+    wait_until(TIMEOUT, "the second refusal counted", || {
+        (failures(&bed) == (2.0, 2.0)).then_some(())
+    });
+    assert!(
+        bed.log("controller").contains("imports wasi:"),
+        "the controller logs why"
+    );
     // A new reason is a new Event, with its own message (not the first
     // refusal's, counted again).
     let refused = wait_until(TIMEOUT, "an Event with the second refusal's reason", || {
@@ -624,7 +593,8 @@ fn a_broken_module_is_refused_reported_and_the_working_one_stays_in_use() {
     assert_eq!(condition(&status, "PolicyReady").map(|c| c["status"].clone()), Some("True".into()), "{status}");
 
     // A working module replaces the refused one.
-    dir.update(&[("mine.wasm", module("prefer-local"))]);
+    dir.update(&[("mine.wasm", module("prefer-local"))])
+        .expect("updating the policy directory");
     wait_for_weights(&bed, vip, "the working module's weights", |w| {
         w.len() == 3 && w.iter().all(|(pod, w)| *w == if pod == "web-canary-1" { 1 } else { 100 })
     });
@@ -720,4 +690,349 @@ spec:
     patch_ws(&bed, "pinned", json!({"spec": {"policy": {"sha256": hash}}}));
     wait_for_weights(&bed, pinned, "pinned's canary at 5", seed(5));
     wait_for_status(&bed, "pinned", "PolicyReady again", |s| condition(s, "PolicyReady").is_some_and(|c| c["status"] == "True"));
+}
+
+// ---- hostile modules (issue 16) ----
+
+/// A WeightedService `name` over the `app: web` pods, prod 10 and canary 1,
+/// with policy `policy` and `config`.
+fn web_ws(name: &str, policy: &str, config: &str) -> String {
+    format!(
+        r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {{name: {name}, namespace: default}}
+spec:
+  selector: {{app: web}}
+  ports: [{{protocol: TCP, port: 80, targetPort: www}}]
+  scheduler: wrr
+  weights:
+  - {{weight: 10, selector: {{env: prod}}}}
+  - {{weight: 1, selector: {{env: canary}}}}
+  policy: {{name: {policy}, config: {config}}}
+---
+"#
+    )
+}
+
+#[test]
+fn hostile_modules_are_refused_while_the_agent_stays_up_and_small_and_the_kernel_keeps_the_last_good_weights()
+ {
+    use policy_fixtures::hostile;
+    // Each hostile module replaces a working one of the same name; `slow-start`
+    // also shadows the built-in of that name.
+    let hostile: Vec<(&str, Vec<u8>)> = vec![
+        ("instances", hostile::many_instances(8, 60)),
+        ("data", hostile::huge_data_segment()),
+        ("fill", hostile::memory_fill(1 << 30)),
+        ("bomb", hostile::compile_bomb()),
+        ("spin", hostile::endless_loop()),
+        ("big", hostile::oversized(20 << 20)),
+        ("slow-start", hostile::endless_loop()),
+    ];
+    let good = module("label-selector");
+    let files = |hostile_too: bool| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = hostile
+            .iter()
+            .map(|(name, bytes)| {
+                (
+                    format!("{name}.wasm"),
+                    if hostile_too {
+                        bytes.clone()
+                    } else {
+                        good.to_vec()
+                    },
+                )
+            })
+            .collect();
+        files.push(("good.wasm".into(), good.to_vec()));
+        files.push(("chatty.wasm".into(), policy_fixtures::MISBEHAVING.to_vec()));
+        files
+    };
+    let update = |dir: &mut ConfigMapDir, files: &[(String, Vec<u8>)]| {
+        let refs: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        dir.update(&refs).expect("updating the policy directory");
+    };
+    let mut dir = ConfigMapDir::new(&[]).expect("a policy directory");
+    update(&mut dir, &files(false));
+    let mut bed = Testbed::new(TestbedConfig {
+        policy_dir: Some(dir.path().to_path_buf()),
+        // The compile bomb runs out of the child's address space at once; a
+        // compile under the VM's emulated CPU takes seconds.
+        policy_flags: vec!["--policy-compile-timeout".into(), "60s".into()],
+        ..config("wrr")
+    });
+    let pods = [
+        pod_manifest(
+            "web-prod-1",
+            &[("app", "web"), ("env", "prod")],
+            "node-1",
+            "10.244.9.21",
+        ),
+        pod_manifest(
+            "web-prod-2",
+            &[("app", "web"), ("env", "prod")],
+            "node-1",
+            "10.244.9.22",
+        ),
+        pod_manifest(
+            "web-canary-1",
+            &[("app", "web"), ("env", "canary")],
+            "node-2",
+            "10.244.9.23",
+        ),
+    ];
+    bed.load(&pods.concat());
+    let mut manifests = String::new();
+    for (name, _) in &hostile {
+        manifests.push_str(&web_ws(&format!("w-{name}"), name, "{}"));
+    }
+    manifests.push_str(&web_ws("w-good", "good", "{}"));
+    manifests.push_str(&web_ws(
+        "w-chatty",
+        "chatty",
+        r#"{"behave": "long-message"}"#,
+    ));
+    manifests.push_str(&web_ws("w-eager", "chatty", r#"{"behave": "requeue-now"}"#));
+    bed.load(&manifests);
+    bed.start_all();
+    let seed = |canary: u32| {
+        move |w: &BTreeMap<String, u32>| {
+            w.len() == 3
+                && w.iter()
+                    .all(|(pod, w)| *w == if pod.contains("canary") { canary } else { 10 })
+        }
+    };
+    let mut kept = BTreeMap::new();
+    for (name, _) in &hostile {
+        let ws = format!("w-{name}");
+        kept.insert(
+            ws.clone(),
+            wait_for_weights(&bed, vip(&bed, &ws), &format!("{ws} at 10/1"), seed(1)),
+        );
+    }
+    wait_for_weights(&bed, vip(&bed, "w-good"), "w-good at 10/1", seed(1));
+
+    // The ConfigMap update that brings the hostile modules.
+    update(&mut dir, &files(true));
+    fn failures(bed: &Testbed, name: &str) -> f64 {
+        bed.agent_metric(
+            "ipvs_operator_policy_load_failures_total",
+            &format!("policy=\"{name}\""),
+        )
+        .unwrap_or(0.0)
+    }
+    let started = Instant::now();
+    for (name, _) in &hostile {
+        wait_until(TIMEOUT, &format!("the agent refusing {name}"), || {
+            (failures(&bed, name) >= 1.0).then_some(())
+        });
+    }
+    eprintln!(
+        "hostile modules: all refused {:.1} s after the update",
+        started.elapsed().as_secs_f64()
+    );
+    let log = bed.log("agent");
+    for (name, reason) in [
+        ("instances", "core module instances"),
+        ("data", "exceeds the sandbox's limits"),
+        ("fill", "out of bounds"),
+        ("bomb", "to compile and was stopped"),
+        ("spin", "ran longer than its limit"),
+        ("big", "over the limit of 8388608 bytes"),
+        ("slow-start", "ran longer than its limit"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("policy module refused")
+                && l.contains(&format!("policy=\"{name}\""))
+                && l.contains(reason)),
+            "the agent's log does not refuse {name} for {reason:?}"
+        );
+    }
+    // The agent is up, within its container's limit, and nothing it holds changed.
+    assert!(bed.agent_ready(), "the agent kept running");
+    let agent_pid = bed.pid("agent").expect("the agent's pid");
+    let peak = status_kib(agent_pid, "VmHWM:").expect("the agent's peak RSS");
+    eprintln!("hostile modules: the agent's peak RSS {} MiB", peak >> 10);
+    assert!(
+        peak > 0 && peak < 192 << 10,
+        "the agent peaked at {} MiB (limit 192)",
+        peak >> 10
+    );
+    for (ws, weights) in &kept {
+        assert_weights_hold(&bed, vip(&bed, ws), weights, Duration::from_millis(500));
+    }
+    // Other WeightedServices are served: an edit reaches the kernel.
+    patch_ws(
+        &bed,
+        "w-good",
+        json!({"spec": {"weights": [
+            {"weight": 10, "selector": {"env": "prod"}}, {"weight": 5, "selector": {"env": "canary"}},
+        ]}}),
+    );
+    wait_for_weights(&bed, vip(&bed, "w-good"), "w-good's canary at 5", seed(5));
+
+    // A 1 MiB message reaches status (and Events) cut to 1 KiB.
+    let status = wait_for_status(&bed, "w-chatty", "the long message in the status", |s| {
+        message(s).ends_with('…')
+    });
+    assert!(
+        message(&status).len() <= 1024,
+        "a status message of {} bytes",
+        message(&status).len()
+    );
+    // A requeue after 0 ms is evaluated once a second at most.
+    let evaluations = || {
+        bed.agent_metric(
+            "ipvs_operator_policy_evaluations_total",
+            "policy=\"chatty\",result=\"ok\"",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = evaluations();
+    std::thread::sleep(Duration::from_secs(5));
+    let eager = evaluations() - before;
+    eprintln!(
+        "hostile modules: a policy asking for requeue-after 0 ms was evaluated {eager} times in 5 s"
+    );
+    assert!(
+        eager <= 7.0,
+        "requeue-after 0 ms evaluated {eager} times in 5 s (floor: 1 s)"
+    );
+
+    // A restart of the agent and the controller: nothing of the working
+    // modules is left, and no built-in stands in for `slow-start`. Edits
+    // made meanwhile are not applied by anything: the kernel keeps its weights.
+    bed.kill("agent");
+    for ws in ["w-slow-start", "w-instances"] {
+        patch_ws(
+            &bed,
+            ws,
+            json!({"spec": {"weights": [
+                {"weight": 10, "selector": {"env": "prod"}}, {"weight": 5, "selector": {"env": "canary"}},
+            ]}}),
+        );
+    }
+    bed.start_agent();
+    bed.start_controller();
+    wait_until(TIMEOUT, "the restarted agent ready", || {
+        bed.agent_ready().then_some(())
+    });
+    wait_until(TIMEOUT, "the restarted agent refusing slow-start", || {
+        (failures(&bed, "slow-start") >= 1.0).then_some(())
+    });
+    for ws in ["w-slow-start", "w-instances"] {
+        assert_weights_hold(&bed, vip(&bed, ws), &kept[ws], Duration::from_secs(3));
+    }
+    let status = wait_for_status(
+        &bed,
+        "w-slow-start",
+        "PolicyReady False for the refused module",
+        |s| {
+            condition(s, "PolicyReady")
+                .is_some_and(|c| c["status"] == "False" && c["reason"] == "PolicyModuleRefused")
+        },
+    );
+    let why = condition(&status, "PolicyReady")
+        .and_then(|c| c["message"].as_str())
+        .unwrap_or("")
+        .to_string();
+    assert!(why.contains("ran longer than its limit"), "{why}");
+    // The agent says what its node sees, once per WeightedService.
+    wait_until(TIMEOUT, "the agent's Event about w-slow-start", || {
+        events_about(&bed, "w-slow-start")
+            .into_iter()
+            .find(|(reason, note, _)| reason == "PolicyModuleRefused" && note.contains("node-1"))
+    });
+}
+
+#[test]
+fn an_agent_restart_mid_slow_start_never_lowers_a_warming_endpoints_share() {
+    const WS: &str = r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {name: warm, namespace: default}
+spec:
+  selector: {app: warm}
+  ports: [{protocol: TCP, port: 80, targetPort: www}]
+  scheduler: wrr
+  policy: {name: slow-start, config: {window: 90s, minWeightPercent: 10}}
+"#;
+    let mut bed = Testbed::new(config("wrr"));
+    bed.load(&pod_manifest(
+        "warm-old",
+        &[("app", "warm")],
+        "node-1",
+        "10.244.9.31",
+    ));
+    bed.set_pod_creation_time("default", "warm-old", &rfc3339(now_plus(-3600)));
+    // The new pod was created a while ago but is not ready yet.
+    bed.load(&pod_manifest(
+        "warm-new",
+        &[("app", "warm")],
+        "node-1",
+        "10.244.9.32",
+    ));
+    bed.set_pod_creation_time("default", "warm-new", &rfc3339(now_plus(-60)));
+    bed.handle()
+        .set_pod_ready("default", "warm-new", false)
+        .expect("not ready");
+    bed.load(WS);
+    bed.start_all();
+    let vip = vip(&bed, "warm");
+    wait_for_weights(&bed, vip, "the old pod alone", |w| w.len() == 1);
+    // It becomes ready now: the agent sees the transition, and ramps from there.
+    bed.handle()
+        .set_pod_ready("default", "warm-new", true)
+        .expect("ready");
+    // The new pod's weight over the old one's, at most 1: when the ramp ends
+    // both drop from ×100 to ×1, the old one's (lower address) written first.
+    let share = |w: &BTreeMap<String, u32>| -> Option<f64> {
+        let (new, old) = (*w.get("warm-new")?, *w.get("warm-old")?);
+        (old > 0).then(|| (f64::from(new) / f64::from(old)).min(1.0))
+    };
+    wait_for_weights(&bed, vip, "the new pod warming", |w| {
+        share(w).is_some_and(|s| s < 1.0)
+    });
+    let started = Instant::now();
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let mut restarted = false;
+    while started.elapsed() < Duration::from_secs(40) {
+        if let Some(s) = share(&weights_by_pod(&bed, vip)) {
+            samples.push((started.elapsed().as_secs_f64(), s));
+        }
+        if !restarted && started.elapsed() > Duration::from_secs(10) {
+            // Mid-ramp: the restarted agent counts the pod as ready since its
+            // creation (60 s before it became ready): higher, never lower.
+            bed.kill("agent");
+            bed.start_agent();
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "slow start across an agent restart at 10 s: (seconds, share of a warm pod's weight) {samples:?}"
+    );
+    for pair in samples.windows(2) {
+        assert!(
+            pair[1].1 >= pair[0].1 - 1e-9,
+            "the warming pod's share fell from {} to {} at {:.1} s",
+            pair[0].1,
+            pair[1].1,
+            pair[1].0
+        );
+    }
+    let before_restart = samples
+        .iter()
+        .filter(|(t, _)| *t < 10.0)
+        .map(|(_, s)| *s)
+        .fold(0.0, f64::max);
+    let after_restart = samples.last().map(|(_, s)| *s).unwrap_or(0.0);
+    assert!(
+        after_restart > before_restart,
+        "no progress across the restart: {before_restart} then {after_restart}"
+    );
 }

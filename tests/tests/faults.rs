@@ -101,8 +101,11 @@ fn warm_the_policy_cache() {
         let (ws, pods_file, module) = (dir.path().join("ws.yaml"), dir.path().join("pods.yaml"), dir.path().join("misbehaving.wasm"));
         std::fs::write(&ws, weighted_service(1, None)).expect("writing");
         std::fs::write(&pods_file, pods()).expect("writing");
-        std::fs::write(&module, self::module("misbehaving")).expect("writing");
-        for policy in [vec![], vec!["--policy-file".into(), module.display().to_string()]] {
+        std::fs::write(&module, policy_fixtures::MISBEHAVING).expect("writing");
+        for policy in [
+            vec![],
+            vec!["--policy-file".into(), module.display().to_string()],
+        ] {
             let out = std::process::Command::new(traffic::netns::project_binary("ipvs-operator"))
                 .args(["eval", "--weighted-service", &ws.display().to_string(), "--pods", &pods_file.display().to_string()])
                 .args(["--policy-timeout", "10s"])
@@ -344,7 +347,8 @@ fn virtual_services_vanishing_mid_pass_are_reapplied_without_an_error_loop() {
     finish(&bed, sampler);
 }
 
-/// A policy module by name, as the binary embeds it.
+/// A built-in policy module by name, as the binary embeds it. (The test
+/// fixtures are `policy_fixtures`'.)
 fn module(name: &str) -> &'static [u8] {
     embedded_module(name).unwrap_or_else(|| panic!("no policy {name}"))
 }
@@ -415,7 +419,12 @@ fn a_policy_failing_mid_rollout_keeps_the_last_good_weights() {
     hold(&bed, "the config refused", phase(), &mut changes);
     // …then its module, which traps on every evaluation…
     generation += 1;
-    config_map_update(dir.path(), generation, "mine.wasm", module("misbehaving"));
+    config_map_update(
+        dir.path(),
+        generation,
+        "mine.wasm",
+        policy_fixtures::MISBEHAVING,
+    );
     let before = failures(&bed);
     wait_until(TIMEOUT, "the agent to count the trapping module's failures", || (failures(&bed) > before).then_some(()));
     hold(&bed, "the module trapping", phase(), &mut changes);

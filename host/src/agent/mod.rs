@@ -878,12 +878,17 @@ impl Worker {
             }
         };
 
-        let policy = self.catalog.get_pinned(ws.policy_name(), ws.policy_sha256());
+        // Never waits for a compile: a policy being compiled is `Loading`, and
+        // the catalog's `Loaded` event brings this WeightedService back.
+        let policy = self.catalog.ready(ws.policy_name(), ws.policy_sha256());
         let input_hash = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             snapshot.input_hash().hash(&mut h);
-            policy.as_ref().map(|p| p.sha256().to_string()).unwrap_or_default().hash(&mut h);
+            match &policy {
+                Ok(policy) => policy.sha256().hash(&mut h),
+                Err(error) => error.kind().hash(&mut h),
+            }
             h.finish()
         };
         let changed_input = state.input_hash != Some(input_hash);
@@ -911,6 +916,11 @@ impl Worker {
                     if state.error.take().is_some() {
                         tracing::info!(weighted_service = %key, policy = policy.name(), "policy works again");
                     }
+                }
+                Err(PolicyError::Loading { .. }) => {
+                    // Not the policy's failure: the weights in the kernel stay
+                    // until it is compiled, and its Loaded event comes.
+                    tracing::debug!(weighted_service = %key, policy = ws.policy_name(), "policy being compiled");
                 }
                 Err(error) => {
                     self.metrics.evaluated(ws.policy_name(), error.kind(), took);
@@ -1024,12 +1034,16 @@ pub async fn run(
     health: Arc<Health>,
 ) -> Result<(), AgentError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    // A reloaded (or deleted) policy module: look at everything again; only the
-    // WeightedServices whose module's hash changed are evaluated again.
+    // A policy module compiled, refused or deleted: look at everything again;
+    // only the WeightedServices whose module (or its error) changed are
+    // evaluated again. (A retry after host trouble changes nothing yet.)
     let reload = std::sync::Mutex::new(tx.clone());
     catalog.subscribe(move |event| {
-        if !matches!(event, crate::policy::CatalogEvent::Failed { .. }) {
-            let _ = reload.lock().unwrap_or_else(|p| p.into_inner()).send(Change::All);
+        if !matches!(event, crate::policy::CatalogEvent::Retrying { .. }) {
+            let _ = reload
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Change::All);
         }
     });
     let (stores, watches) = crate::cluster::watch(client.clone(), Some(config.node_name.clone()), metrics.clone(), move |c| {
@@ -1069,6 +1083,15 @@ pub fn reason_for(error: &PolicyError) -> &'static str {
         PolicyError::NotFound { .. } => "PolicyNotFound",
         PolicyError::PinMismatch { .. } => "PolicyPinMismatch",
         PolicyError::InvalidDecision { .. } => "PolicyDecisionInvalid",
+        PolicyError::TooLarge { .. }
+        | PolicyError::Compile { .. }
+        | PolicyError::CompileTimeout { .. }
+        | PolicyError::CompileMemory { .. }
+        | PolicyError::Limits { .. }
+        | PolicyError::Imports { .. }
+        | PolicyError::Interface { .. }
+        | PolicyError::Refused { .. } => "PolicyModuleRefused",
+        PolicyError::Host { .. } | PolicyError::Loading { .. } => "PolicyUnavailable",
         _ => "PolicyFailed",
     }
 }

@@ -19,8 +19,8 @@ mod indexed;
 mod pods;
 mod slices;
 pub use indexed::{Index, Indexed, WatchStopped};
-pub use pods::{reflect_pods, PodCache, Pods};
-pub use slices::{reflect_slices, SliceCache, Slices};
+pub use pods::{FullPodCache, PodCache, PodObject, Pods, reflect_pods};
+pub use slices::{SliceCache, Slices, reflect_slices};
 
 use crate::crd::WeightedService;
 use crate::metrics::{KindLabels, Metrics};
@@ -236,6 +236,30 @@ impl Trim for PartialObjectMeta<Pod> {
         meta.managed_fields = None;
         meta.annotations = None;
         meta.owner_references = None;
+    }
+}
+
+impl Trim for Pod {
+    /// The metadata [`PartialObjectMeta<Pod>`] keeps, and the Ready condition.
+    fn trim(&mut self) {
+        let meta = &mut self.metadata;
+        trim_bookkeeping(meta);
+        meta.managed_fields = None;
+        meta.annotations = None;
+        meta.owner_references = None;
+        self.spec = None;
+        if let Some(status) = self.status.take() {
+            let ready = status
+                .conditions
+                .into_iter()
+                .flatten()
+                .filter(|c| c.type_ == "Ready")
+                .collect();
+            self.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                conditions: Some(ready),
+                ..Default::default()
+            });
+        }
     }
 }
 

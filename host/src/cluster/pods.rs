@@ -1,18 +1,24 @@
-//! The pod metadata cache: for each pod, its labels and creation time, and
-//! nothing else.
+//! The pod cache: for each pod, its labels, creation time and (where the
+//! watch carries it) since when it has been Ready, and nothing else.
 //!
 //! Every agent caches the metadata of every pod in the cluster (a WeightedService
 //! may select any of them), so this is the largest part of its memory. A
 //! reflector store of `PartialObjectMeta<Pod>` costs about 1.5 KiB per pod even
 //! trimmed (an `ObjectMeta` of mostly empty fields, a label map per pod, the
 //! store's own keys). Here the pods of one ReplicaSet share one label map
-//! (they have the same labels), and a pod costs its name, a pointer and a time.
+//! (they have the same labels), and a pod costs its name, a pointer and two times.
+//!
+//! The agent watches pod metadata only ([`PodCache`]); the controller, one
+//! process, watches whole pods ([`FullPodCache`]) for their Ready condition's
+//! transition time, which every restart and every reader agrees on.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::PartialObjectMeta;
 use kube::runtime::watcher;
@@ -25,25 +31,88 @@ use crate::snapshot::{LabelSets, Labels, PodMeta};
 /// Every this many changes, label maps no pod has any more are dropped.
 const PRUNE_EVERY: u64 = 4096;
 
+/// What a pod watch delivers: a pod's metadata, or the whole pod.
+pub trait PodObject: Trim + Clone + Send + Sync + 'static {
+    /// Its metadata.
+    fn meta(&self) -> &ObjectMeta;
+    /// Its metadata, taken.
+    fn into_meta(self) -> ObjectMeta;
+    /// Since when the pod has been Ready (its Ready condition's
+    /// `lastTransitionTime`), if the object says.
+    fn ready_since(&self) -> Option<Timestamp>;
+}
+
+impl PodObject for PartialObjectMeta<Pod> {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn into_meta(self) -> ObjectMeta {
+        self.metadata
+    }
+
+    /// Metadata has no conditions.
+    fn ready_since(&self) -> Option<Timestamp> {
+        None
+    }
+}
+
+impl PodObject for Pod {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn into_meta(self) -> ObjectMeta {
+        self.metadata
+    }
+
+    fn ready_since(&self) -> Option<Timestamp> {
+        let ready = self
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == "Ready")?;
+        (ready.status == "True").then_some(())?;
+        ready.last_transition_time.as_ref().map(|t| t.0)
+    }
+}
+
 /// One pod, as cached.
 #[derive(Debug, Clone)]
 struct Entry {
     labels: Arc<Labels>,
     created: Option<Timestamp>,
+    ready_since: Option<Timestamp>,
 }
 
-/// Pods by namespace and name, and the label maps they share.
-#[derive(Debug, Default)]
-pub struct Pods {
+/// Pods by namespace and name, and the label maps they share; `O` is what
+/// the watch delivers.
+#[derive(Debug)]
+pub struct Pods<O = PartialObjectMeta<Pod>> {
     by_namespace: HashMap<Box<str>, HashMap<Box<str>, Entry>>,
     len: usize,
     label_sets: LabelSets,
     /// Watch events since the cache was made, for pruning `label_sets`.
     changes: u64,
+    object: PhantomData<fn() -> O>,
 }
 
-impl Index for Pods {
-    type Object = PartialObjectMeta<Pod>;
+impl<O> Default for Pods<O> {
+    fn default() -> Self {
+        Pods {
+            by_namespace: HashMap::new(),
+            len: 0,
+            label_sets: LabelSets::default(),
+            changes: 0,
+            object: PhantomData,
+        }
+    }
+}
+
+impl<O: PodObject> Index for Pods<O> {
+    type Object = O;
     const KIND: &'static str = "Pod";
 
     fn prepare(pod: &mut Self::Object) {
@@ -51,11 +120,15 @@ impl Index for Pods {
     }
 
     fn insert(&mut self, pod: Self::Object) {
-        let meta = pod.metadata;
-        let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else { return };
+        let ready_since = pod.ready_since();
+        let meta = pod.into_meta();
+        let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else {
+            return;
+        };
         let entry = Entry {
             labels: self.label_sets.share(meta.labels.unwrap_or_default()),
             created: meta.creation_timestamp.map(|t| t.0),
+            ready_since,
         };
         let pods = self.by_namespace.entry(namespace.into_boxed_str()).or_default();
         if pods.insert(name.into_boxed_str(), entry).is_none() {
@@ -64,7 +137,9 @@ impl Index for Pods {
     }
 
     fn remove(&mut self, pod: &Self::Object) {
-        let (Some(namespace), Some(name)) = (pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref()) else {
+        let meta = pod.meta();
+        let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
+        else {
             return;
         };
         if let Some(pods) = self.by_namespace.get_mut(namespace) {
@@ -94,15 +169,22 @@ impl Index for Pods {
     }
 }
 
-/// Read access to the pod metadata cache. Cheap to clone.
+/// Read access to the pod metadata cache (the agent's). Cheap to clone.
 pub type PodCache = Indexed<Pods>;
 
-impl Indexed<Pods> {
-    /// Labels and creation time of a pod.
+/// Read access to the cache of whole pods (the controller's). Cheap to clone.
+pub type FullPodCache = Indexed<Pods<Pod>>;
+
+impl<O: PodObject> Indexed<Pods<O>> {
+    /// Labels, creation time and (from whole pods) ready-since time of a pod.
     pub fn get(&self, namespace: &str, name: &str) -> Option<PodMeta> {
         let pods = self.read();
         let entry = pods.by_namespace.get(namespace)?.get(name)?;
-        Some(PodMeta { labels: entry.labels.clone(), created: entry.created })
+        Some(PodMeta {
+            labels: entry.labels.clone(),
+            created: entry.created,
+            ready_since: entry.ready_since,
+        })
     }
 
     /// How many distinct label maps the cached pods have.
@@ -112,10 +194,10 @@ impl Indexed<Pods> {
 }
 
 /// The pod cache fed by `stream`, and the pods that changed (see [`reflect_indexed`]).
-pub fn reflect_pods(
-    stream: impl Stream<Item = watcher::Result<watcher::Event<PartialObjectMeta<Pod>>>> + Send + 'static,
+pub fn reflect_pods<O: PodObject>(
+    stream: impl Stream<Item = watcher::Result<watcher::Event<O>>> + Send + 'static,
     metrics: Arc<Metrics>,
-) -> (PodCache, impl Stream<Item = Option<PartialObjectMeta<Pod>>> + Send) {
+) -> (Indexed<Pods<O>>, impl Stream<Item = Option<O>> + Send) {
     reflect_indexed(stream, metrics)
 }
 
@@ -191,7 +273,10 @@ mod tests {
     #[test]
     fn not_ready_before_the_first_list() {
         let metrics = Arc::new(Metrics::new());
-        let (cache, changes) = reflect_pods(futures::stream::iter(vec![Ok(watcher::Event::Init)]), metrics);
+        let (cache, changes) = reflect_pods(
+            futures::stream::iter(vec![Ok(watcher::Event::<PartialObjectMeta<Pod>>::Init)]),
+            metrics,
+        );
         futures::executor::block_on(changes.collect::<Vec<_>>());
         assert!(!cache.is_ready());
         assert!(futures::executor::block_on(cache.wait_until_ready()).is_err(), "the writer is gone");

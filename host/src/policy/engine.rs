@@ -50,28 +50,67 @@ const KEEP_RESIDENT: usize = 4 << 20;
 /// built-ins, or a few policies a node evaluates repeatedly, stay warm.
 const WARM_SLOTS: u32 = 4;
 
-/// Limits for every evaluation, and where compiled modules are kept.
+/// What one component may hold: one core instance, with one linear memory and
+/// one table. A component built from one module with no imports (what the SDK
+/// builds) has exactly that; more instances would each take a pool slot and
+/// their own memory.
+const PER_COMPONENT: u32 = 1;
+
+/// Table elements one evaluation may hold, summed over its tables (a Rust
+/// policy's function table has a few hundred).
+const TABLE_ELEMENTS: usize = 10_000;
+
+/// Limits for every evaluation, for compiling, and where compiled modules are kept.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Wall-clock budget of one evaluation (default 50 ms).
     pub timeout: Duration,
-    /// Largest linear memory a policy may grow to (default 64 MiB).
+    /// Linear memory one evaluation may use, summed over its memories (default 64 MiB).
     pub memory_limit: usize,
     /// A directory for compiled modules, so that a restart does not compile
     /// again. It must be private to this process: its files are loaded as code.
     pub cache_dir: Option<PathBuf>,
     /// Where modules are compiled to machine code.
     pub compiler: Compiler,
+    /// Bounds of one compile in a child (see [`Compiler::Subprocess`]).
+    pub compile: CompileLimits,
+    /// Largest module accepted; a larger one is refused before it is compiled
+    /// (default 8 MiB; a ConfigMap holds at most 1 MiB).
+    pub max_module_bytes: usize,
+    /// The shortest `requeue-after` a policy gets (default 1 s): a policy
+    /// asking for 0 ms would otherwise be evaluated in a busy loop.
+    pub min_requeue: Duration,
+}
+
+/// Bounds of one compile in a child process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompileLimits {
+    /// Wall-clock limit; the child is killed after it (default 30 s).
+    pub timeout: Duration,
+    /// The child's address space (RLIMIT_AS), in bytes (default 128 MiB).
+    pub address_space: usize,
+}
+
+impl Default for CompileLimits {
+    fn default() -> Self {
+        CompileLimits {
+            timeout: Duration::from_secs(30),
+            address_space: 128 << 20,
+        }
+    }
 }
 
 impl Default for EngineConfig {
-    /// 50 ms and 64 MiB, no cache, compiled in this process.
+    /// 50 ms and 64 MiB per evaluation, 8 MiB modules, no cache, compiled in this process.
     fn default() -> Self {
         EngineConfig {
             timeout: Duration::from_millis(50),
             memory_limit: 64 << 20,
             cache_dir: None,
             compiler: Compiler::InProcess,
+            compile: CompileLimits::default(),
+            max_module_bytes: 8 << 20,
+            min_requeue: Duration::from_secs(1),
         }
     }
 }
@@ -81,13 +120,14 @@ impl Default for EngineConfig {
 /// agent compiles in a short-lived child and keeps only the machine code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compiler {
-    /// Here (what `eval` and tests do).
+    /// Here (what `eval` and tests do), with no time or memory bound.
     InProcess,
     /// In a child: `PROGRAM ARGS… --name NAME` reads the module on stdin
-    /// and writes [`PolicyEngine::precompile`]'s output to stdout, or the
-    /// reason it failed to stderr with exit status 1. The child must build its
-    /// engine from the same [`EngineConfig`] limits (wasmtime refuses code
-    /// from an engine configured differently).
+    /// and writes [`precompile_in_child`]'s output to stdout, or the reason it
+    /// failed to stderr with exit status 1 ([`COMPILE_OUT_OF_MEMORY`] when it
+    /// ran out of address space). The child must use the same
+    /// [`EngineConfig`] (wasmtime refuses code from an engine configured
+    /// differently). It is killed after [`CompileLimits::timeout`].
     Subprocess {
         /// The executable (normally this one).
         program: PathBuf,
@@ -95,6 +135,9 @@ pub enum Compiler {
         args: Vec<String>,
     },
 }
+
+/// The exit status of a compiler child that ran out of memory.
+pub const COMPILE_OUT_OF_MEMORY: u8 = 3;
 
 /// A wasmtime engine configured for policies. Cheap to clone.
 #[derive(Clone)]
@@ -114,6 +157,15 @@ pub struct LoadedPolicy {
     engine: PolicyEngine,
 }
 
+impl std::fmt::Debug for LoadedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPolicy")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
+}
+
 /// A checked decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evaluation {
@@ -126,50 +178,156 @@ pub struct Evaluation {
 }
 
 struct StoreState {
-    limits: MemoryLimit,
+    limits: StoreLimits,
 }
 
-/// Enforces the memory limit and remembers that it did, so that the trap that
-/// follows a refused `memory.grow` is reported as out-of-memory.
-struct MemoryLimit {
-    max: usize,
+/// Enforces the memory and table limits over everything one evaluation
+/// holds — every memory and every table of every instance in its store, summed
+/// — and remembers that it refused, so that the trap that follows a refused
+/// `memory.grow` is reported as out-of-memory.
+struct StoreLimits {
+    /// Bytes of linear memory.
+    memory: Budget,
+    /// Table elements.
+    tables: Budget,
     refused: bool,
 }
 
-impl ResourceLimiter for MemoryLimit {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.max {
-            self.refused = true;
-            return Ok(false);
-        }
-        Ok(true)
+/// One total that growths draw on.
+struct Budget {
+    max: usize,
+    used: usize,
+    /// The last growth allowed, undone if the grow then fails.
+    pending: usize,
+}
+
+impl Budget {
+    fn new(max: usize) -> Self {
+        Budget { max, used: 0, pending: 0 }
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+    /// Whether growing one item from `current` to `desired` fits; if so it is counted.
+    fn grow(&mut self, current: usize, desired: usize) -> bool {
+        let growth = desired.saturating_sub(current);
+        if self.used.saturating_add(growth) > self.max {
+            return false;
+        }
+        self.used += growth;
+        self.pending = growth;
+        true
     }
+
+    /// The growth last allowed did not happen.
+    fn failed(&mut self) {
+        self.used -= std::mem::take(&mut self.pending);
+    }
+}
+
+impl StoreLimits {
+    fn new(memory_max: usize) -> Self {
+        StoreLimits { memory: Budget::new(memory_max), tables: Budget::new(TABLE_ELEMENTS), refused: false }
+    }
+}
+
+impl ResourceLimiter for StoreLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let fits = self.memory.grow(current, desired);
+        self.refused |= !fits;
+        Ok(fits)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory.failed();
+        Ok(())
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let fits = self.tables.grow(current, desired);
+        self.refused |= !fits;
+        Ok(fits)
+    }
+
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.tables.failed();
+        Ok(())
+    }
+}
+
+/// The settings that decide what machine code looks like, shared by the
+/// engine that runs policies and the compiler child (wasmtime refuses code
+/// compiled under other settings).
+fn code_config() -> Config {
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .epoch_interruption(true)
+        // Every node computes the same floats, whatever its architecture.
+        .cranelift_nan_canonicalization(true)
+        // Unbounded recursion ends in a stack-overflow trap well before the host's stack.
+        .max_wasm_stack(1 << 20);
+    wasm
+}
+
+/// What a compiler child does: compile `bytes` for an engine with `config`,
+/// on one thread and without the instance pool (whose virtual reservations
+/// would not fit the child's address-space limit). The code is what
+/// [`PolicyEngine`] with the same config loads.
+pub fn precompile_in_child(
+    config: &EngineConfig,
+    name: &str,
+    bytes: &[u8],
+) -> Result<Vec<u8>, PolicyError> {
+    let _ = config; // the code depends on no limit today; the parameter keeps callers honest
+    let mut wasm = code_config();
+    wasm.parallel_compilation(false);
+    let engine = Engine::new(&wasm).map_err(|e| PolicyError::Host {
+        policy: name.into(),
+        reason: bounded(format!("cannot create the wasm engine: {e:#}")),
+    })?;
+    engine
+        .precompile_component(bytes)
+        .map_err(|e| PolicyError::Compile {
+            policy: name.into(),
+            reason: bounded(format!("{e:#}")),
+        })
+}
+
+/// The longest text a policy (or a failure of one) puts into a status, an
+/// Event, a log line or a metric label.
+pub const MAX_TEXT: usize = 1024;
+
+/// `text`, cut to [`MAX_TEXT`] bytes (at a character boundary, ending in `…`).
+pub fn bounded(mut text: String) -> String {
+    if text.len() > MAX_TEXT {
+        let mut end = MAX_TEXT - '…'.len_utf8();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 impl PolicyEngine {
     /// An engine with these limits.
     pub fn new(config: EngineConfig) -> Result<Self, PolicyError> {
-        let mut wasm = Config::new();
-        wasm.wasm_component_model(true)
-            .epoch_interruption(true)
-            // Unbounded recursion ends in a stack-overflow trap well before the host's stack.
-            .max_wasm_stack(1 << 20);
+        let mut wasm = code_config();
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(POOL_SLOTS)
             .total_core_instances(POOL_SLOTS)
             .total_memories(POOL_SLOTS)
             .total_tables(POOL_SLOTS)
+            .max_core_instances_per_component(PER_COMPONENT)
+            .max_memories_per_component(PER_COMPONENT)
+            .max_tables_per_component(PER_COMPONENT)
             .max_memory_size(config.memory_limit)
+            .table_elements(TABLE_ELEMENTS)
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .max_unused_warm_slots(WARM_SLOTS);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm).map_err(|e| PolicyError::Host {
             policy: String::new(),
-            reason: format!("cannot create the wasm engine: {e:#}"),
+            reason: bounded(format!("cannot create the wasm engine: {e:#}")),
         })?;
         let ticker = EpochTicker::start(engine.weak());
         Ok(PolicyEngine {
@@ -211,19 +369,16 @@ impl PolicyEngine {
             }
         }
         let component = match &self.config.compiler {
-            Compiler::InProcess => Component::new(&self.engine, bytes).map_err(|e| PolicyError::Compile {
-                policy: name.into(),
-                reason: format!("{e:#}"),
-            })?,
+            Compiler::InProcess => {
+                Component::new(&self.engine, bytes).map_err(|e| self.refusal(name, e, false))?
+            }
             Compiler::Subprocess { program, args } => {
-                let code = compile_in_child(name, program, args, bytes)?;
+                let code = compile_in_child(name, program, args, bytes, &self.config.compile)?;
                 // SAFETY: the bytes are what our own executable's `compile-policy`
                 // wrote for this engine's configuration; wasmtime checks that the
                 // configuration matches before using them.
-                unsafe { Component::deserialize(&self.engine, &code) }.map_err(|e| PolicyError::Host {
-                    policy: name.into(),
-                    reason: format!("the compiled module from {} is unusable: {e:#}", program.display()),
-                })?
+                unsafe { Component::deserialize(&self.engine, &code) }
+                    .map_err(|e| self.refusal(name, e, true))?
             }
         };
         tracing::info!(policy = name, sha256, took_ms = started.elapsed().as_millis() as u64, compiler = ?self.config.compiler_kind(), "policy compiled");
@@ -235,13 +390,42 @@ impl PolicyEngine {
         Ok(component)
     }
 
+    /// Why wasmtime would not make a component of a module: the pool's
+    /// per-component limits (the module's fault), or, for machine code from
+    /// the child, anything else (the host's: the child and this engine disagree).
+    fn refusal(&self, name: &str, error: wasmtime::Error, precompiled: bool) -> PolicyError {
+        let reason = format!("{error:#}");
+        if reason.contains("pooling allocator") {
+            PolicyError::Limits {
+                policy: name.into(),
+                reason: bounded(format!(
+                    "{reason} (a policy may have {PER_COMPONENT} core instance, {PER_COMPONENT} memory and {PER_COMPONENT} table, \
+                     and memories of at most {} MiB)",
+                    self.config.memory_limit >> 20
+                )),
+            }
+        } else if precompiled {
+            PolicyError::Host {
+                policy: name.into(),
+                reason: bounded(format!("the compiled module is unusable: {reason}")),
+            }
+        } else {
+            PolicyError::Compile {
+                policy: name.into(),
+                reason: bounded(reason),
+            }
+        }
+    }
+
     /// Compile `bytes` to what [`Compiler::Subprocess`] children return: the
     /// machine code for an engine with this configuration.
     pub fn precompile(&self, name: &str, bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
-        self.engine.precompile_component(bytes).map_err(|e| PolicyError::Compile {
-            policy: name.into(),
-            reason: format!("{e:#}"),
-        })
+        self.engine
+            .precompile_component(bytes)
+            .map_err(|e| PolicyError::Compile {
+                policy: name.into(),
+                reason: bounded(format!("{e:#}")),
+            })
     }
 
     /// A fresh store with this engine's memory limit and deadline.
@@ -249,10 +433,7 @@ impl PolicyEngine {
         let mut store = Store::new(
             &self.engine,
             StoreState {
-                limits: MemoryLimit {
-                    max: self.config.memory_limit,
-                    refused: false,
-                },
+                limits: StoreLimits::new(self.config.memory_limit),
             },
         );
         store.limiter(|s| &mut s.limits);
@@ -265,9 +446,26 @@ impl PolicyEngine {
         store
     }
 
-    /// Compile and check a component: it must import nothing and export
-    /// [`INTERFACE_EXPORT`] with the expected types.
+    /// Compile and check a component: no larger than the module size limit,
+    /// within the sandbox's limits, importing nothing, exporting
+    /// [`INTERFACE_EXPORT`] with the expected types, and instantiable.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<LoadedPolicy, PolicyError> {
+        if bytes.len() > self.config.max_module_bytes {
+            return Err(PolicyError::TooLarge {
+                policy: name.into(),
+                bytes: bytes.len() as u64,
+                limit: self.config.max_module_bytes as u64,
+            });
+        }
+        // Imports first (read from the binary): a component built with std
+        // imports WASI and has several core instances; the imports say what to fix.
+        let imports = top_level_imports(bytes);
+        if !imports.is_empty() {
+            return Err(PolicyError::Imports {
+                policy: name.into(),
+                imports: bounded(imports.join(", ")),
+            });
+        }
         let sha256 = hex_sha256(bytes);
         let component = self.compile(name, &sha256, bytes)?;
         let ty = component.component_type();
@@ -275,18 +473,18 @@ impl PolicyEngine {
         if !imports.is_empty() {
             return Err(PolicyError::Imports {
                 policy: name.into(),
-                imports: imports.join(", "),
+                imports: bounded(imports.join(", ")),
             });
         }
         let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
         let interface_error = |detail: Option<String>| PolicyError::Interface {
             policy: name.into(),
             expected: INTERFACE_EXPORT.into(),
-            found: match detail {
+            found: bounded(match detail {
                 None if exports.is_empty() => "nothing".into(),
                 None => exports.join(", "),
                 Some(d) => format!("{} — {d}", exports.join(", ")),
-            },
+            }),
         };
         if !exports.iter().any(|e| e == INTERFACE_EXPORT) {
             return Err(interface_error(None));
@@ -296,19 +494,32 @@ impl PolicyEngine {
             .instantiate_pre(&component)
             .and_then(bindings::PolicyPre::new)
             .map_err(|e| interface_error(Some(format!("{e:#}"))))?;
-        // The function's type is checked when an instance is made: do it now, so a
-        // module with the right export name but the wrong signature fails at load.
-        let _running = self.ticker.running();
-        pre.instantiate(&mut self.store())
-            .map_err(|e| interface_error(Some(format!("{e:#}"))))?;
-        Ok(LoadedPolicy {
+        let policy = LoadedPolicy {
             name: name.into(),
             sha256,
             pre,
             engine: self.clone(),
-        })
+        };
+        // The function's type is checked when an instance is made: do it now, so a
+        // module with the right export name but the wrong signature fails at load.
+        // So does one that traps or runs out of memory while it is set up.
+        let mut store = self.store();
+        let _running = self.ticker.running();
+        if let Err(error) = policy.pre.instantiate(&mut store) {
+            let refused = store.data().limits.refused;
+            return Err(match policy.classify(error, refused) {
+                PolicyError::Host { reason, .. } if !reason.starts_with(POOL_EXHAUSTED) => {
+                    interface_error(Some(reason))
+                }
+                other => other,
+            });
+        }
+        Ok(policy)
     }
 }
+
+/// How [`LoadedPolicy::classify`] starts the reason of a full instance pool.
+const POOL_EXHAUSTED: &str = "no free instance slot";
 
 impl LoadedPolicy {
     /// The policy's name.
@@ -322,9 +533,20 @@ impl LoadedPolicy {
     }
 
     /// Evaluate for `snapshot` and check the decision.
+    /// A `requeue-after` shorter than the engine's minimum is raised to it.
     pub fn evaluate(&self, snapshot: &Snapshot) -> Result<Evaluation, PolicyError> {
         let decision = with_input(snapshot, |input| self.call(input))?;
-        check_decision(&self.name, snapshot, &decision.weights, decision.requeue_after_ms, decision.message)
+        let mut evaluation = check_decision(
+            &self.name,
+            snapshot,
+            &decision.weights,
+            decision.requeue_after_ms,
+            decision.message,
+        )?;
+        evaluation.requeue_after = evaluation
+            .requeue_after
+            .map(|after| after.max(self.engine.config.min_requeue));
+        Ok(evaluation)
     }
 
     /// Instantiate afresh and call `evaluate`, mapping every failure to its kind.
@@ -339,7 +561,7 @@ impl LoadedPolicy {
             Ok(Ok(decision)) => Ok(decision),
             Ok(Err(reason)) => Err(PolicyError::Failed {
                 policy: self.name.clone(),
-                reason,
+                reason: bounded(reason),
             }),
             Err(e) => Err(self.classify(e, store.data().limits.refused)),
         }
@@ -367,19 +589,38 @@ impl LoadedPolicy {
         let policy = self.pre.instantiate(&mut store).map_err(|e| self.classify(e, false))?;
         let started = std::time::Instant::now();
         for _ in 0..times {
-            with_input(snapshot, |input| policy.ipvs_operator_policy_evaluator().call_evaluate(&mut store, input))
-                .map_err(|e| self.classify(e, false))?
-                .map_err(|reason| PolicyError::Failed { policy: self.name.clone(), reason })?;
+            with_input(snapshot, |input| {
+                policy
+                    .ipvs_operator_policy_evaluator()
+                    .call_evaluate(&mut store, input)
+            })
+            .map_err(|e| self.classify(e, false))?
+            .map_err(|reason| PolicyError::Failed {
+                policy: self.name.clone(),
+                reason: bounded(reason),
+            })?;
         }
         Ok(started.elapsed() / times.max(1))
     }
 
-    fn classify(&self, error: wasmtime::Error, memory_refused: bool) -> PolicyError {
+    /// What went wrong in an instantiation or a call: the limits (memory,
+    /// tables), the deadline or a trap are the module's doing; a full instance
+    /// pool (too many evaluations at once) or anything else is the host's.
+    fn classify(&self, error: wasmtime::Error, limit_refused: bool) -> PolicyError {
         let policy = self.name.clone();
-        if memory_refused {
+        if limit_refused {
             return PolicyError::OutOfMemory {
                 policy,
                 limit_mib: self.engine.config.memory_limit >> 20,
+            };
+        }
+        if error
+            .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
+            return PolicyError::Host {
+                policy,
+                reason: bounded(format!("{POOL_EXHAUSTED}: {error:#}")),
             };
         }
         match error.downcast_ref::<Trap>() {
@@ -389,11 +630,11 @@ impl LoadedPolicy {
             },
             Some(trap) => PolicyError::Trap {
                 policy,
-                reason: trap.to_string(),
+                reason: bounded(trap.to_string()),
             },
             None => PolicyError::Host {
                 policy,
-                reason: format!("{error:#}"),
+                reason: bounded(format!("{error:#}")),
             },
         }
     }
@@ -420,7 +661,7 @@ pub fn check_decision(
     Ok(Evaluation {
         weights: weights.iter().map(|w| *w as u16).collect(),
         requeue_after: requeue_after_ms.map(Duration::from_millis),
-        message,
+        message: message.map(bounded),
     })
 }
 
@@ -447,11 +688,29 @@ impl EngineConfig {
     }
 }
 
-/// Runs the compiler child: the module on its stdin, the machine code from its stdout.
-fn compile_in_child(name: &str, program: &Path, args: &[String], bytes: &[u8]) -> Result<Vec<u8>, PolicyError> {
-    use std::io::Write;
+/// The most of a compiler child's stderr that is read (its reason).
+const CHILD_STDERR: u64 = 16 << 10;
+
+/// Runs the compiler child: the module on its stdin, the machine code from
+/// its stdout; killed when it runs past `limits.timeout`. What ends it decides
+/// whose fault a failure is: its verdict (status 1), running out of address
+/// space (status [`COMPILE_OUT_OF_MEMORY`], or an abort on a failed
+/// allocation) and the timeout are the module's; not starting, another status
+/// or signal (e.g. an OOM kill of the whole container) are the host's.
+fn compile_in_child(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    bytes: &[u8],
+    limits: &CompileLimits,
+) -> Result<Vec<u8>, PolicyError> {
+    use std::io::{Read, Write};
+    use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
-    let host_error = |reason: String| PolicyError::Host { policy: name.into(), reason };
+    let host_error = |reason: String| PolicyError::Host {
+        policy: name.into(),
+        reason: bounded(reason),
+    };
     let mut child = Command::new(program)
         .args(args)
         .arg("--name")
@@ -460,26 +719,103 @@ fn compile_in_child(name: &str, program: &Path, args: &[String], bytes: &[u8]) -
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| host_error(format!("cannot start the policy compiler {}: {e}", program.display())))?;
-    // The child reads all of stdin before it writes anything, so writing
-    // first and then reading cannot deadlock.
-    let written = child.stdin.take().map(|mut stdin| stdin.write_all(bytes));
-    let output = child
-        .wait_with_output()
-        .map_err(|e| host_error(format!("waiting for the policy compiler: {e}")))?;
-    if output.status.success() {
-        if let Some(Err(e)) = written {
-            return Err(host_error(format!("sending the module to the policy compiler: {e}")));
+        .map_err(|e| {
+            host_error(format!(
+                "cannot start the policy compiler {}: {e}",
+                program.display()
+            ))
+        })?;
+    let (Some(mut stdin), Some(mut stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(host_error(
+            "the policy compiler's pipes were not set up".into(),
+        ));
+    };
+    // The pipes are served by threads, so that a child that stops reading or
+    // writing cannot hold this one past the deadline.
+    let output = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || stdin.write_all(bytes));
+        let out = scope.spawn(move || {
+            let mut code = Vec::new();
+            stdout.read_to_end(&mut code).map(|_| code)
+        });
+        let err = scope.spawn(move || {
+            let mut text = Vec::new();
+            let _ = stderr.take(CHILD_STDERR).read_to_end(&mut text);
+            String::from_utf8_lossy(&text).into_owned()
+        });
+        let deadline = std::time::Instant::now() + limits.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Ok(Some(status)),
+                Ok(None) if std::time::Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Ok(None);
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Err(e);
+                }
+            }
+        };
+        // The child is gone: its pipes are closed and the threads end.
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("writer panicked")));
+        let code = out
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("reader panicked")));
+        let stderr = err.join().unwrap_or_default();
+        (status, written, code, stderr)
+    });
+    let (status, written, code, stderr) = output;
+    let status = match status {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            return Err(PolicyError::CompileTimeout {
+                policy: name.into(),
+                limit: limits.timeout,
+            });
         }
-        return Ok(output.stdout);
+        Err(e) => return Err(host_error(format!("waiting for the policy compiler: {e}"))),
+    };
+    let reason = stderr.trim();
+    let reason = reason.strip_prefix("error: ").unwrap_or(reason).to_string();
+    let out_of_memory = || PolicyError::CompileMemory {
+        policy: name.into(),
+        limit_mib: limits.address_space >> 20,
+    };
+    if status.success() {
+        if let Err(e) = written {
+            return Err(host_error(format!(
+                "sending the module to the policy compiler: {e}"
+            )));
+        }
+        return code.map_err(|e| host_error(format!("reading the policy compiler's output: {e}")));
     }
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let reason = stderr.trim().strip_prefix("error: ").unwrap_or(stderr.trim()).to_string();
-    match output.status.code() {
-        // Exit status 1 is the compiler's verdict on the module; anything
-        // else (a signal, an OOM kill) is the host's trouble.
-        Some(1) => Err(PolicyError::Compile { policy: name.into(), reason }),
-        _ => Err(host_error(format!("the policy compiler {} {}: {reason}", program.display(), output.status))),
+    match (status.code(), status.signal()) {
+        (Some(1), _) => Err(PolicyError::Compile {
+            policy: name.into(),
+            reason: bounded(reason),
+        }),
+        (Some(c), _) if c == i32::from(COMPILE_OUT_OF_MEMORY) => Err(out_of_memory()),
+        // Rust aborts when an allocation fails: the address-space limit.
+        (_, Some(6)) if reason.contains("memory allocation of") => Err(out_of_memory()),
+        // Cranelift's recursion on deeply nested code.
+        (_, Some(6)) if reason.contains("overflowed its stack") => Err(PolicyError::Compile {
+            policy: name.into(),
+            reason: bounded(reason),
+        }),
+        _ => Err(host_error(format!(
+            "the policy compiler {} {status}: {reason}",
+            program.display()
+        ))),
     }
 }
 
@@ -493,6 +829,34 @@ fn store_compiled(component: &Component, path: &Path) -> std::io::Result<()> {
     let temporary = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&temporary, bytes)?;
     std::fs::rename(&temporary, path)
+}
+
+/// The names a component imports, read from its binary without compiling it
+/// (nothing when it is not a component binary: compiling then says why).
+fn top_level_imports(bytes: &[u8]) -> Vec<String> {
+    use wasmparser::{Parser, Payload};
+    let mut depth = 0usize;
+    let mut imports = Vec::new();
+    for payload in Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else {
+            return Vec::new();
+        };
+        match payload {
+            // Nested modules and components start and end like the outer one.
+            Payload::Version { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(reader) if depth == 1 => {
+                for import in reader {
+                    match import {
+                        Ok(import) => imports.push(import.name.name.to_string()),
+                        Err(_) => return Vec::new(),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    imports
 }
 
 /// The hex SHA-256 of `bytes`: how modules are identified and pinned.
