@@ -231,22 +231,22 @@ fn trim_bookkeeping(meta: &mut ObjectMeta) {
 impl Trim for PartialObjectMeta<Pod> {
     /// Only the name, labels and creation (and deletion) time are read.
     fn trim(&mut self) {
-        let meta = &mut self.metadata;
-        trim_bookkeeping(meta);
-        meta.managed_fields = None;
-        meta.annotations = None;
-        meta.owner_references = None;
+        trim_pod_meta(&mut self.metadata);
     }
+}
+
+/// What neither pod cache reads of a pod's metadata.
+fn trim_pod_meta(meta: &mut ObjectMeta) {
+    trim_bookkeeping(meta);
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.owner_references = None;
 }
 
 impl Trim for Pod {
     /// The metadata [`PartialObjectMeta<Pod>`] keeps, and the Ready condition.
     fn trim(&mut self) {
-        let meta = &mut self.metadata;
-        trim_bookkeeping(meta);
-        meta.managed_fields = None;
-        meta.annotations = None;
-        meta.owner_references = None;
+        trim_pod_meta(&mut self.metadata);
         self.spec = None;
         if let Some(status) = self.status.take() {
             let ready = status
