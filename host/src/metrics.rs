@@ -72,6 +72,9 @@ pub struct Metrics {
     pub watched_objects: Family<KindLabels, Gauge>,
     /// Watch errors (the watch restarts with backoff), by kind.
     pub watch_errors: Family<KindLabels, Counter>,
+    /// Complete lists of a watched kind, by kind: the first, and one per
+    /// relist (after a 410, or a reconnect that cannot resume).
+    pub watch_lists: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -97,6 +100,7 @@ impl Metrics {
             policy_dir: CatalogCounters::default(),
             watched_objects: Family::default(),
             watch_errors: Family::default(),
+            watch_lists: Family::default(),
             registry: Registry::default(),
         };
         registry.register("policy_evaluations", "Policy evaluations, by policy and result", metrics.evaluations.clone());
@@ -116,6 +120,7 @@ impl Metrics {
         registry.register("policy_dir_read_bytes", "Bytes of policy module files read", metrics.policy_dir.bytes_read.clone());
         registry.register("watched_objects", "Objects in the watch caches, by kind", metrics.watched_objects.clone());
         registry.register("watch_errors", "Watch errors (the watch restarts with backoff), by kind", metrics.watch_errors.clone());
+        registry.register("watch_lists", "Complete lists of a watched kind (the first, then one per relist), by kind", metrics.watch_lists.clone());
         // Known label values start at 0, so that they are on /metrics (and in
         // rate() queries) before the first write happens.
         for kind in ["weight", "scheduler"] {
@@ -264,9 +269,10 @@ mod tests {
             policy_dir,
             watched_objects,
             watch_errors,
+            watch_lists,
         } = &metrics;
         metrics.evaluated("label-selector", "ok", Duration::from_micros(40));
-        for family in [netlink_writes, netlink_errors, drift_repairs, watch_errors] {
+        for family in [netlink_writes, netlink_errors, drift_repairs, watch_errors, watch_lists] {
             Metrics::count(family, "weight", 1);
         }
         for family in [policy_loads, policy_load_failures, policy_load_retries] {
@@ -293,7 +299,7 @@ mod tests {
                 Some((format!("ipvs_operator_{name}"), rest.split('|').nth(1)?.trim().to_string()))
             })
             .collect();
-        assert_eq!(exposed.len(), 13, "{exposed:?}");
+        assert_eq!(exposed.len(), 14, "{exposed:?}");
         assert_eq!(documented, exposed, "the README's metrics table (left) is not what /metrics exposes (right)");
     }
 

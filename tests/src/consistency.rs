@@ -1,7 +1,8 @@
 //! Consistency checks for end-to-end runs under faults and churn, on a
 //! [`Testbed`] in the test VM.
 //!
-//! Two checks, independent of the agent's own code paths:
+//! Two checks, as independent of the agent as a check can be that uses the
+//! policies themselves:
 //!
 //! - **The kernel equals `ipvs-operator eval`.** [`expected_weights`] fetches a
 //!   WeightedService, the pods of its namespace and the Nodes from the test API
@@ -21,6 +22,24 @@
 //!   new or returning endpoint asynchronously, and drains removed ones at 0 —
 //!   unless the policy said 0: the config's `zero_allowed` predicate accepts
 //!   it, or `ipvs-operator eval` on the objects of that moment gives 0.
+//!
+//! What they share with the agent, exactly, and so cannot catch:
+//!
+//! - `ipvs-operator eval` is the release binary: the policy engine
+//!   (`host/src/policy`), the policy modules, the snapshot a policy sees
+//!   (`host/src/snapshot.rs`: endpoints from pods, zones from Nodes) and the
+//!   WeightedService types (`host/src/crd.rs`). A bug there gives both sides
+//!   the same wrong weights.
+//! - The kernel is read with the `ipvs` crate's `IpvsClient` (its netlink
+//!   parsing is the agent's); `ipvsadm -Ln`, an independent reader, is only
+//!   printed with a failure.
+//!
+//! What they do not share: which virtual services belong to a Service (its
+//! addresses and ports are listed here from the API objects, not by the
+//! agent's `Matcher`), which endpoints are ready (from the EndpointSlices, not
+//! the agent's caches), the pods `eval` is given (read from the API server at
+//! that moment, not from the agent's watches), and every write, drift
+//! comparison and sweep of the agent.
 //!
 //! ```no_run
 //! use std::time::Duration;

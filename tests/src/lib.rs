@@ -12,6 +12,7 @@
 //! - [`consistency`]: checks for runs under faults and churn: the kernel equals
 //!   what `ipvs-operator eval` computes, and a sampler that flags any ready
 //!   endpoint at weight 0 no policy asked for.
+//! - [`kubectl`]: the kubectl the tests run (`make setup` installs it).
 //! - [`policy_dir`]: policy modules as a ConfigMap mount delivers them.
 //! - [`procstat`]: a process's CPU time and memory, for benchmarks and soaks.
 //! - [`testbed`]: a one-node cluster in network namespaces (inside the test VM)
@@ -22,6 +23,7 @@
 pub mod apiserver;
 pub mod consistency;
 pub mod kube_proxy;
+pub mod kubectl;
 pub mod policy_dir;
 pub mod procstat;
 pub mod rbac;

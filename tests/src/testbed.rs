@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use ipvs::{IpvsClient, ServiceEntry};
 use serde_json::Value;
 use traffic::netns::{project_binary, run, NetNs};
+use traffic::Transport;
 
 use crate::apiserver::{kubeconfig_yaml, Config, NodeConfig, TestApiServer};
 
@@ -347,8 +348,9 @@ impl Testbed {
     }
 
     /// Make the backends follow the API server's pods: a namespace with the
-    /// pod's IP and a server per container port for each pod with an IP; pods
-    /// that are gone lose theirs.
+    /// pod's IP and a server per container port number (answering TCP, and UDP
+    /// or SCTP too when a container port of that number has that protocol) for
+    /// each pod with an IP; pods that are gone lose theirs.
     pub fn sync_backends(&mut self) {
         let pods = self.handle().list("pods", None);
         let mut seen = BTreeSet::new();
@@ -365,23 +367,18 @@ impl Testbed {
                 continue;
             }
             self.backends.remove(&key);
-            let ports: Vec<(u16, bool)> = pod["spec"]["containers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
-                .filter_map(|p| {
-                    let port = u16::try_from(p["containerPort"].as_u64()?).ok()?;
-                    Some((port, p["protocol"].as_str() == Some("UDP")))
-                })
-                .collect();
+            let mut ports: BTreeMap<u16, BTreeSet<String>> = BTreeMap::new();
+            for p in pod["spec"]["containers"].as_array().into_iter().flatten().flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default()) {
+                let Some(port) = p["containerPort"].as_u64().and_then(|p| u16::try_from(p).ok()) else { continue };
+                ports.entry(port).or_default().insert(p["protocol"].as_str().unwrap_or("TCP").to_string());
+            }
             let backend = self.backend(name, ip, &ports);
             self.backends.insert(key, backend);
         }
         self.backends.retain(|k, _| seen.contains(k));
     }
 
-    fn backend(&mut self, pod: &str, ip: IpAddr, ports: &[(u16, bool)]) -> Backend {
+    fn backend(&mut self, pod: &str, ip: IpAddr, ports: &BTreeMap<u16, BTreeSet<String>>) -> Backend {
         self.next_link += 1;
         let n = self.next_link;
         let mut ns = NetNs::new(&format!("{}-p{n}", self.id));
@@ -396,11 +393,15 @@ impl Testbed {
         ns.exec(&["ip", "route", "add", "default", "via", POD_GATEWAY]);
         let server = project_binary("traffic-server");
         let server = server.to_str().expect("a UTF-8 path");
-        for (port, udp) in ports {
+        for (port, protocols) in ports {
             let listen = format!("0.0.0.0:{port}");
             let mut command = vec![server, "--listen", &listen, "--name", pod];
-            if *udp {
+            if protocols.contains("UDP") {
                 command.push("--udp");
+            }
+            if protocols.contains("SCTP") {
+                load_sctp();
+                command.push("--sctp");
             }
             ns.spawn_until_line(&command);
         }
@@ -433,16 +434,33 @@ impl Testbed {
     /// Like [`Testbed::connect`], but failed connections are returned (their
     /// errors) instead of failing the test.
     pub fn connect_counting_errors(&self, target: SocketAddr, connections: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+        self.connect_over_counting_errors(Transport::Tcp, target, connections)
+    }
+
+    /// Like [`Testbed::connect`] over `transport`: TCP connections, UDP
+    /// request/answer datagrams (each from a fresh socket, so a fresh source
+    /// port and a new IPVS connection), or SCTP associations.
+    pub fn connect_over(&self, transport: Transport, target: SocketAddr, connections: usize) -> BTreeMap<String, usize> {
+        let (counts, errors) = self.connect_over_counting_errors(transport, target, connections);
+        assert!(errors.is_empty(), "{} of {connections} {transport:?} connections to {target} failed: {errors:?}", errors.len());
+        counts
+    }
+
+    /// Like [`Testbed::connect_counting_errors`] over `transport`.
+    pub fn connect_over_counting_errors(&self, transport: Transport, target: SocketAddr, connections: usize) -> (BTreeMap<String, usize>, Vec<String>) {
         let client = project_binary("traffic-client");
-        let out = self.client.exec_output(&[
-            client.to_str().expect("a UTF-8 path"),
-            "--connect",
-            &target.to_string(),
-            "--connections",
-            &connections.to_string(),
-            "--concurrency",
-            "1",
-        ]);
+        let (target, connections) = (target.to_string(), connections.to_string());
+        let mut command =
+            vec![client.to_str().expect("a UTF-8 path"), "--connect", &target, "--connections", &connections, "--concurrency", "1"];
+        match transport {
+            Transport::Tcp => {}
+            Transport::Udp => command.push("--udp"),
+            Transport::Sctp => {
+                load_sctp();
+                command.push("--sctp");
+            }
+        }
+        let out = self.client.exec_output(&command);
         let report: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("traffic-client: {e}: {}", String::from_utf8_lossy(&out.stderr)));
         let counts = report["counts"]
@@ -550,6 +568,16 @@ pub fn load_ip_vs() {
     assert!(
         Path::new("/proc/net/ip_vs").exists(),
         "this kernel has no IPVS: run the end-to-end tests with `make test-kernel` (in the VM)"
+    );
+}
+
+/// Loads the kernel's SCTP (the VM boots without it) and checks the kernel has
+/// it: a pod with an SCTP container port, or SCTP traffic, needs it.
+pub fn load_sctp() {
+    let _ = Command::new("modprobe").arg("sctp").status();
+    assert!(
+        Path::new("/proc/net/sctp").exists(),
+        "this kernel has no SCTP (module sctp): the test VM's initramfs carries it (tests/vm/run)"
     );
 }
 

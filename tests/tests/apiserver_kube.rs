@@ -270,10 +270,25 @@ async fn apply_is_idempotent_and_status_is_a_subresource() {
     assert_eq!(main.status.as_ref().and_then(|s| s.message.as_deref()), Some("ok"), "a main-resource patch does not touch status");
     assert_eq!(main.metadata.generation, Some(2), "a spec change bumps generation");
 
-    // Apply dropping a field it owned removes it.
+    // The merge patch took `scheduler` over (an Update entry in
+    // managedFields): an apply that stops setting it leaves it, as on a real server.
+    let updater = main.metadata.managed_fields.iter().flatten().find(|e| e.operation.as_deref() == Some("Update"));
+    assert!(updater.is_some(), "the merge patch is recorded: {:?}", main.metadata.managed_fields);
+    ws.spec.scheduler = None;
+    let kept = api.patch("shop", &pp, &Patch::Apply(&ws)).await.expect("apply without scheduler");
+    assert_eq!(kept.spec.scheduler.as_deref(), Some("wlc"));
+    // Forced back to this manager, and then dropped by it: gone.
+    ws.spec.scheduler = Some("sh".into());
+    api.patch("shop", &pp, &Patch::Apply(&ws)).await.expect("apply takes scheduler back");
     ws.spec.scheduler = None;
     let dropped = api.patch("shop", &pp, &Patch::Apply(&ws)).await.expect("apply without scheduler");
     assert_eq!(dropped.spec.scheduler, None);
+    // Without force, changing a field another manager owns is a conflict.
+    let other = PatchParams::apply("someone-else");
+    let mut theirs = ws.clone();
+    theirs.spec.service.selector = Some(BTreeMap::from([("app".into(), "other".into())]));
+    let err = api.patch("shop", &other, &Patch::Apply(&theirs)).await.expect_err("a conflict");
+    assert!(matches!(&err, kube::Error::Api(s) if s.code == 409 && s.message.starts_with("Apply failed with 1 conflict: conflict with \"test\" using codesink.net/v1alpha1: .spec.selector")), "{err:?}");
 
     // Services keep their ClusterIP across applies that omit it.
     let svcs: Api<Service> = Api::namespaced(client, "default");
@@ -363,6 +378,21 @@ async fn metadata_watcher_and_reflector_follow_pods() {
     meta.abort();
 }
 
+/// The one slice of the Service the `lp` selects once `ok` holds for it, as
+/// a client waits for the EndpointSlice controller (it writes a moment after
+/// the pods change).
+async fn slice_when(slices: &Api<EndpointSlice>, lp: &ListParams, what: &str, ok: impl Fn(&EndpointSlice) -> bool) -> EndpointSlice {
+    eventually(what, || {
+        let (slices, lp) = (slices.clone(), lp.clone());
+        let ok = &ok;
+        async move {
+            let mut items = slices.list(&lp).await.ok()?.items;
+            (items.len() == 1 && ok(&items[0])).then(|| items.remove(0))
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn endpoint_slices_follow_pods_through_readiness_and_graceful_deletion() {
     let s = server().await;
@@ -370,11 +400,10 @@ async fn endpoint_slices_follow_pods_through_readiness_and_graceful_deletion() {
     let client = s.client().expect("client");
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
     let lp = ListParams::default().labels("kubernetes.io/service-name=web");
-    let slice = slices.list(&lp).await.expect("slices").items.into_iter().next().expect("one slice");
+    let slice = slice_when(&slices, &lp, "the Service's slice", |sl| eps(sl).len() == 2).await;
     let ports = slice.ports.clone().unwrap_or_default();
     assert_eq!(ports.len(), 1);
     assert_eq!((ports[0].name.as_deref(), ports[0].port), (Some("http"), Some(8080)), "named targetPort resolved");
-    assert_eq!(eps(&slice).len(), 2);
     assert!(eps(&slice).iter().all(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true)));
     let owner = slice.owner_references().first().map(|o| o.kind.clone());
     assert_eq!(owner.as_deref(), Some("Service"));
@@ -384,43 +413,180 @@ async fn endpoint_slices_follow_pods_through_readiness_and_graceful_deletion() {
     let endpoint_of = |sl: &EndpointSlice, ip: &str| {
         eps(sl).iter().find(|e| e.addresses.iter().any(|a| a == ip)).and_then(|e| e.conditions.clone())
     };
+    let conditions = |sl: &EndpointSlice, ip: &str| endpoint_of(sl, ip).map(|c| (c.ready, c.serving, c.terminating));
 
     s.handle().set_pod_ready("default", &pod_name, false).expect("unready");
-    let sl = slices.list(&lp).await.expect("slices").items.remove(0);
-    let c = endpoint_of(&sl, "10.1.0.10").expect("endpoint stays");
-    assert_eq!((c.ready, c.serving, c.terminating), (Some(false), Some(false), Some(false)));
+    slice_when(&slices, &lp, "the endpoint unready", |sl| conditions(sl, "10.1.0.10") == Some((Some(false), Some(false), Some(false))))
+        .await;
     s.handle().set_pod_ready("default", &pod_name, true).expect("ready");
+    slice_when(&slices, &lp, "the endpoint ready", |sl| conditions(sl, "10.1.0.10") == Some((Some(true), Some(true), Some(false)))).await;
 
     s.handle().delete_pod("default", &pod_name, Grace::UntilFinished).expect("graceful delete");
-    let sl = slices.list(&lp).await.expect("slices").items.remove(0);
-    let c = endpoint_of(&sl, "10.1.0.10").expect("terminating endpoint listed");
-    assert_eq!((c.ready, c.serving, c.terminating), (Some(false), Some(true), Some(true)));
     // The Deployment replaces the pod: a new one, with the next free listed IP... none is free, so from the pool.
+    let sl = slice_when(&slices, &lp, "the terminating endpoint and its replacement", |sl| {
+        conditions(sl, "10.1.0.10") == Some((Some(false), Some(true), Some(true))) && eps(sl).len() == 3
+    })
+    .await;
     assert_eq!(eps(&sl).len(), 3);
 
     s.handle().finish_pod_termination("default", &pod_name).expect("finish");
-    let sl = slices.list(&lp).await.expect("slices").items.remove(0);
-    assert!(endpoint_of(&sl, "10.1.0.10").is_none(), "gone after termination");
+    let sl = slice_when(&slices, &lp, "the endpoint gone after termination", |sl| endpoint_of(sl, "10.1.0.10").is_none()).await;
     assert_eq!(eps(&sl).len(), 2);
 
     // Deleting through the API: terminating for the configured grace (1 s), then gone.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     pods.delete(&pod_name_of(&s, "10.1.0.11"), &DeleteParams::default()).await.expect("api delete");
-    let sl = slices.list(&lp).await.expect("slices").items.remove(0);
-    assert_eq!(endpoint_of(&sl, "10.1.0.11").and_then(|c| c.terminating), Some(true));
-    eventually("the kubelet ends the pod", || {
-        let slices = slices.clone();
-        let lp = lp.clone();
+    slice_when(&slices, &lp, "the endpoint terminating", |sl| endpoint_of(sl, "10.1.0.11").and_then(|c| c.terminating) == Some(true))
+        .await;
+    slice_when(&slices, &lp, "the kubelet ends the pod", |sl| endpoint_of(sl, "10.1.0.11").is_none()).await;
+
+    // Deleting the Service garbage-collects its slices (with it: the garbage collector is not delayed).
+    Api::<Service>::namespaced(client, "default").delete("web", &DeleteParams::default()).await.expect("delete svc");
+    assert!(slices.list(&lp).await.expect("slices").items.is_empty());
+}
+
+/// A Service of `n` pods (fixed IPs, created directly), loaded at once.
+fn many_pods(n: usize) -> String {
+    let mut y = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: many, namespace: default}\nspec: {selector: {app: many}, ports: [{port: 80}]}\n");
+    for i in 0..n {
+        y += &format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: many-{i:03}, namespace: default, labels: {{app: many}}, \
+             annotations: {{test-apiserver.codesink.net/pod-ip: 10.2.{}.{}}}}}\nspec: {{containers: [{{name: c, image: x}}]}}\n",
+            i / 200,
+            10 + i % 200
+        );
+    }
+    y
+}
+
+/// Every slice of Service `many` holds at most 100 endpoints, and together
+/// they hold each address once: the sorted addresses.
+fn covered(slices: &[EndpointSlice]) -> Vec<String> {
+    let mut all: Vec<String> = Vec::new();
+    for sl in slices {
+        assert!(eps(sl).len() <= 100, "a slice of {} endpoints", eps(sl).len());
+        all.extend(eps(sl).iter().flat_map(|e| e.addresses.clone()));
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n, "an endpoint in two slices");
+    all
+}
+
+#[tokio::test]
+async fn a_large_service_gets_several_slices_of_at_most_100() {
+    let s = server().await;
+    s.handle().load_manifests(&many_pods(250)).expect("manifests");
+    let slices: Api<EndpointSlice> = Api::namespaced(s.client().expect("client"), "default");
+    let lp = ListParams::default().labels("kubernetes.io/service-name=many");
+    // A sync may come in two moments: wait for all 250.
+    let all = eventually("250 endpoints in slices", || {
+        let (slices, lp) = (slices.clone(), lp.clone());
         async move {
-            let sl = slices.list(&lp).await.ok()?.items.into_iter().next()?;
-            endpoint_of(&sl, "10.1.0.11").is_none().then_some(())
+            let items = slices.list(&lp).await.ok()?.items;
+            (items.iter().map(|sl| eps(sl).len()).sum::<usize>() == 250).then_some(items)
         }
     })
     .await;
+    assert_eq!(all.len(), 3, "250 endpoints: 3 slices");
+    let mut want: Vec<String> = (0..250).map(|i| format!("10.2.{}.{}", i / 200, 10 + i % 200)).collect();
+    want.sort();
+    assert_eq!(covered(&all), want);
 
-    // Deleting the Service garbage-collects its slices.
-    Api::<Service>::namespaced(client, "default").delete("web", &DeleteParams::default()).await.expect("delete svc");
-    assert!(slices.list(&lp).await.expect("slices").items.is_empty());
+    // Scale to 150: 100 pods go.
+    for i in (0..250).filter(|i| i % 5 < 2) {
+        s.handle().delete_pod("default", &format!("many-{i:03}"), Grace::Immediate).expect("delete");
+    }
+    let left: Vec<String> = {
+        let mut v: Vec<String> = (0..250).filter(|i| i % 5 >= 2).map(|i| format!("10.2.{}.{}", i / 200, 10 + i % 200)).collect();
+        v.sort();
+        v
+    };
+    eventually("150 endpoints left", || {
+        let (slices, lp, left) = (slices.clone(), lp.clone(), left.clone());
+        async move {
+            let items = slices.list(&lp).await.ok()?.items;
+            let mut got: Vec<String> = items.iter().flat_map(|sl| eps(sl).iter().flat_map(|e| e.addresses.clone())).collect();
+            got.sort();
+            (got == left).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(covered(&slices.list(&lp).await.expect("slices").items), left);
+}
+
+/// The next event of a watch, within [`WAIT`].
+async fn next_event<K>(events: &mut (impl futures::Stream<Item = kube::Result<kube::api::WatchEvent<K>>> + Unpin)) -> kube::api::WatchEvent<K> {
+    tokio::time::timeout(WAIT, events.try_next()).await.expect("an event in time").expect("a watch event").expect("not the end")
+}
+
+#[tokio::test]
+async fn slices_are_written_a_moment_after_the_pod() {
+    let s = server().await;
+    s.handle().load_manifests(APP).expect("manifests");
+    let client = s.client().expect("client");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let lp = ListParams::default().labels("kubernetes.io/service-name=web");
+    slice_when(&slices, &lp, "the Service's slice", |sl| eps(sl).len() == 2).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let from = s.handle().resource_version().to_string();
+    let wp = kube::api::WatchParams::default();
+    let mut pod_events = pods.watch(&wp, &from).await.expect("pod watch").boxed();
+    let mut slice_events = slices.watch(&wp, &from).await.expect("slice watch").boxed();
+
+    let name = pod_name_of(&s, "10.1.0.10");
+    let t0 = std::time::Instant::now();
+    let pod = s.handle().set_pod_ready("default", &name, false).expect("unready");
+    let pod_rv: u64 = pod["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or_default();
+    // In that instant the slice still says ready: the two disagree for a moment.
+    let now = s.handle().list("endpointslices", Some("default"));
+    assert!(now[0]["endpoints"].as_array().is_some_and(|e| e.iter().all(|e| e["conditions"]["ready"] == true)), "{now:?}");
+
+    let kube::api::WatchEvent::Modified(p) = next_event(&mut pod_events).await else { panic!("the pod's MODIFIED first") };
+    assert_eq!(p.resource_version().and_then(|v| v.parse::<u64>().ok()), Some(pod_rv));
+    let kube::api::WatchEvent::Modified(sl) = next_event(&mut slice_events).await else { panic!("then the slice's MODIFIED") };
+    let after = t0.elapsed();
+    let slice_rv: u64 = sl.resource_version().and_then(|v| v.parse().ok()).unwrap_or_default();
+    assert!(slice_rv > pod_rv, "the slice written after the pod, apart: {slice_rv} > {pod_rv}");
+    assert!(eps(&sl).iter().any(|e| e.addresses == ["10.1.0.10"] && e.conditions.as_ref().and_then(|c| c.ready) == Some(false)));
+    // The delay is 50 ms, on the server's 50 ms timer tick.
+    assert!(after >= Duration::from_millis(50), "the slice came {after:?} after the pod");
+    assert!(after < Duration::from_millis(1000), "the slice came {after:?} after the pod");
+}
+
+#[tokio::test]
+async fn the_same_seed_writes_slices_in_the_same_order() {
+    async fn writes(seed: u64) -> Vec<(String, String, Vec<String>)> {
+        let cfg = Config { seed: Some(seed), ..Config::default() };
+        let s = TestApiServer::start(cfg).await.expect("server starts");
+        let slices: Api<EndpointSlice> = Api::namespaced(s.client().expect("client"), "default");
+        let from = s.handle().resource_version().to_string();
+        let mut events = slices.watch(&kube::api::WatchParams::default(), &from).await.expect("watch").boxed();
+        s.handle().load_manifests(&many_pods(250)).expect("manifests");
+        // Then pods 0..120 go, once the first writes are done.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for i in 0..120 {
+            s.handle().delete_pod("default", &format!("many-{i:03}"), Grace::Immediate).expect("delete");
+        }
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+        while let Ok(Ok(Some(e))) = tokio::time::timeout_at(deadline, events.try_next()).await {
+            let (t, sl) = match e {
+                kube::api::WatchEvent::Added(sl) => ("ADDED", sl),
+                kube::api::WatchEvent::Modified(sl) => ("MODIFIED", sl),
+                kube::api::WatchEvent::Deleted(sl) => ("DELETED", sl),
+                _ => continue,
+            };
+            let mut a: Vec<String> = eps(&sl).iter().flat_map(|e| e.addresses.clone()).collect();
+            a.sort();
+            out.push((t.to_string(), sl.name_any(), a));
+        }
+        out
+    }
+    let (a, b) = tokio::join!(writes(11), writes(11));
+    assert!(a.len() >= 4, "{a:?}");
+    assert_eq!(a, b, "the same seed: the same slice writes, in the same order");
 }
 
 fn eps(sl: &EndpointSlice) -> &[k8s_openapi::api::discovery::v1::Endpoint] {

@@ -4,8 +4,9 @@
 //! covers what the binaries request and nothing more, the agent's security
 //! settings, probes, resources, the policies mount, and flags the binary has.
 //!
-//! Needs kubectl (`$KUBECTL`, or `kubectl` on PATH). Without it this test
-//! fails and says so: the manifests are what users install.
+//! Needs kubectl (`$KUBECTL`, else `target/tools/kubectl`, which `make setup`
+//! installs, else `kubectl` on PATH). Without it this test fails and says so:
+//! nothing else renders the kustomization exactly as users will.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,27 +34,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// kubectl: `$KUBECTL`, else `kubectl` on PATH. Failing (not skipping) without
-/// it: nothing else renders the kustomization exactly as users will.
-fn kubectl() -> PathBuf {
-    if let Some(path) = std::env::var_os("KUBECTL") {
-        return PathBuf::from(path);
-    }
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|p| p.join("kubectl")).find(|p| p.is_file()))
-        .unwrap_or_default();
-    found.unwrap_or_else(|| {
-        panic!(
-            "kubectl is not installed (not on PATH, KUBECTL not set): this test renders deploy/ with \
-             `kubectl kustomize`, as `kubectl apply -k deploy/` does. Install kubectl \
-             (https://kubernetes.io/docs/tasks/tools/; Debian bookworm has no package) or set KUBECTL=/path/to/kubectl"
-        )
-    })
-}
-
 /// `kubectl kustomize deploy/`.
 fn rendered() -> String {
-    let kubectl = kubectl();
+    let kubectl = ipvs_operator_tests::kubectl::path();
     let output = Command::new(&kubectl)
         .arg("kustomize")
         .arg(repo().join("deploy"))

@@ -461,3 +461,178 @@ spec:
     let share = canary as f64 / 2000.0;
     assert!((share - 0.2).abs() <= 0.02, "canary got {:.1}% through the NodePort: {counts:?}", share * 100.0);
 }
+
+/// UDP and SCTP ports, an external IP and a load-balancer IP (set by a status
+/// write, as a cloud controller would, after the agent has started): the agent
+/// sets the weights on every virtual service of the Service — each protocol on
+/// the ClusterIP, the external IP, the load-balancer IP and the NodePorts — and
+/// real traffic of each protocol to each of those addresses, from the client,
+/// splits as they say.
+#[test]
+fn udp_sctp_external_and_load_balancer_virtual_services_get_the_weights_and_split_real_traffic() {
+    use ipvs::{Protocol, ServiceKey};
+    use ipvs_operator_tests::testbed::NODE_IP;
+    use std::net::{IpAddr, Ipv4Addr};
+    use traffic::Transport;
+    const MIXED: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: mixed-canary}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: mixed, env: canary}}
+  template:
+    metadata: {labels: {app: mixed, env: canary}}
+    spec:
+      containers:
+      - name: server
+        image: server
+        ports:
+        - {name: www, containerPort: 8080}
+        - {name: dns, containerPort: 5353, protocol: UDP}
+        - {name: signalling, containerPort: 3868, protocol: SCTP}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: mixed-prod}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: mixed, env: prod}}
+  template:
+    metadata: {labels: {app: mixed, env: prod}}
+    spec:
+      containers:
+      - name: server
+        image: server
+        ports:
+        - {name: www, containerPort: 8080}
+        - {name: dns, containerPort: 5353, protocol: UDP}
+        - {name: signalling, containerPort: 3868, protocol: SCTP}
+---
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {name: example, namespace: default}
+spec:
+  type: LoadBalancer
+  selector: {app: mixed}
+  externalIPs: [192.0.2.10]
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: www}
+  - {name: dns, protocol: UDP, port: 53, targetPort: dns}
+  - {name: diameter, protocol: SCTP, port: 3868, targetPort: signalling}
+  weights:
+  - {weight: 3, selector: {env: prod}}
+  - {weight: 2, selector: {env: canary}}
+"#;
+    // Addresses outside every cluster range, bound only inside this testbed's node
+    // (kube-proxy binds external and load-balancer IPs to kube-ipvs0 as it does
+    // ClusterIPs), which the client reaches through its default route, the node.
+    let external_ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+    let lb_ip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 20));
+    // An ingress IP of a proxying load balancer (`ipMode: Proxy`), which sends its
+    // traffic to the NodePorts: kube-proxy makes no virtual service for it.
+    let proxy_lb_ip = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 30));
+    let mut bed = Testbed::new(TestbedConfig { proxy_scheduler: "wrr".into(), ..TestbedConfig::default() });
+    bed.load(MIXED);
+    bed.start_all();
+    let cluster_ip = bed.cluster_ip("default", "example");
+    let service = bed.get("services", "default", "example").expect("the Service");
+    let node_port = |name: &str| -> u16 {
+        let port = service["spec"]["ports"].as_array().expect("ports").iter().find(|p| p["name"] == name).expect("the port");
+        port["nodePort"].as_u64().expect("a node port") as u16
+    };
+    let node = IpAddr::V4(NODE_IP);
+    // Per Service port: its protocol, port, node port and target port.
+    let ports = [
+        (Protocol::Tcp, Transport::Tcp, 80, node_port("http"), 8080),
+        (Protocol::Udp, Transport::Udp, 53, node_port("dns"), 5353),
+        (Protocol::Sctp, Transport::Sctp, 3868, node_port("diameter"), 3868),
+    ];
+    let expected = |target_port: u16| -> BTreeMap<SocketAddr, u32> {
+        pods_by_ip(&bed)
+            .into_iter()
+            .map(|(ip, pod)| (SocketAddr::new(ip, target_port), if pod.contains("canary") { 2 } else { 3 }))
+            .collect()
+    };
+    let wait_for_weights = |addresses: &[(IpAddr, bool)]| {
+        for (protocol, _, port, node_port, target_port) in ports {
+            for (ip, is_node) in addresses {
+                let vs = SocketAddr::new(*ip, if *is_node { node_port } else { port });
+                let key = ServiceKey::new(protocol, vs);
+                wait_until(TIMEOUT, &format!("weights on {protocol} {vs}"), || {
+                    let entry = bed.ipvs().into_iter().find(|e| e.service.key == key)?;
+                    let weights: BTreeMap<SocketAddr, u32> = entry.destinations.iter().map(|d| (d.socket_addr(), d.weight)).collect();
+                    (entry.service.scheduler == "wrr" && weights == expected(target_port)).then_some(())
+                });
+            }
+        }
+    };
+    wait_for_weights(&[(cluster_ip, false), (external_ip, false), (node, true)]);
+    // Then the cloud's load balancer is ready: its controller writes the
+    // Service's status (a status-only change, which the agent must follow).
+    let started = std::time::Instant::now();
+    {
+        use k8s_openapi::api::core::v1::Service;
+        use kube::api::{Api, Patch, PatchParams};
+        let api: Api<Service> = Api::namespaced(bed.client(), "default");
+        let ingress = [serde_json::json!({"ip": lb_ip.to_string()}), serde_json::json!({"ip": proxy_lb_ip.to_string(), "ipMode": "Proxy"})];
+        let status = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
+        bed.block_on(api.patch_status("example", &PatchParams::default(), &Patch::Merge(&status)))
+            .expect("the cloud controller's status write");
+    }
+    wait_for_weights(&[(lb_ip, false)]);
+    let proxied: Vec<_> = bed.ipvs().into_iter().filter(|e| e.service.address().is_some_and(|a| a.ip() == proxy_lb_ip)).collect();
+    assert!(proxied.is_empty(), "virtual services for the Proxy-mode ingress IP: {proxied:?}");
+    eprintln!("weights on the load-balancer IP's 3 virtual services {:?} after the status write", started.elapsed());
+
+    // ipvsadm, a tool nobody here wrote, shows the same weights: on the UDP and
+    // SCTP virtual services too.
+    let listing = bed.ipvsadm();
+    let table = parse_ipvsadm(&listing);
+    for (protocol, _, port, node_port, target_port) in ports {
+        for vs in [(cluster_ip, port), (external_ip, port), (lb_ip, port), (node, node_port)].map(|(ip, port)| SocketAddr::new(ip, port)) {
+            assert_eq!(table.get(&(protocol.to_string(), vs)), Some(&expected(target_port)), "{protocol} {vs} in ipvsadm -Ln:\n{listing}");
+        }
+    }
+
+    // Real traffic of each protocol to each address splits 6:2 (three destinations, wrr 3:3:2).
+    let connections = 200;
+    for (_, transport, port, _, _) in ports {
+        for vs in [cluster_ip, external_ip, lb_ip].map(|ip| SocketAddr::new(ip, port)) {
+            let t = std::time::Instant::now();
+            let counts = bed.connect_over(transport, vs, connections);
+            let canary: usize = counts.iter().filter(|(p, _)| p.contains("canary")).map(|(_, n)| n).sum();
+            let share = canary as f64 / connections as f64;
+            eprintln!("{transport:?} {vs}: canary {:.1}% of {connections} in {:?} ({counts:?})", share * 100.0, t.elapsed());
+            assert_eq!(counts.values().sum::<usize>(), connections, "{counts:?}");
+            assert_eq!(counts.len(), 3, "every pod answers {transport:?} {vs}: {counts:?}");
+            assert!((share - 0.25).abs() <= 0.02, "canary got {:.1}% of {transport:?} to {vs}: {counts:?}", share * 100.0);
+        }
+    }
+    eprintln!("ipvsadm checked and traffic counted {:?} after the status write", started.elapsed());
+}
+
+/// `ipvsadm -Ln`'s virtual services, by protocol name and address, with each
+/// one's destination weights.
+fn parse_ipvsadm(listing: &str) -> BTreeMap<(String, SocketAddr), BTreeMap<SocketAddr, u32>> {
+    let mut table = BTreeMap::new();
+    let mut current: Option<(String, SocketAddr)> = None;
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["->", dest, _forward, weight, ..] => {
+                if let (Some(key), Ok(dest), Ok(weight)) = (&current, dest.parse(), weight.parse()) {
+                    table.entry(key.clone()).or_insert_with(BTreeMap::new).insert(dest, weight);
+                }
+            }
+            [protocol @ ("TCP" | "UDP" | "SCTP"), vs, ..] => {
+                current = vs.parse().ok().map(|vs| (protocol.to_string(), vs));
+                if let Some(key) = &current {
+                    table.entry(key.clone()).or_insert_with(BTreeMap::new);
+                }
+            }
+            _ => {}
+        }
+    }
+    table
+}

@@ -209,6 +209,31 @@ fn passes_missing_and_failing(bed: &Testbed) -> (usize, usize) {
     )
 }
 
+/// An agent counter now (0 when not there yet).
+fn agent_count(bed: &Testbed, name: &str, labels: &str) -> f64 {
+    bed.agent_metric(name, labels).unwrap_or(0.0)
+}
+
+/// The kinds the agent watches.
+const AGENT_KINDS: [&str; 5] = ["WeightedService", "Service", "EndpointSlice", "Pod", "Node"];
+
+/// The agent's complete lists, by kind.
+fn agent_lists(bed: &Testbed) -> Vec<f64> {
+    AGENT_KINDS.iter().map(|k| agent_count(bed, "ipvs_operator_watch_lists_total", &format!("kind=\"{k}\""))).collect()
+}
+
+/// The watch requests the API server got from the agent, by resource (a cut
+/// watch that the agent resumes, without an error or a relist, shows here).
+fn agent_watches(bed: &Testbed) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in bed.handle().requests() {
+        if r.verb == "watch" && r.user_agent.starts_with("ipvs-operator-agent/") {
+            *out.entry(r.resource).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
 /// The agent's log lines at WARN or ERROR.
 fn agent_warnings(bed: &Testbed) -> Vec<String> {
     bed.log("agent").lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).map(String::from).collect()
@@ -219,6 +244,9 @@ fn api_server_faults_lose_nothing() {
     let (bed, sampler) = start(agreeing(), None);
     let h = bed.handle().clone();
     let mut changes = 0;
+    // Each fault must reach the agent, not only be injected: its counters say so.
+    let errors = |bed: &Testbed| agent_count(bed, "ipvs_operator_watch_errors_total", "");
+    let (errors_before, lists_before, watches_before) = (errors(&bed), agent_lists(&bed), agent_watches(&bed));
 
     // Watches cut every 2 s, cleanly and mid-stream by turns.
     for_a_while(&bed, phase(), Duration::from_secs(2), &mut changes, |round| {
@@ -229,6 +257,13 @@ fn api_server_faults_lose_nothing() {
         }
     });
     check(&bed, "watches cut");
+    // A cut watch ends the stream (kube-rs logs the broken one) and the agent
+    // watches again from where it was: every watch of the agent came back.
+    let (watches_cut, lists_cut) = (agent_watches(&bed), agent_lists(&bed));
+    for resource in ["weightedservices", "services", "endpointslices", "pods", "nodes"] {
+        let (before, after) = (watches_before.get(resource).copied().unwrap_or(0), watches_cut.get(resource).copied().unwrap_or(0));
+        assert!(after > before, "the agent's {resource} watch was cut but never watched again");
+    }
 
     // Every resourceVersion expired: each watch resumes into a 410 and relists.
     for_a_while(&bed, phase(), Duration::from_secs(2), &mut changes, |_| {
@@ -236,6 +271,12 @@ fn api_server_faults_lose_nothing() {
         h.break_watches();
     });
     check(&bed, "410s");
+    // Every watch of the agent met a 410 and listed again.
+    let lists_410 = agent_lists(&bed);
+    for ((kind, before), after) in AGENT_KINDS.iter().zip(&lists_cut).zip(&lists_410) {
+        assert!(after > before, "the agent's {kind} watch did not relist after its resourceVersion expired ({before} → {after} lists)");
+    }
+    let errors_410 = errors(&bed);
 
     // Bursts of 500, 503 and 429, on everything and on watches in particular.
     let codes = [500, 503, 429];
@@ -252,6 +293,8 @@ fn api_server_faults_lose_nothing() {
     // for minutes: the bursts end with the phase.
     h.clear_fail_rules();
     check(&bed, "bursts of 500/503/429");
+    let errors_bursts = errors(&bed);
+    assert!(errors_bursts > errors_410, "no watch or list of the agent failed during the bursts of 500/503/429");
 
     // A 10 s stall: every watch cut, and every answer (the reconnects
     // included) held for 10 s; the edits go on meanwhile.
@@ -265,7 +308,12 @@ fn api_server_faults_lose_nothing() {
     }
     h.set_delay(None);
     check(&bed, "a 10 s stall");
-    eprintln!("[{}] {changes} changes made during the API server's faults", bed.id);
+    let lists: f64 = agent_lists(&bed).iter().sum::<f64>() - lists_before.iter().sum::<f64>();
+    eprintln!(
+        "[{}] {changes} changes made during the API server's faults; the agent met {} watch errors and listed {lists} times",
+        bed.id,
+        errors(&bed) - errors_before
+    );
     finish(&bed, sampler);
 }
 
@@ -284,6 +332,8 @@ fn kube_proxy_syncing_every_second_and_restarting_is_repaired() {
     assert!(reverts >= 1.0, "kube-proxy's syncs should have reverted the scheduler at least once (repairs: {reverts})");
 
     // Restarts: each resets every weight to 1 on its first sync.
+    let weight_repairs = |bed: &Testbed| agent_count(bed, "ipvs_operator_drift_repairs_total", "kind=\"weight\"");
+    let repairs_before = weight_repairs(&bed);
     let restarts = (phase().as_secs() / 2).max(2);
     for _ in 0..restarts {
         bed.start_emulator();
@@ -292,7 +342,9 @@ fn kube_proxy_syncing_every_second_and_restarting_is_repaired() {
         std::thread::sleep(phase() / restarts as u32);
     }
     check(&bed, &format!("{restarts} kube-proxy restarts"));
-    let repairs = bed.agent_metric("ipvs_operator_drift_repairs_total", "kind=\"weight\"").unwrap_or(0.0);
+    let repairs = weight_repairs(&bed);
+    // The restarts reached the agent: it put back weights kube-proxy reset.
+    assert!(repairs > repairs_before, "no weight repaired after {restarts} kube-proxy restarts reset them to 1 ({repairs} repairs)");
     eprintln!("[{}] kube-proxy fights: {reverts} scheduler repairs, {repairs} weight repairs", bed.id);
     finish(&bed, sampler);
 }
@@ -311,6 +363,7 @@ fn virtual_services_vanishing_mid_pass_are_reapplied_without_an_error_loop() {
         [SocketAddr::new(cluster_ip, 80).to_string(), format!("{}:{node_port}", ipvs_operator_tests::testbed::NODE_IP)];
     let mut changes = 0;
     let mut deleted = 0;
+    let repairs_before = agent_count(&bed, "ipvs_operator_drift_repairs_total", "kind=\"weight\"");
     let started = Instant::now();
     // At least 4 deletions, however slow kube-proxy is to make them again.
     while started.elapsed() < phase() || deleted < 4 {
@@ -340,8 +393,16 @@ fn virtual_services_vanishing_mid_pass_are_reapplied_without_an_error_loop() {
     assert_eq!(bed.agent_metric("ipvs_operator_netlink_writes_total", "").unwrap_or(0.0), writes, "the agent still writes");
     assert_eq!(bed.agent_metric("ipvs_operator_netlink_errors_total", "").unwrap_or(0.0), errors, "the kernel still refuses writes");
     let (missing, failing) = passes_missing_and_failing(&bed);
+    // The deletions reached the agent: a pass found a virtual service missing,
+    // a write to one was refused, or it repaired the weights of one kube-proxy
+    // made again (weight 1).
+    let repairs = agent_count(&bed, "ipvs_operator_drift_repairs_total", "kind=\"weight\"") - repairs_before;
+    assert!(
+        missing + failing > 0 || repairs > 0.0,
+        "{deleted} virtual services deleted, but no pass found one missing, had a write refused, or repaired a weight"
+    );
     eprintln!(
-        "[{}] vanishing virtual services: {deleted} deleted; {missing} passes found one missing, {failing} had writes refused ({errors} refused writes), {warnings} warnings",
+        "[{}] vanishing virtual services: {deleted} deleted; {missing} passes found one missing, {failing} had writes refused ({errors} refused writes), {repairs} weights repaired, {warnings} warnings",
         bed.id
     );
     finish(&bed, sampler);

@@ -3,8 +3,9 @@
 //!
 //! `make image` builds the image, exports it as an OCI layout directory and
 //! runs this test (feature `image-tests`) with `IPVS_OPERATOR_IMAGE_OCI`
-//! pointing at it. `make test` does not build the image: a musl build of
-//! everything costs minutes.
+//! pointing at it. `make test` does not build the image (no podman or
+//! buildah is needed there), but it runs the binary the image holds
+//! (`make musl-binary`) in the VM: `make test-demo`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

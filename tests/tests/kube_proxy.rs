@@ -78,6 +78,16 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Waits until every virtual service has both pods as destinations: the
+/// EndpointSlices come a moment after the pods, and the emulator follows them.
+async fn both_pods_programmed(f: &Shared) {
+    eventually("both pods programmed", || {
+        let t = table(f);
+        (t.len() == 6 && t.iter().all(|e| e.destinations.len() == 2)).then_some(())
+    })
+    .await;
+}
+
 fn edit(f: &Shared, addr: &str, proto: Protocol, change: impl FnOnce(&mut ServiceEntry)) {
     let key = ServiceKey::new(proto, addr.parse().expect("address"));
     if let Ok(mut t) = f.lock()
@@ -97,6 +107,7 @@ async fn programs_services_reverts_schedulers_and_resets_weights_on_restart() {
     let fake: Shared = Arc::default();
     let emu = KubeProxyEmulator::start(cfg(), server.client().expect("client"), Box::new(fake.clone()));
     assert!(emu.wait_for_syncs(1, WAIT).await);
+    both_pods_programmed(&fake).await;
 
     let want = vec![("10.1.0.10:8080".to_string(), 1), ("10.1.0.11:8080".to_string(), 1)];
     for addr in [format!("{vip}:80"), "192.0.2.50:80".into(), format!("192.0.2.1:{node_port}")] {
@@ -155,6 +166,7 @@ async fn drains_tcp_destinations_with_connections_and_falls_back_to_terminating_
     let fake: Shared = Arc::default();
     let emu = KubeProxyEmulator::start(cfg(), server.client().expect("client"), Box::new(fake.clone()));
     assert!(emu.wait_for_syncs(1, WAIT).await);
+    both_pods_programmed(&fake).await;
 
     // Pod a has connections on both ports; it leaves the ready set.
     for (addr, proto) in [(&http, Protocol::Tcp), (&dns, Protocol::Udp)] {

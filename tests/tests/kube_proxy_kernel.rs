@@ -83,6 +83,12 @@ async fn emulator_reverts_the_scheduler_and_resets_weights_on_restart() {
     };
     let emu = start();
     assert!(emu.wait_for_syncs(1, WAIT).await);
+    // The EndpointSlices come a moment after the pods; the emulator follows them.
+    let deadline = std::time::Instant::now() + WAIT;
+    while ipvsadm_service(&vs).1.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the destinations never came:\n{}", run("ipvsadm", &["-Ln"]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (head, dests) = ipvsadm_service(&vs);
     assert!(head.ends_with(" rr"), "kube-proxy's scheduler: {head}");
     assert_eq!(dests, [("10.1.0.10:8080".to_string(), 1), ("10.1.0.11:8080".to_string(), 1)]);

@@ -1,18 +1,12 @@
 //! Faithfulness of the test API server to a client nobody here wrote: kubectl
-//! (`$KUBECTL`, else `kubectl` on PATH) pointed at it with `--server`.
+//! (`$KUBECTL`, else `target/tools/kubectl` from `make setup`, else `kubectl` on
+//! PATH; the test fails without one) pointed at it with `--server`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ipvs_operator_tests::apiserver::{Config, TestApiServer};
-
-fn kubectl_path() -> Option<PathBuf> {
-    if let Some(k) = std::env::var_os("KUBECTL") {
-        return Some(PathBuf::from(k));
-    }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join("kubectl")).find(|p| p.is_file())
-}
 
 struct Kubectl {
     bin: PathBuf,
@@ -78,10 +72,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_get_apply_delete_and_watch() {
-    let Some(bin) = kubectl_path() else {
-        eprintln!("SKIPPED: no kubectl found (set KUBECTL or put kubectl on PATH)");
-        return;
-    };
+    let bin = ipvs_operator_tests::kubectl::path();
     let server = TestApiServer::start(Config::default()).await.expect("server");
     let cache = std::env::temp_dir().join(format!("ipvs-operator-kubectl-{}-{}", std::process::id(), server.addr().port()));
     let k = Kubectl { bin, server: server.url().to_string(), cache: cache.clone() };

@@ -68,10 +68,18 @@ async fn binary_loads_manifests_and_takes_controls_over_http() {
 
     let updated = admin(&client, "POST", "pods/demo/backend", json!({"ready": false})).await;
     assert_eq!(updated["metadata"]["name"], "backend");
+    // The EndpointSlice controller follows a moment later.
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "demo");
-    let sl = slices.list(&ListParams::default()).await.expect("slices").items.remove(0);
-    let ready = sl.endpoints.as_deref().unwrap_or_default()[0].conditions.as_ref().and_then(|c| c.ready);
-    assert_eq!(ready, Some(false));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let items = slices.list(&ListParams::default()).await.expect("slices").items;
+        let ready = items.first().and_then(|sl| sl.endpoints.as_deref()?.first()?.conditions.as_ref()?.ready);
+        if ready == Some(false) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slice never showed the pod unready: {items:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
 
     admin(&client, "POST", "faults/fail", json!({"count": 1, "code": 500, "resource": "pods"})).await;
     let err = pods.get("backend").await.expect_err("injected 500");

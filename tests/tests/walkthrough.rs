@@ -1,9 +1,10 @@
 //! README.md from the top, as a new user follows it: the install lines, the
 //! first WeightedService, troubleshooting's first look, metrics, uninstall —
-//! with the real kubectl (`$KUBECTL`, else `kubectl` on PATH; the test is
-//! skipped without it) and the real controller, against the test API server
-//! (a test double: it emulates the cluster's Deployments, DaemonSets, pods and
-//! EndpointSlices; no IPVS here, so no agent runs).
+//! with the real kubectl (`$KUBECTL`, else `target/tools/kubectl` from `make
+//! setup`, else `kubectl` on PATH; the test fails without it) and the real
+//! controller, against the test API server (a test double: it emulates the
+//! cluster's Deployments, DaemonSets, pods and EndpointSlices; no IPVS here, so
+//! no agent runs).
 //!
 //! The commands are the README's own, taken from its `sh` blocks and run as
 //! written (no shell: each line is split on whitespace), from the repository's
@@ -60,13 +61,6 @@ spec:
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repository").to_path_buf()
-}
-
-fn kubectl_path() -> Option<PathBuf> {
-    if let Some(k) = std::env::var_os("KUBECTL") {
-        return Some(PathBuf::from(k));
-    }
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("kubectl")).find(|p| p.is_file()))
 }
 
 /// The shell commands of the `sh` blocks in the README section under
@@ -282,13 +276,11 @@ fn user(kubectl: PathBuf, url: &str, dir: &Path) -> User {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_user_follows_the_readme() {
-    let Some(kubectl) = kubectl_path() else {
-        eprintln!("SKIPPED: no kubectl found (set KUBECTL or put kubectl on PATH)");
-        return;
-    };
+    let kubectl = ipvs_operator_tests::kubectl::path();
     // A namespace lingers while its content is deleted, as on a real cluster
     // (`kubectl delete -k deploy/` deletes the namespace first, then what is in it).
-    let config = Config { namespace_cleanup: Duration::from_secs(1), ..Config::default() };
+    // No CRD at start: the user installs it with deploy/.
+    let config = Config { namespace_cleanup: Duration::from_secs(1), crds: Vec::new(), ..Config::default() };
     let server = TestApiServer::start(config).await.expect("the test API server starts");
     let handle = server.handle().clone();
     let dir = std::env::temp_dir().join(format!("ipvs-operator-walkthrough-{}", std::process::id()));
@@ -472,9 +464,10 @@ async fn a_new_user_follows_the_readme() {
 async fn the_controller_reports_ready_once_its_caches_are_synced() {
     let server = TestApiServer::start(Config::default()).await.expect("the test API server starts");
     let handle = server.handle().clone();
-    let rendered = Command::new(kubectl_path().unwrap_or_else(|| PathBuf::from("kubectl"))).arg("kustomize").arg(repo().join("deploy")).output();
-    let Ok(rendered) = rendered.map(|o| String::from_utf8_lossy(&o.stdout).to_string()).map_err(|e| eprintln!("SKIPPED: {e}")) else { return };
-    handle.load_manifests(&rendered).expect("deploy/ loads");
+    let kubectl = ipvs_operator_tests::kubectl::path();
+    let rendered = Command::new(&kubectl).arg("kustomize").arg(repo().join("deploy")).output().expect("kubectl runs");
+    assert!(rendered.status.success(), "kubectl kustomize deploy/ failed:\n{}", String::from_utf8_lossy(&rendered.stderr));
+    handle.load_manifests(&String::from_utf8_lossy(&rendered.stdout)).expect("deploy/ loads");
     handle.load_manifests(PODS).expect("the pods load");
     handle.load_file(&repo().join("examples/seed-canary.yaml")).expect("the WeightedService loads");
     let dir = std::env::temp_dir().join(format!("ipvs-operator-walkthrough-ready-{}", std::process::id()));

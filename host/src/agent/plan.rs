@@ -52,11 +52,14 @@ impl ServicePlan {
         let spec = service.spec.clone().unwrap_or_default();
         let mut addresses: Vec<IpAddr> = Vec::new();
         let cluster_ips = spec.cluster_ips.clone().unwrap_or_else(|| spec.cluster_ip.clone().into_iter().collect());
+        // kube-proxy programs an ingress IP only in VIP mode (`ipMode` unset or
+        // `VIP`): a `Proxy` load balancer sends its traffic to the NodePorts.
         let ingress_ips = service
             .status
             .iter()
             .flat_map(|s| s.load_balancer.iter())
             .flat_map(|lb| lb.ingress.iter().flatten())
+            .filter(|i| i.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
             .filter_map(|i| i.ip.clone());
         for ip in cluster_ips.into_iter().chain(spec.external_ips.clone().unwrap_or_default()).chain(ingress_ips) {
             // "None" (headless) and "" are not addresses; kube-proxy programs nothing for them.
@@ -219,7 +222,7 @@ spec:
   - {name: admin, protocol: TCP, port: 9000, targetPort: 9000, nodePort: 30900}
 status:
   loadBalancer:
-    ingress: [{ip: 198.51.100.9}]
+    ingress: [{ip: 198.51.100.9}, {ip: 198.51.100.10, ipMode: Proxy}, {ip: 198.51.100.11, ipMode: VIP}]
 "#;
 
     #[test]
@@ -234,7 +237,8 @@ status:
         let http = &plan.ports[0];
         assert_eq!(http.node_port, Some(30080));
         let addresses: Vec<String> = http.addresses.iter().map(ToString::to_string).collect();
-        assert_eq!(addresses, ["10.96.0.10", "fd00::10", "192.0.2.7", "198.51.100.9"]);
+        // Not the Proxy-mode ingress IP: kube-proxy makes no virtual service for it.
+        assert_eq!(addresses, ["10.96.0.10", "fd00::10", "192.0.2.7", "198.51.100.9", "198.51.100.11"]);
         // Terminating and unready endpoints are kube-proxy's to drain: not in the plan.
         assert_eq!(http.weights, [("10.244.1.5:8080".parse().unwrap(), 10)].into());
         assert_eq!(plan.ports[1].weights, [("10.244.1.5:9000".parse().unwrap(), 10)].into());

@@ -114,6 +114,7 @@ pub fn reflect_indexed<I: Index>(
                             *index = fresh;
                         }
                         index.relisted();
+                        Metrics::count(&metrics.watch_lists, I::KIND, 1);
                         ready_tx.send_replace(true);
                         Some(None)
                     }

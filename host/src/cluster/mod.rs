@@ -356,7 +356,10 @@ where
                     match event {
                         watcher::Event::Apply(o) | watcher::Event::Delete(o) => Some(Some(o)),
                         // The cache is swapped in at InitDone: that is when to look again.
-                        watcher::Event::InitDone => Some(None),
+                        watcher::Event::InitDone => {
+                            Metrics::count(&metrics.watch_lists, kind, 1);
+                            Some(None)
+                        }
                         watcher::Event::Init | watcher::Event::InitApply(_) => None,
                     }
                 }

@@ -51,10 +51,17 @@ impl Drop for Process {
 
 impl Process {
     /// Starts `ipvs-operator ARGS` as node-1 against `kubeconfig`, its log in `log`.
+    #[allow(dead_code)] // the policy-dir bench's; footprint's names its binaries
     pub fn start(args: &[&str], kubeconfig: &Path, log: &Path) -> Result<Process> {
+        Process::start_binary(&project_binary("ipvs-operator")?, args, kubeconfig, log)
+    }
+
+    /// [`Process::start`] with another build of `ipvs-operator` (the shipped
+    /// musl one, say).
+    pub fn start_binary(program: &Path, args: &[&str], kubeconfig: &Path, log: &Path) -> Result<Process> {
         let port = free_port()?;
         let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Command::new(project_binary("ipvs-operator")?)
+        let child = Command::new(program)
             .args(args)
             .arg(format!("--listen={metrics}"))
             .env("KUBECONFIG", kubeconfig)
@@ -63,7 +70,7 @@ impl Process {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log)?)
             .spawn()
-            .context("starting ipvs-operator")?;
+            .with_context(|| format!("starting {}", program.display()))?;
         Ok(Process { child, metrics })
     }
 

@@ -3,14 +3,49 @@
 //! controller, a scheduler plus kubelet that gives pods a node, an IP and a
 //! Ready condition, and the EndpointSlice controller.
 //!
+//! The EndpointSlice controller is as untidy as the real one, so that clients
+//! meet what they meet on a cluster:
+//! - A Service's endpoints are split into slices of at most
+//!   [`Config::max_endpoints_per_slice`](super::Config) (default 100) per
+//!   resolved port list, placed as the real reconciler places them: an
+//!   endpoint that stays keeps its slice, new ones go into slices being
+//!   written anyway, then into the unchanged slice that they fill best, and a
+//!   slice is created only when none has room; nothing is rebalanced, a slice
+//!   left empty is deleted (one empty placeholder stays for a Service without
+//!   endpoints), and one left over is reused before a new one is created.
+//! - It is asynchronous: a pod or Service change marks its namespace's slices
+//!   to be synced [`Config::endpoint_slice_delay`](super::Config) later
+//!   (default 50 ms), from the server's timer task, each slice its own write
+//!   (own resourceVersion, own watch event) after the pod's. Further changes
+//!   before then join that sync, as a real controller's work queue batches
+//!   them. 50 ms is about what a real controller takes on an idle cluster
+//!   (a watch event, its queue, a write), long enough that a client has
+//!   handled the pod's event before the slices change (the moment where they
+//!   disagree is real and testable), and short enough that the suite's
+//!   hundreds of pod changes cost it little. Timers fire on a 10 ms tick, so a
+//!   sync lands 50–60 ms after the change. `Duration::ZERO` syncs with the
+//!   change, under the same lock, as this emulation used to.
+//! - It writes out of order: the writes of one Service's sync are shuffled,
+//!   and half the time (at random) only some of them are made, the rest a
+//!   delay later, so an endpoint may leave one slice before it appears in
+//!   another, or appear before it leaves. The choices come from a seeded RNG:
+//!   the `IPVS_TEST_SEED` environment variable if set (for every server the
+//!   process starts), else [`Config::seed`](super::Config), else the time.
+//!   The seed is logged at start and printed to stderr as
+//!   `test-apiserver seed: N`: `IPVS_TEST_SEED=N` replays a failing test's
+//!   choices (as far as its timing allows; the seed also seeds generated
+//!   names and uids).
+//!
 //! Simplifications (listed in tests/README.md): Deployments own their
 //! Pods directly (no ReplicaSet objects), a template change replaces all pods
-//! at once, one EndpointSlice per distinct port mapping, IPv4 only. DaemonSets
-//! place one pod on every node whose labels match the template's
-//! `nodeSelector` (taints, tolerations and affinity are not looked at), and
-//! replace all of them at once when the template changes.
+//! at once, IPv4 only. DaemonSets place one pod on every node whose labels
+//! match the template's `nodeSelector` (taints, tolerations and affinity are
+//! not looked at), and replace all of them at once when the template changes.
+//! The EndpointSlice controller syncs a namespace's Services together, does
+//! not write topology hints, and its slices are not rewritten when a client
+//! edits them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
@@ -104,7 +139,84 @@ fn template_hash(v: &Value) -> String {
         .collect()
 }
 
+/// The environment variable whose seed, if set, every server of the process uses.
+pub const SEED_ENV: &str = "IPVS_TEST_SEED";
+
+/// The seed a server uses: `IPVS_TEST_SEED` if set (and a number), else the
+/// configured one, else one from the time.
+pub(crate) fn resolve_seed(configured: Option<u64>) -> u64 {
+    if let Ok(v) = std::env::var(SEED_ENV) {
+        match v.trim().parse::<u64>() {
+            Ok(seed) => return seed,
+            Err(_) => tracing::warn!(value = %v, "{SEED_ENV} is not a u64: ignored"),
+        }
+    }
+    configured.unwrap_or_else(time_seed)
+}
+
+/// A seed from the time (and the process's hasher keys).
+fn time_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    // Small enough to type back in, large enough not to repeat.
+    h.finish() % 1_000_000_000_000
+}
+
+/// splitmix64: spreads a seed (or a counter) over all 64 bits.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The store's name and uid generator's start from a seed (non-zero, as
+/// xorshift needs).
+pub(crate) fn name_seed(seed: u64) -> u64 {
+    mix(seed) | 1
+}
+
+/// The EndpointSlice controller's own state.
+pub(crate) struct SliceSync {
+    /// Namespaces whose Services' slices are synced at the instant given.
+    pending: BTreeMap<String, tokio::time::Instant>,
+    /// Its random choices (write order, split syncs): splitmix64 state.
+    rng: u64,
+}
+
+impl SliceSync {
+    /// Seeded with `seed` (a server resolved it with [`resolve_seed`]), else from the time.
+    pub(crate) fn new(seed: Option<u64>) -> Self {
+        // Apart from the names' generator, so that names do not shift the order.
+        Self { pending: BTreeMap::new(), rng: mix(seed.unwrap_or_else(time_seed) ^ 0x5eed_511c_e5) }
+    }
+
+    /// Whether a sync is waiting.
+    pub(crate) fn is_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix(self.rng)
+    }
+
+    /// A random number below `n` (> 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.random() % n as u64) as usize
+    }
+
+    fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i + 1);
+            items.swap(i, j);
+        }
+    }
+}
+
 /// A write of the EndpointSlice controller.
+#[derive(Debug)]
 enum SliceWrite {
     /// Replace the slice of that name.
     Update(String, Value),
@@ -114,45 +226,150 @@ enum SliceWrite {
     Remove(String),
 }
 
+/// What identifies an endpoint across syncs (as the real controller's
+/// endpoint hash): its addresses and the pod it stands for.
+fn endpoint_key(ep: &Value) -> (String, String) {
+    let addresses = ep.get("addresses").map(Value::to_string).unwrap_or_default();
+    let pod = pointer(ep, "/targetRef/namespace").and_then(Value::as_str).unwrap_or_default().to_string() + "/"
+        + pointer(ep, "/targetRef/name").and_then(Value::as_str).unwrap_or_default();
+    (addresses, pod)
+}
+
+fn endpoints_of(slice: &Value) -> &[Value] {
+    slice.get("endpoints").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
+}
+
+/// The unchanged slice (index in `slices`, with its endpoint count) that
+/// `n` more endpoints fill best without overfilling it (the real
+/// controller's `getSliceToFill`).
+fn slice_to_fill(slices: &[(&Value, usize)], n: usize, max: usize) -> Option<usize> {
+    let mut best: Option<(usize, usize)> = None;
+    for (i, (_, len)) in slices.iter().enumerate() {
+        let Some(room) = max.checked_sub(n + len) else { continue };
+        if best.is_none_or(|(_, b)| room < b) {
+            best = Some((i, room));
+            if room == 0 {
+                break;
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 /// The writes that make the slices `managed` of Service `svc` (named `name`)
-/// hold the endpoint `groups`: a slice per group, reusing one with the same
-/// ports if any (else any left), removing those left over.
-fn plan_slices(svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, managed: Vec<&Value>, writes: &mut Vec<SliceWrite>) {
-    let mut unused: Vec<&Value> = managed;
+/// hold the endpoint `groups` (resolved port list, endpoints in order), at
+/// most `max` endpoints a slice, as the real reconciler
+/// (`reconcileByPortMapping`, then `finalize`) plans them.
+fn plan_slices(svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, managed: &[&Value], max: usize) -> Vec<SliceWrite> {
+    let max = max.max(1);
     let mut labels = pointer(svc, "/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
     labels.insert(LABEL_SERVICE_NAME.into(), json!(name));
     labels.insert(LABEL_MANAGED_BY.into(), json!(MANAGED_BY));
     let labels = Value::Object(labels);
     let no_ports = json!([]);
+    let ports_are = |sl: &Value, ports: &Value| sl.get("ports").filter(|p| !p.is_null()).unwrap_or(&no_ports) == ports;
+    // (slice, ports, endpoints) to write over it; (ports, endpoints) to create; slices to delete.
+    let mut updates: Vec<(&Value, Value, Vec<Value>)> = Vec::new();
+    let mut creates: Vec<(Value, Vec<Value>)> = Vec::new();
+    let mut deletes: Vec<&Value> = managed.iter().copied().filter(|sl| !groups.iter().any(|(p, _)| ports_are(sl, p))).collect();
     for (ports, endpoints) in groups {
-        let pos = unused
-            .iter()
-            .position(|sl| sl.get("ports").unwrap_or(&no_ports) == &ports)
-            .or(if unused.is_empty() { None } else { Some(0) });
-        let endpoints = Value::Array(endpoints);
-        match pos {
-            Some(i) => {
-                let sl = unused.remove(i);
-                // Only these three are (re)written: the slice changes if one differs.
-                let same = sl.get("ports") == Some(&ports)
-                    && sl.get("endpoints") == Some(&endpoints)
-                    && pointer(sl, "/metadata/labels") == Some(&labels);
-                if !same {
-                    let mut next = sl.clone();
-                    next["ports"] = ports;
-                    next["endpoints"] = endpoints;
-                    next["metadata"]["labels"] = labels.clone();
-                    writes.push(SliceWrite::Update(s(sl, "/metadata/name").unwrap_or_default().to_string(), next));
+        let index: HashMap<(String, String), usize> = endpoints.iter().enumerate().map(|(i, e)| (endpoint_key(e), i)).collect();
+        let mut desired: Vec<Option<Value>> = endpoints.into_iter().map(Some).collect();
+        let mut updated: Vec<(&Value, Vec<Value>)> = Vec::new();
+        let mut unchanged: Vec<(&Value, usize)> = Vec::new();
+        // 1. Endpoints that stay keep their slice; a slice left empty goes.
+        for &sl in managed.iter().filter(|sl| ports_are(sl, &ports)) {
+            let old = endpoints_of(sl);
+            let mut kept = Vec::new();
+            let mut changed = false;
+            for e in old {
+                match index.get(&endpoint_key(e)).and_then(|&i| desired[i].take()) {
+                    Some(d) => {
+                        changed |= d != *e;
+                        kept.push(d);
+                    }
+                    None => changed = true,
                 }
             }
-            None => writes.push(SliceWrite::Create(json!({
-                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"generateName": format!("{name}-"), "labels": labels, "ownerReferences": [owner_ref(svc, true)]},
-                "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
-            }))),
+            if changed {
+                if kept.is_empty() { deletes.push(sl) } else { updated.push((sl, kept)) }
+            } else if pointer(sl, "/metadata/labels") != Some(&labels) {
+                updated.push((sl, kept));
+            } else {
+                unchanged.push((sl, kept.len()));
+            }
+        }
+        let mut left: VecDeque<Value> = desired.into_iter().flatten().collect();
+        // 2. New endpoints go into the slices written anyway, fullest first.
+        updated.sort_by_key(|(_, eps)| std::cmp::Reverse(eps.len()));
+        for (_, eps) in &mut updated {
+            while eps.len() < max
+                && let Some(e) = left.pop_front()
+            {
+                eps.push(e);
+            }
+        }
+        // 3. The rest into the unchanged slice they fill best, else new slices.
+        while !left.is_empty() {
+            let fill = if left.len() < max { slice_to_fill(&unchanged, left.len(), max) } else { None };
+            let (target, mut eps) = match fill {
+                Some(i) => {
+                    let (sl, _) = unchanged.remove(i);
+                    (Some(sl), endpoints_of(sl).to_vec())
+                }
+                None => (None, Vec::new()),
+            };
+            while eps.len() < max
+                && let Some(e) = left.pop_front()
+            {
+                eps.push(e);
+            }
+            match target {
+                Some(sl) => updated.push((sl, eps)),
+                None => creates.push((ports.clone(), eps)),
+            }
+        }
+        updates.extend(updated.into_iter().map(|(sl, eps)| (sl, ports.clone(), eps)));
+    }
+    // A Service without endpoints keeps one empty placeholder slice.
+    if deletes.len() == managed.len() && creates.is_empty() {
+        let placeholder = |sl: &Value| ports_are(sl, &no_ports) && endpoints_of(sl).is_empty();
+        if deletes.len() == 1 && placeholder(deletes[0]) {
+            let sl = deletes.remove(0);
+            if pointer(sl, "/metadata/labels") != Some(&labels) {
+                updates.push((sl, no_ports.clone(), Vec::new()));
+            }
+        } else {
+            creates.push((no_ports.clone(), Vec::new()));
         }
     }
-    writes.extend(unused.iter().filter_map(|sl| s(sl, "/metadata/name")).map(|n| SliceWrite::Remove(n.to_string())));
+    // A slice to delete is reused for one to create (fewer writes, as `finalize`).
+    while !deletes.is_empty()
+        && let Some((ports, eps)) = creates.pop()
+    {
+        updates.push((deletes.remove(0), ports, eps));
+    }
+    let mut writes = Vec::new();
+    for (ports, eps) in creates {
+        writes.push(SliceWrite::Create(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"generateName": format!("{name}-"), "labels": labels, "ownerReferences": [owner_ref(svc, true)]},
+            "addressType": "IPv4", "ports": ports, "endpoints": eps,
+        })));
+    }
+    for (sl, ports, eps) in updates {
+        let eps = Value::Array(eps);
+        if sl.get("ports") == Some(&ports) && sl.get("endpoints") == Some(&eps) && pointer(sl, "/metadata/labels") == Some(&labels) {
+            continue;
+        }
+        let mut next = sl.clone();
+        next["ports"] = ports;
+        next["endpoints"] = eps;
+        next["metadata"]["labels"] = labels.clone();
+        writes.push(SliceWrite::Update(s(sl, "/metadata/name").unwrap_or_default().to_string(), next));
+    }
+    writes.extend(deletes.iter().filter_map(|sl| s(sl, "/metadata/name")).map(|n| SliceWrite::Remove(n.to_string())));
+    writes
 }
 
 impl Store {
@@ -180,7 +397,7 @@ impl Store {
         self.reconcile_deployments(ns);
         self.reconcile_daemonsets(ns);
         self.run_kubelet(ns);
-        self.reconcile_endpoint_slices(ns);
+        self.schedule_endpoint_slices(ns);
         self.reconcile_namespace_deletion(ns);
     }
 
@@ -656,36 +873,75 @@ impl Store {
 
     // ---- EndpointSlices ----
 
-    fn reconcile_endpoint_slices(&mut self, ns: &str) {
-        for write in self.endpoint_slice_writes(ns) {
-            match write {
-                SliceWrite::Update(name, next) => {
-                    if let Err(e) = self.update(ids::endpointslices(), ns, &name, next, Sub::Main) {
-                        tracing::debug!(error = %e, "endpointslice controller: update");
-                    }
-                }
-                SliceWrite::Create(obj) => {
-                    if let Err(e) = self.create(ids::endpointslices(), ns, obj) {
-                        tracing::debug!(error = %e, "endpointslice controller: create");
-                    }
-                }
-                SliceWrite::Remove(name) => {
-                    let _ = self.remove(ids::endpointslices(), &(ns.to_string(), name));
-                }
+    /// A pod or Service in `ns` changed: its slices are synced after the
+    /// delay (a sync already waiting takes this change along), or now.
+    fn schedule_endpoint_slices(&mut self, ns: &str) {
+        let delay = self.cfg.endpoint_slice_delay;
+        if delay.is_zero() {
+            self.sync_endpoint_slices(ns, false);
+        } else {
+            self.slice_sync.pending.entry(ns.to_string()).or_insert_with(|| tokio::time::Instant::now() + delay);
+        }
+    }
+
+    /// Runs the EndpointSlice syncs due at `now` (from the timer task).
+    pub(crate) fn fire_endpoint_slice_syncs(&mut self, now: tokio::time::Instant) {
+        let due: Vec<String> = self.slice_sync.pending.iter().filter(|(_, t)| **t <= now).map(|(ns, _)| ns.clone()).collect();
+        for ns in due {
+            self.slice_sync.pending.remove(&ns);
+            self.sync_endpoint_slices(&ns, true);
+        }
+    }
+
+    /// Writes the slices of the Services of `ns`, each Service's writes in a
+    /// random order; with `may_split`, half the time only some of them, and
+    /// the rest (planned again) a delay later.
+    fn sync_endpoint_slices(&mut self, ns: &str, may_split: bool) {
+        let mut split = false;
+        for mut writes in self.endpoint_slice_writes(ns) {
+            self.slice_sync.shuffle(&mut writes);
+            if may_split && writes.len() > 1 && self.slice_sync.below(2) == 0 {
+                let first = 1 + self.slice_sync.below(writes.len() - 1);
+                writes.truncate(first);
+                split = true;
             }
+            for write in writes {
+                self.write_endpoint_slice(ns, write);
+            }
+        }
+        if split {
+            let later = tokio::time::Instant::now() + self.cfg.endpoint_slice_delay;
+            self.slice_sync.pending.entry(ns.to_string()).or_insert(later);
         }
         // Slices whose Service is gone are garbage-collected through their owner reference.
     }
 
-    /// The EndpointSlice controller's writes in `ns`, Service by Service. They
-    /// touch slices only, so all are planned first from the namespace's
-    /// objects as they are, borrowed: this runs after every write to a
-    /// namespace, and copying its pods, Services and slices each time cost
-    /// more than the write.
-    fn endpoint_slice_writes(&self, ns: &str) -> Vec<SliceWrite> {
+    fn write_endpoint_slice(&mut self, ns: &str, write: SliceWrite) {
+        match write {
+            SliceWrite::Update(name, next) => {
+                if let Err(e) = self.update(ids::endpointslices(), ns, &name, next, Sub::Main) {
+                    tracing::debug!(error = %e, "endpointslice controller: update");
+                }
+            }
+            SliceWrite::Create(obj) => {
+                if let Err(e) = self.create(ids::endpointslices(), ns, obj) {
+                    tracing::debug!(error = %e, "endpointslice controller: create");
+                }
+            }
+            SliceWrite::Remove(name) => {
+                let _ = self.remove(ids::endpointslices(), &(ns.to_string(), name));
+            }
+        }
+    }
+
+    /// The EndpointSlice controller's writes in `ns`, one list per Service.
+    /// They touch slices only, so all are planned first from the namespace's
+    /// objects as they are, borrowed: copying its pods, Services and slices
+    /// each time cost more than the writes.
+    fn endpoint_slice_writes(&self, ns: &str) -> Vec<Vec<SliceWrite>> {
         let pods: Vec<&Value> = self.iter_ns(ids::pods(), ns).collect();
         let slices: Vec<&Value> = self.iter_ns(ids::endpointslices(), ns).collect();
-        let mut writes = Vec::new();
+        let mut out = Vec::new();
         for svc in self.iter_ns(ids::services(), ns) {
             let name = s(svc, "/metadata/name").unwrap_or_default();
             let managed: Vec<&Value> = slices
@@ -699,19 +955,20 @@ impl Store {
             let selector = pointer(svc, "/spec/selector").and_then(Value::as_object).filter(|m| !m.is_empty());
             let external = s(svc, "/spec/type") == Some("ExternalName");
             let (Some(selector), false) = (selector, external) else {
-                writes.extend(managed.iter().filter_map(|sl| s(sl, "/metadata/name")).map(|n| SliceWrite::Remove(n.to_string())));
+                out.push(managed.iter().filter_map(|sl| s(sl, "/metadata/name")).map(|n| SliceWrite::Remove(n.to_string())).collect());
                 continue;
             };
             if terminating(svc) {
                 continue;
             }
             let groups = self.desired_slices(svc, selector, &pods);
-            plan_slices(svc, name, groups, managed, &mut writes);
+            out.push(plan_slices(svc, name, groups, &managed, self.cfg.max_endpoints_per_slice));
         }
-        writes
+        out.retain(|w: &Vec<SliceWrite>| !w.is_empty());
+        out
     }
 
-    /// Endpoints grouped by their resolved port list: one slice per group.
+    /// Endpoints grouped by their resolved port list, in pod name order.
     fn desired_slices(&self, svc: &Value, selector: &serde_json::Map<String, Value>, pods: &[&Value]) -> Vec<(Value, Vec<Value>)> {
         let svc_ports: Vec<Value> = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
         let mut groups: Vec<(Value, Vec<Value>)> = Vec::new();
@@ -739,9 +996,6 @@ impl Store {
                 Some((_, eps)) => eps.push(ep),
                 None => groups.push((ports, vec![ep])),
             }
-        }
-        if groups.is_empty() {
-            groups.push((json!([]), Vec::new()));
         }
         groups
     }
@@ -824,5 +1078,224 @@ impl ApiError {
     pub(crate) fn with_message(mut self, m: &str) -> Self {
         self.message = m.to_string();
         self
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::super::Config;
+    use super::*;
+    use std::time::Duration;
+
+    fn store(cfg: Config) -> Store {
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        Store::new(cfg, tx)
+    }
+
+    fn seeded(seed: u64) -> Store {
+        store(Config { seed: Some(seed), ..Config::default() })
+    }
+
+    fn pod_name(i: usize) -> String {
+        format!("web-{i:03}")
+    }
+
+    fn ip(i: usize) -> String {
+        format!("10.1.{}.{}", i / 200, 10 + i % 200)
+    }
+
+    /// A Service `web` (named target port) and pods `0..n` behind it.
+    fn web(st: &mut Store, pods: std::ops::Range<usize>) {
+        if st.get(ids::services(), "default", "web").is_err() {
+            let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "labels": {"tier": "front"}},
+                "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "www"}]}});
+            st.create(ids::services(), "default", svc).expect("service");
+        }
+        for i in pods {
+            let pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod_name(i), "labels": {"app": "web"}, "annotations": {ANNOTATION_POD_IP: ip(i)}},
+                "spec": {"containers": [{"name": "web", "image": "x", "ports": [{"name": "www", "containerPort": 8080}]}]}});
+            st.create(ids::pods(), "default", pod).expect("pod");
+        }
+        st.reconcile();
+    }
+
+    /// Runs every EndpointSlice sync, split ones too, as if their time had come.
+    fn settle(st: &mut Store) {
+        let later = tokio::time::Instant::now() + Duration::from_secs(3600);
+        for _ in 0..100 {
+            if !st.slice_sync.is_pending() {
+                return;
+            }
+            st.fire_endpoint_slice_syncs(later);
+        }
+        panic!("the EndpointSlice controller did not settle");
+    }
+
+    fn slices(st: &Store) -> Vec<Value> {
+        st.iter_ns(ids::endpointslices(), "default").cloned().collect()
+    }
+
+    fn addresses(sl: &Value) -> Vec<String> {
+        endpoints_of(sl).iter().filter_map(|e| e.pointer("/addresses/0").and_then(Value::as_str)).map(str::to_string).collect()
+    }
+
+    /// Every slice within the limit, and the addresses of all, each once, sorted.
+    fn covered(st: &Store, max: usize) -> Vec<String> {
+        let mut all = Vec::new();
+        for sl in slices(st) {
+            assert!(endpoints_of(&sl).len() <= max, "a slice of {} endpoints", endpoints_of(&sl).len());
+            assert_eq!(sl["ports"], json!([{"name": "http", "port": 8080, "protocol": "TCP"}]));
+            assert_eq!(sl.pointer("/metadata/labels/tier"), Some(&json!("front")));
+            all.extend(addresses(&sl));
+        }
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "an endpoint in two slices");
+        all
+    }
+
+    fn ips(range: impl Iterator<Item = usize>) -> Vec<String> {
+        let mut v: Vec<String> = range.map(ip).collect();
+        v.sort();
+        v
+    }
+
+    /// The slice writes in the log after `rv`: (event, name, addresses).
+    fn slice_writes(st: &Store, rv: u64) -> Vec<(&'static str, String, Vec<String>)> {
+        st.log
+            .iter()
+            .filter(|e| e.kind == ids::endpointslices() && e.rv > rv)
+            .map(|e| (e.etype.as_str(), s(&e.obj, "/metadata/name").unwrap_or_default().to_string(), addresses(&e.obj)))
+            .collect()
+    }
+
+    #[test]
+    fn endpoints_are_split_at_the_limit_and_not_rebalanced() {
+        let mut st = seeded(1);
+        web(&mut st, 0..250);
+        assert!(slices(&st).is_empty(), "no slice in the instant of the change");
+        settle(&mut st);
+        let before = slices(&st);
+        assert_eq!(before.len(), 3, "250 endpoints: 3 slices");
+        assert_eq!(covered(&st, 100), ips(0..250));
+        let sizes = |v: &[Value]| {
+            let mut n: Vec<usize> = v.iter().map(|sl| endpoints_of(sl).len()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(sizes(&before), [50, 100, 100]);
+
+        // Scale 250 -> 150: every third pod and then some go; what stays, stays put.
+        let gone: Vec<usize> = (0..250).filter(|i| i % 3 == 0).chain((200..250).filter(|i| i % 3 != 0)).take(100).collect();
+        for &i in &gone {
+            st.delete(ids::pods(), "default", &pod_name(i), DeleteOptions { grace: Some(super::super::Grace::Immediate), ..Default::default() })
+                .expect("delete");
+        }
+        st.reconcile();
+        settle(&mut st);
+        assert_eq!(covered(&st, 100), ips((0..250).filter(|i| !gone.contains(i))));
+        let slice_of = |v: &[Value], a: &str| {
+            v.iter().find(|sl| addresses(sl).iter().any(|x| x == a)).and_then(|sl| s(sl, "/metadata/name").map(str::to_string))
+        };
+        let after = slices(&st);
+        for i in (0..250).filter(|i| !gone.contains(i)) {
+            assert_eq!(slice_of(&after, &ip(i)), slice_of(&before, &ip(i)), "endpoint {i} kept its slice");
+        }
+
+        // New endpoints fill the slices with room before a slice is created.
+        let rv = st.rv;
+        web(&mut st, 250..300);
+        settle(&mut st);
+        assert_eq!(covered(&st, 100), ips((0..300).filter(|i| !gone.contains(i))));
+        assert!(slice_writes(&st, rv).iter().all(|(t, _, _)| *t == "MODIFIED"), "no slice created: {:?}", slice_writes(&st, rv));
+        assert!(slices(&st).len() <= 3);
+        // Beyond all room (66, 67 and 67 endpoints now): a new slice of 100,
+        // and the 50 left fit no slice whole, so another (as the real one:
+        // leftovers are not spread over several slices).
+        web(&mut st, 300..450);
+        settle(&mut st);
+        assert_eq!(covered(&st, 100), ips((0..450).filter(|i| !gone.contains(i))));
+        assert_eq!(sizes(&slices(&st)), [50, 66, 67, 67, 100]);
+    }
+
+    #[test]
+    fn no_endpoints_keep_one_placeholder_and_the_limit_is_configurable() {
+        let mut st = store(Config { max_endpoints_per_slice: 2, seed: Some(7), ..Config::default() });
+        web(&mut st, 0..0);
+        settle(&mut st);
+        let placeholder = slices(&st);
+        assert_eq!(placeholder.len(), 1);
+        assert_eq!((&placeholder[0]["ports"], &placeholder[0]["endpoints"]), (&json!([]), &json!([])));
+        web(&mut st, 0..5);
+        settle(&mut st);
+        assert_eq!(covered(&st, 2), ips(0..5));
+        assert_eq!(slices(&st).len(), 3);
+        let names: BTreeSet<String> = slices(&st).iter().filter_map(|sl| s(sl, "/metadata/name").map(str::to_string)).collect();
+        assert!(names.contains(s(&placeholder[0], "/metadata/name").unwrap_or_default()), "the placeholder is reused");
+        for i in 0..5 {
+            st.delete(ids::pods(), "default", &pod_name(i), DeleteOptions { grace: Some(super::super::Grace::Immediate), ..Default::default() })
+                .expect("delete");
+        }
+        st.reconcile();
+        settle(&mut st);
+        let left = slices(&st);
+        assert_eq!(left.len(), 1, "back to one placeholder");
+        assert!(endpoints_of(&left[0]).is_empty());
+    }
+
+    #[test]
+    fn zero_delay_writes_slices_with_the_change() {
+        let mut st = store(Config { endpoint_slice_delay: Duration::ZERO, ..Config::default() });
+        web(&mut st, 0..120);
+        assert!(!st.slice_sync.is_pending());
+        assert_eq!(covered(&st, 100), ips(0..120));
+        assert_eq!(slices(&st).len(), 2);
+    }
+
+    #[test]
+    fn the_same_seed_writes_slices_in_the_same_order() {
+        let run = |seed: u64| {
+            let mut st = seeded(seed);
+            web(&mut st, 0..250);
+            settle(&mut st);
+            let rv = st.rv;
+            // A change that touches every slice at once: a new port name.
+            let mut svc = st.get(ids::services(), "default", "web").expect("service");
+            svc["spec"]["ports"][0]["name"] = json!("web");
+            st.update(ids::services(), "default", "web", svc, Sub::Main).expect("update");
+            st.reconcile();
+            settle(&mut st);
+            for i in (0..250).filter(|i| i % 7 == 0) {
+                st.delete(ids::pods(), "default", &pod_name(i), DeleteOptions { grace: Some(super::super::Grace::Immediate), ..Default::default() })
+                    .expect("delete");
+            }
+            st.reconcile();
+            settle(&mut st);
+            slice_writes(&st, rv)
+        };
+        let (a, b, c) = (run(42), run(42), run(43));
+        assert!(a.len() >= 6, "{a:?}");
+        assert_eq!(a, b, "same seed, same writes in the same order");
+        assert_ne!(a, c, "another seed, another order (or names)");
+    }
+
+    #[test]
+    fn some_syncs_come_in_two_moments() {
+        // Over many seeds, a sync with several writes is split about half the time.
+        let mut split = 0;
+        for seed in 0..40 {
+            let mut st = seeded(seed);
+            web(&mut st, 0..250);
+            st.fire_endpoint_slice_syncs(tokio::time::Instant::now() + Duration::from_secs(3600));
+            if st.slice_sync.is_pending() {
+                split += 1;
+                assert!(slices(&st).len() < 3, "part of the slices written");
+                settle(&mut st);
+            }
+            assert_eq!(covered(&st, 100), ips(0..250));
+        }
+        assert!((8..=32).contains(&split), "{split} of 40 syncs split");
     }
 }

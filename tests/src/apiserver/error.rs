@@ -55,11 +55,26 @@ impl ApiError {
         .with_details(kind, name)
     }
 
-    /// `422 Invalid`: `Service "x" is invalid: spec.clusterIP: ...`.
+    /// `422 Invalid` from a preformatted `field: message`.
     pub fn invalid(kind: &ResourceKind, name: &str, field_message: &str) -> Self {
-        let mut e = Self::new(422, "Invalid", format!("{} \"{name}\" is invalid: {field_message}", kind.kind));
+        let mut e = Self::new(422, "Invalid", format!("{} \"{name}\" is invalid: {field_message}", qualified_kind(kind)));
         e.details = Some(json!({"name": name, "group": kind.group, "kind": kind.kind,
             "causes": [{"reason": "FieldValueInvalid", "message": field_message}]}));
+        e
+    }
+
+    /// `422 Invalid` from field errors, as `errors.NewInvalid` renders them:
+    /// `Service "x" is invalid: [spec.ports[1].name: Required value, ...]`
+    /// (no brackets for one error), a cause per error. `errors` must not be empty.
+    pub fn invalid_fields(kind: &ResourceKind, name: &str, errors: &[FieldError]) -> Self {
+        let all = match errors {
+            [one] => one.to_string(),
+            many => format!("[{}]", many.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")),
+        };
+        let mut e = Self::new(422, "Invalid", format!("{} \"{name}\" is invalid: {all}", qualified_kind(kind)));
+        let causes: Vec<Value> =
+            errors.iter().map(|f| json!({"reason": f.kind.reason(), "message": f.body(), "field": f.field})).collect();
+        e.details = Some(json!({"name": name, "group": kind.group, "kind": kind.kind, "causes": causes}));
         e
     }
 
@@ -114,6 +129,117 @@ impl ApiError {
             s["details"] = d.clone();
         }
         s
+    }
+}
+
+/// `Kind.group` as `schema.GroupKind` prints it (`Service`, `WeightedService.codesink.net`).
+fn qualified_kind(kind: &ResourceKind) -> String {
+    if kind.group.is_empty() { kind.kind.to_string() } else { format!("{}.{}", kind.kind, kind.group) }
+}
+
+/// What is wrong with a field (`field.ErrorType` of k8s.io/apimachinery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldErrorKind {
+    /// `Required value`.
+    Required,
+    /// `Invalid value`.
+    Invalid,
+    /// `Invalid value`, of the wrong JSON type.
+    TypeInvalid,
+    /// `Unsupported value` (not in an enum).
+    NotSupported,
+    /// `Duplicate value`.
+    Duplicate,
+    /// `Forbidden`.
+    Forbidden,
+    /// `Too long`.
+    TooLong,
+    /// `Too many`.
+    TooMany,
+}
+
+impl FieldErrorKind {
+    /// `Status.details.causes[].reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Required => "FieldValueRequired",
+            Self::Invalid => "FieldValueInvalid",
+            Self::TypeInvalid => "FieldValueTypeInvalid",
+            Self::NotSupported => "FieldValueNotSupported",
+            Self::Duplicate => "FieldValueDuplicate",
+            Self::Forbidden => "FieldValueForbidden",
+            Self::TooLong => "FieldValueTooLong",
+            Self::TooMany => "FieldValueTooMany",
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Self::Required => "Required value",
+            Self::Invalid | Self::TypeInvalid => "Invalid value",
+            Self::NotSupported => "Unsupported value",
+            Self::Duplicate => "Duplicate value",
+            Self::Forbidden => "Forbidden",
+            Self::TooLong => "Too long",
+            Self::TooMany => "Too many",
+        }
+    }
+}
+
+/// One field error, as `field.Error` prints: `spec.ports[1].port: Invalid
+/// value: 0: must be between 1 and 65535, inclusive`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// What is wrong.
+    pub kind: FieldErrorKind,
+    /// The field's path, e.g. `spec.ports[1].port`.
+    pub field: String,
+    /// The bad value as Go prints it (`"x"` for strings, `70000` for numbers);
+    /// `None` for the kinds that print none (required, forbidden, too long).
+    pub value: Option<String>,
+    /// Why, e.g. `must be between 1 and 65535, inclusive`.
+    pub detail: String,
+}
+
+impl FieldError {
+    /// An error with a value.
+    pub fn new(kind: FieldErrorKind, field: impl Into<String>, value: &Value, detail: impl Into<String>) -> Self {
+        Self { kind, field: field.into(), value: Some(go_value(value)), detail: detail.into() }
+    }
+
+    /// An error without a value (`Required value: detail`, `Forbidden: detail`).
+    pub fn bare(kind: FieldErrorKind, field: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { kind, field: field.into(), value: None, detail: detail.into() }
+    }
+
+    /// `ErrorBody()`: the message without the field.
+    pub fn body(&self) -> String {
+        let mut s = self.kind.words().to_string();
+        if let Some(v) = &self.value {
+            s = format!("{s}: {v}");
+        }
+        if !self.detail.is_empty() {
+            s = format!("{s}: {}", self.detail);
+        }
+        s
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.body())
+    }
+}
+
+/// A JSON value as Go's `%v`/`%q` print it in field errors: strings quoted,
+/// numbers and booleans bare, `null` as `"null"`, anything else as JSON.
+pub(crate) fn go_value(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Null => "\"null\"".to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => other.to_string(),
     }
 }
 

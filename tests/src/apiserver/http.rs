@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::resources::{self, KINDS, KindId};
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{DeleteOptions, Filter, Grace, Store, Sub};
+use super::store::{DeleteOptions, Filter, Grace, RequestWriter, Store, Sub};
 use super::table::{Columns, Include, metadata_only};
 use super::validation::Directive;
 use super::{CloseMode, FailRule, Handle, RequestRecord, lock, openapi};
@@ -84,9 +84,11 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, handle: Handle, mut
     conns.shutdown().await;
 }
 
-/// Confirms pod terminations whose grace period is over.
+/// Fires the store's timers: pod terminations whose grace period is over,
+/// namespace clean-ups, and the EndpointSlice controller's delayed syncs. The
+/// tick (10 ms) is what a due timer may wait beyond its time.
 async fn kubelet_ticker(handle: Handle) {
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
     loop {
         tick.tick().await;
         let mut st = handle.store();
@@ -296,7 +298,7 @@ async fn dispatch(h: Handle, req: Request<Incoming>) -> Response<Body> {
                     }
                 }
                 Route::Unknown | Route::Admin(_) => error_response(&ApiError::no_route(&path)),
-                Route::Object(t) => match object_request(&h, &method, &t, &query, &content_type, &body, render, watch).await {
+                Route::Object(t) => match object_request(&h, &method, &t, &query, &content_type, &body, render, watch, &rec.user_agent).await {
                     Ok(r) => r,
                     Err(e) => error_response(&e),
                 },
@@ -391,6 +393,7 @@ async fn object_request(
     body: &[u8],
     render: Render,
     watch: bool,
+    user_agent: &str,
 ) -> Result<Response<Body>, ApiError> {
     let k = &KINDS[t.kind];
     let ns = t.namespace.clone().unwrap_or_default();
@@ -400,9 +403,20 @@ async fn object_request(
     let sub = sub_of(t)?;
     let include = Include::parse(query.get("includeObject").map(String::as_str))?;
     let directive = if matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
-        Directive::from_query(query.get("fieldValidation").map(String::as_str))?
+        // The real server's default is `Warn`.
+        Some(Directive::from_query(query.get("fieldValidation").map(String::as_str))?.unwrap_or(Directive::Warn))
     } else {
         None
+    };
+    // The manager of a write: `fieldManager`, else the user agent up to its
+    // first `/`, as the real server names it.
+    let writer = RequestWriter {
+        manager: query
+            .get("fieldManager")
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .unwrap_or_else(|| user_agent.split('/').next().unwrap_or_default().chars().take(128).collect()),
+        force: matches!(query.get("force").map(String::as_str), Some("true" | "1")),
     };
     match (method.as_str(), &t.name) {
         ("GET", None) if watch => start_watch(h, t, query, render, include),
@@ -438,21 +452,21 @@ async fn object_request(
                 return Ok(with_warnings(json_response(201, &obj), &warnings));
             }
             let mut st = h.store();
-            let (created, warnings) = validated(&mut st, directive, |st| st.create(t.kind, &ns, obj));
+            let (created, warnings) = validated(&mut st, directive, writer, |st| st.create(t.kind, &ns, obj));
             st.reconcile();
             Ok(with_warnings(json_response(201, &created?), &warnings))
         }
         ("PUT", Some(name)) => {
             let obj: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding the body: {e}")))?;
             let mut st = h.store();
-            let (updated, warnings) = validated(&mut st, directive, |st| st.update(t.kind, &ns, name, obj, sub));
+            let (updated, warnings) = validated(&mut st, directive, writer, |st| st.update(t.kind, &ns, name, obj, sub));
             st.reconcile();
             Ok(with_warnings(json_response(200, &updated?), &warnings))
         }
         ("PATCH", Some(name)) => {
             let mut st = h.store();
             let manager = query.get("fieldManager").map(String::as_str);
-            let (patched, warnings) = validated(&mut st, directive, |st| st.patch(t.kind, &ns, name, content_type, body, sub, manager));
+            let (patched, warnings) = validated(&mut st, directive, writer, |st| st.patch(t.kind, &ns, name, content_type, body, sub, manager));
             st.reconcile();
             let (obj, created) = patched?;
             Ok(with_warnings(json_response(if created { 201 } else { 200 }, &obj), &warnings))
@@ -486,13 +500,21 @@ async fn object_request(
     }
 }
 
-/// Runs one write with the request's `fieldValidation` in force (see
-/// [`super::validation`]); returns its result and the warnings it produced.
-fn validated<T>(st: &mut Store, directive: Option<Directive>, write: impl FnOnce(&mut Store) -> Result<T, ApiError>) -> (Result<T, ApiError>, Vec<String>) {
+/// Runs one write with the request's `fieldValidation` (see
+/// [`super::validation`]) and field manager in force; returns its result and
+/// the warnings it produced.
+fn validated<T>(
+    st: &mut Store,
+    directive: Option<Directive>,
+    writer: RequestWriter,
+    write: impl FnOnce(&mut Store) -> Result<T, ApiError>,
+) -> (Result<T, ApiError>, Vec<String>) {
     st.validation = directive;
+    st.writer = Some(writer);
     st.warnings.clear();
     let r = write(st);
     st.validation = None;
+    st.writer = None;
     (r, std::mem::take(&mut st.warnings))
 }
 

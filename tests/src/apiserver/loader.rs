@@ -49,7 +49,12 @@ pub(crate) fn load(st: &mut Store, yaml: &str) -> Result<Vec<(String, String, St
         }
         let status = doc.get("status").cloned();
         let body = serde_json::to_vec(&doc).map_err(|e| super::ApiError::bad_request(e.to_string()))?;
-        st.patch(kind, &ns, &name, "application/apply-patch+yaml", &body, Sub::Main, Some(MANAGER))?;
+        // Forced, as `kubectl apply --server-side --force-conflicts`: a test's
+        // manifest wins over what the operator or a test wrote before.
+        st.writer = Some(super::store::RequestWriter { manager: MANAGER.to_string(), force: true });
+        let applied = st.patch(kind, &ns, &name, "application/apply-patch+yaml", &body, Sub::Main, Some(MANAGER));
+        st.writer = None;
+        applied?;
         if let (Some(status), true) = (status, rk.status) {
             let mut current = st.get(kind, &ns, &name)?;
             current["status"] = status;

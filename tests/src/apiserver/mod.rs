@@ -38,7 +38,10 @@ mod loader;
 mod openapi;
 pub mod patch;
 pub mod resources;
+mod schema;
 pub mod selector;
+mod service_validation;
+mod ssa;
 mod store;
 mod table;
 mod validation;
@@ -57,10 +60,13 @@ pub use controllers::{
     ANNOTATION_POD_IP, ANNOTATION_POD_IPS, ANNOTATION_POD_NODES, ANNOTATION_PREFIX, ANNOTATION_READY,
     LABEL_MANAGED_BY, LABEL_SERVICE_NAME,
 };
-pub use error::{ApiError, Error, Result};
+pub use error::{ApiError, Error, FieldError, FieldErrorKind, Result};
 pub use store::Grace;
 
 use store::{Key, Store};
+
+/// The operator's CustomResourceDefinition, as `make crd` generates it.
+pub const OPERATOR_CRD: &str = include_str!("../../../deploy/crd.yaml");
 
 /// An IPv4 range, `a.b.c.d/n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +135,24 @@ pub struct Config {
     pub namespace_cleanup: Duration,
     /// The version `/version` reports.
     pub version: (u32, u32),
+    /// CustomResourceDefinitions (YAML documents) stored at start, as on a
+    /// cluster where they are installed (default: the operator's, from
+    /// deploy/crd.yaml). Custom resources are pruned, defaulted and validated
+    /// against their stored CRD; a test that installs the CRD itself (as
+    /// `kubectl apply -k deploy/` does) starts with none.
+    pub crds: Vec<String>,
+    /// How many endpoints an EndpointSlice holds at most (default 100, the
+    /// real controller's `--max-endpoints-per-slice`).
+    pub max_endpoints_per_slice: usize,
+    /// How long after a pod or Service change the EndpointSlice controller
+    /// writes the Service's slices (default 50 ms; see `controllers.rs`).
+    /// `Duration::ZERO` writes them with the change, under the same lock.
+    pub endpoint_slice_delay: Duration,
+    /// Seeds the server's random choices (generated names, the order of
+    /// EndpointSlice writes); `None` picks one from the time. The
+    /// `IPVS_TEST_SEED` environment variable overrides it. The seed used is
+    /// logged and printed to stderr (`test-apiserver seed: N`) at start.
+    pub seed: Option<u64>,
 }
 
 impl Default for Config {
@@ -147,7 +171,11 @@ impl Default for Config {
             bookmark_interval: Duration::from_secs(5),
             max_events: 10_000,
             namespace_cleanup: Duration::ZERO,
-            version: (1, 32),
+            version: (1, 37),
+            crds: vec![OPERATOR_CRD.to_string()],
+            max_endpoints_per_slice: 100,
+            endpoint_slice_delay: Duration::from_millis(50),
+            seed: None,
         }
     }
 }
@@ -296,7 +324,8 @@ impl Handle {
         Ok(self.store().add_node(node)?)
     }
 
-    /// Changes a pod's IP, node, readiness or labels; EndpointSlices follow.
+    /// Changes a pod's IP, node, readiness or labels; EndpointSlices follow
+    /// [`Config::endpoint_slice_delay`] later.
     pub fn update_pod(&self, namespace: &str, name: &str, update: &PodUpdate) -> Result<Value> {
         Ok(self.store().update_pod(namespace, name, update)?)
     }
@@ -414,7 +443,7 @@ impl TestApiServer {
     }
 
     /// Starts a server on `addr`.
-    pub async fn start_on(addr: SocketAddr, config: Config) -> Result<Self> {
+    pub async fn start_on(addr: SocketAddr, mut config: Config) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Io { context: format!("binding {addr}"), source })?;
@@ -423,6 +452,10 @@ impl TestApiServer {
             .map_err(|source| Error::Io { context: "reading the bound address".into(), source })?;
         let (changed_tx, changed_rx) = tokio::sync::watch::channel(0u64);
         let (closer, _) = tokio::sync::watch::channel((0u64, CloseMode::Clean));
+        let seed = controllers::resolve_seed(config.seed);
+        config.seed = Some(seed);
+        tracing::info!(seed, "test API server seed (IPVS_TEST_SEED={seed} replays it)");
+        eprintln!("test-apiserver seed: {seed}");
         let bookmark_interval = config.bookmark_interval;
         let version = config.version;
         let host = if addr.ip().is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { addr.ip() };

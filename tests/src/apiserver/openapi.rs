@@ -124,7 +124,7 @@ fn group_version(group: &str, version: &str) -> Option<Value> {
     }
     Some(json!({
         "openapi": "3.0.0",
-        "info": {"title": "Kubernetes (test API server, a test double)", "version": "v1.32.0"},
+        "info": {"title": "Kubernetes (test API server, a test double)", "version": "v1.37.0"},
         "paths": paths,
     }))
 }

@@ -1,5 +1,5 @@
-//! Patch semantics: JSON merge patch (RFC 7386), strategic merge patch as kubectl
-//! sends it, and the field-ownership bookkeeping behind server-side apply.
+//! Patch semantics: JSON merge patch (RFC 7386) and strategic merge patch as
+//! kubectl sends it. Server-side apply is [`super::ssa`].
 
 use std::collections::BTreeSet;
 
@@ -191,109 +191,6 @@ fn reorder(field: &str, list: &mut Vec<Value>, order: &[Value]) {
     list.extend(rest);
 }
 
-/// A field path: map keys from the root. Lists and scalars are leaves.
-pub type FieldPath = Vec<String>;
-
-/// The leaf paths set in an applied configuration, without the identity fields
-/// (`apiVersion`, `kind`, `metadata.name`, `metadata.namespace`) that nobody owns.
-pub fn field_paths(v: &Value) -> BTreeSet<FieldPath> {
-    fn walk(v: &Value, prefix: &mut FieldPath, out: &mut BTreeSet<FieldPath>) {
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, v) in m {
-                    prefix.push(k.clone());
-                    walk(v, prefix, out);
-                    prefix.pop();
-                }
-            }
-            _ => {
-                out.insert(prefix.clone());
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(v, &mut Vec::new(), &mut out);
-    out.retain(|p| {
-        !matches!(p.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
-            ["apiVersion"] | ["kind"] | ["metadata", "name"] | ["metadata", "namespace"]
-                | ["metadata", "resourceVersion"] | ["metadata"])
-    });
-    out
-}
-
-/// Encodes paths as `fieldsV1` (`{"f:spec":{"f:ports":{}}}`), as managedFields show them.
-pub fn to_fields_v1(paths: &BTreeSet<FieldPath>) -> Value {
-    let mut root = Map::new();
-    for p in paths {
-        let mut cur = &mut root;
-        for seg in p {
-            let next = cur.entry(format!("f:{seg}")).or_insert_with(|| Value::Object(Map::new()));
-            let Value::Object(m) = next else { break };
-            cur = m;
-        }
-    }
-    Value::Object(root)
-}
-
-/// Decodes `fieldsV1` back into leaf paths.
-pub fn from_fields_v1(v: &Value) -> BTreeSet<FieldPath> {
-    fn walk(v: &Value, prefix: &mut FieldPath, out: &mut BTreeSet<FieldPath>) {
-        match v {
-            Value::Object(m) if m.keys().any(|k| k.starts_with("f:")) => {
-                for (k, v) in m {
-                    if let Some(seg) = k.strip_prefix("f:") {
-                        prefix.push(seg.to_string());
-                        walk(v, prefix, out);
-                        prefix.pop();
-                    }
-                }
-            }
-            _ => {
-                if !prefix.is_empty() {
-                    out.insert(prefix.clone());
-                }
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(v, &mut Vec::new(), &mut out);
-    out
-}
-
-/// Removes the value at `path`, and any map left empty above it.
-pub fn remove_path(target: &mut Value, path: &[String]) {
-    let Some((first, rest)) = path.split_first() else { return };
-    let Value::Object(m) = target else { return };
-    if rest.is_empty() {
-        m.remove(first);
-        return;
-    }
-    if let Some(child) = m.get_mut(first) {
-        remove_path(child, rest);
-        if child.as_object().is_some_and(Map::is_empty) {
-            m.remove(first);
-        }
-    }
-}
-
-/// Merges an applied configuration into the live object: maps merge
-/// recursively, lists and scalars replace (lists are atomic here).
-pub fn apply_merge(target: &mut Value, applied: &Value) {
-    match (target, applied) {
-        (Value::Object(tm), Value::Object(am)) => {
-            for (k, v) in am {
-                match tm.get_mut(k) {
-                    Some(t) if t.is_object() && v.is_object() => apply_merge(t, v),
-                    _ => {
-                        tm.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (t, a) => *t = a.clone(),
-    }
-}
-
 #[cfg(test)]
 mod test {
     use super::*;
@@ -341,30 +238,5 @@ mod test {
         });
         strategic_merge_patch(&mut live, &patch);
         assert_eq!(live, json!({"metadata": {"finalizers": ["b"]}, "spec": {"selector": {"c": "3"}}}));
-    }
-
-    #[test]
-    fn fields_v1_round_trip() {
-        let applied = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "labels": {"x": "1"}},
-            "spec": {"ports": [{"port": 80}], "selector": {}}});
-        let paths = field_paths(&applied);
-        let want: BTreeSet<FieldPath> = [
-            vec!["metadata".to_string(), "labels".to_string(), "x".to_string()],
-            vec!["spec".to_string(), "ports".to_string()],
-            vec!["spec".to_string(), "selector".to_string()],
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(paths, want);
-        assert_eq!(from_fields_v1(&to_fields_v1(&paths)), want);
-    }
-
-    #[test]
-    fn remove_and_apply_merge() {
-        let mut live = json!({"spec": {"a": {"b": 1}, "c": [1, 2]}});
-        remove_path(&mut live, &["spec".to_string(), "a".to_string(), "b".to_string()]);
-        assert_eq!(live, json!({"spec": {"c": [1, 2]}}));
-        apply_merge(&mut live, &json!({"spec": {"c": [3], "d": {"e": 1}}}));
-        assert_eq!(live, json!({"spec": {"c": [3], "d": {"e": 1}}}));
     }
 }

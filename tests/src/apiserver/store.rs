@@ -3,7 +3,9 @@
 //!
 //! Every operation runs under one lock, and the built-in controllers
 //! (`controllers.rs`) run to a fixed point at the end of each external write, so
-//! a client sees their effects in the events that follow its own.
+//! a client sees their effects in the events that follow its own — except the
+//! EndpointSlice controller's, which are written later, from the timers
+//! (`Config::endpoint_slice_delay`), as a real one's are.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use super::error::ApiError;
 use super::resources::{KINDS, KindId, ResourceKind, ids};
 use super::selector::{FieldSelector, LabelSelector};
 use super::validation::Directive;
-use super::{Config, events, patch, table, validation};
+use super::{Config, events, patch, schema, service_validation, ssa, table, validation};
 
 /// `(namespace, name)`; the namespace is empty for cluster-scoped kinds.
 pub(crate) type Key = (String, String);
@@ -106,6 +108,15 @@ pub(crate) enum Sub {
     Status,
 }
 
+/// The field manager of a request and whether its apply is forced.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestWriter {
+    /// `fieldManager`, else the user agent up to its first `/`.
+    pub manager: String,
+    /// `force=true` on an apply.
+    pub force: bool,
+}
+
 /// A pod whose termination the emulated kubelet confirms at `due`.
 #[derive(Debug, Clone)]
 pub(crate) struct Timer {
@@ -127,6 +138,8 @@ pub(crate) struct Store {
     /// Terminating namespaces the emulated namespace controller empties and
     /// removes at the time given.
     pub namespace_timers: Vec<(tokio::time::Instant, String)>,
+    /// The EndpointSlice controller's pending syncs and random choices.
+    pub slice_sync: super::controllers::SliceSync,
     /// Namespaces whose pods, services or deployments changed since the
     /// controllers last ran.
     pub dirty: BTreeSet<String>,
@@ -143,6 +156,9 @@ pub(crate) struct Store {
     /// The `fieldValidation` of the request being served: the HTTP layer sets
     /// it around one write (never around the built-in controllers' writes).
     pub validation: Option<Directive>,
+    /// Who makes the request being served, for managedFields (the HTTP layer
+    /// sets it around one write; the built-in controllers' writes record none).
+    pub writer: Option<RequestWriter>,
     /// Warnings for the request being served (`Warning` headers).
     pub warnings: Vec<String>,
 }
@@ -196,12 +212,13 @@ fn valid_name(name: &str) -> bool {
 
 impl Store {
     pub fn new(cfg: Config, changed: tokio::sync::watch::Sender<u64>) -> Self {
-        let seed = {
+        let seed = cfg.seed.map(super::controllers::name_seed).unwrap_or_else(|| {
             use std::hash::{BuildHasher, Hasher};
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
             h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
             h.finish() | 1
-        };
+        });
+        let slice_sync = super::controllers::SliceSync::new(cfg.seed);
         let next_node_port = *cfg.node_port_range.start();
         let mut s = Self {
             cfg,
@@ -212,6 +229,7 @@ impl Store {
             floor: 0,
             timers: Vec::new(),
             namespace_timers: Vec::new(),
+            slice_sync,
             dirty: BTreeSet::new(),
             orphans: BTreeSet::new(),
             nodes_changed: false,
@@ -221,12 +239,21 @@ impl Store {
             rng: seed,
             changed,
             validation: None,
+            writer: None,
             warnings: Vec::new(),
         };
         for ns in s.cfg.namespaces.clone() {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             if let Err(e) = s.create(ids::namespaces(), "", obj) {
                 tracing::warn!(error = %e, "could not create a configured namespace");
+            }
+        }
+        for doc in s.cfg.crds.clone() {
+            let created = serde_yaml::from_str::<Value>(&doc)
+                .map_err(|e| ApiError::bad_request(format!("a configured CRD is not YAML: {e}")))
+                .and_then(|crd| s.create(ids::crds(), "", crd));
+            if let Err(e) = created {
+                tracing::warn!(error = %e, "could not create a configured CRD");
             }
         }
         for n in s.cfg.nodes.clone() {
@@ -574,7 +601,9 @@ impl Store {
             m.insert("creationTimestamp".into(), json!(now()));
             m.insert("generation".into(), json!(1));
         }
+        let request = obj.clone();
         self.prepare(kind, &mut obj, None)?;
+        self.record_update(kind, None, &request, &mut obj, Sub::Main);
         Ok(self.put(kind, obj, EventType::Added))
     }
 
@@ -650,7 +679,9 @@ impl Store {
         };
         next["apiVersion"] = json!(rk.api_version());
         next["kind"] = json!(rk.kind);
+        let request = next.clone();
         self.prepare(kind, &mut next, Some(&old))?;
+        self.record_update(kind, Some(&old), &request, &mut next, sub);
         if spec_part(&next) != spec_part(&old) {
             let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
             meta_mut(&mut next).insert("generation".into(), json!(g + 1));
@@ -744,9 +775,10 @@ impl Store {
         Ok((self.update(kind, ns, name, next, sub)?, false))
     }
 
-    /// Server-side apply, simplified: ownership is tracked per Apply manager
-    /// with lists atomic; fields this manager applied before and omits now are
-    /// removed unless another manager applied them; conflicts are not reported.
+    /// Server-side apply (see [`ssa`]): merges `applied` into the object by
+    /// the schema's list and map types, removes what this manager applied
+    /// before and no longer does, and answers 409 for fields another manager
+    /// owns unless the request forces. Creates a missing object.
     fn apply(
         &mut self,
         kind: KindId,
@@ -796,54 +828,40 @@ impl Store {
         }
         let precondition = meta_str(&applied, "resourceVersion").map(str::to_string);
         meta_mut(&mut applied).remove("resourceVersion");
-        let paths = patch::field_paths(&applied);
-        let subresource = if sub == Sub::Status { "status" } else { "" };
-        let entry = json!({
-            "manager": manager, "operation": "Apply", "apiVersion": rk.api_version(),
-            "time": now(), "fieldsType": "FieldsV1", "fieldsV1": patch::to_fields_v1(&paths),
-        });
-        let mut entry = entry;
-        if !subresource.is_empty() {
-            entry["subresource"] = json!(subresource);
-        }
         let key = Self::key_for(kind, ns, name);
-        let Some(old) = self.objects[kind].get(&key).cloned() else {
-            if sub == Sub::Status {
-                return Err(ApiError::not_found(rk, name));
-            }
-            meta_mut(&mut applied).insert("managedFields".into(), json!([entry]));
-            return Ok((self.create(kind, ns, applied)?, true));
-        };
-        if let Some(rv) = precondition
-            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        let old = self.objects[kind].get(&key).cloned();
+        if old.is_none() && sub == Sub::Status {
+            return Err(ApiError::not_found(rk, name));
+        }
+        if let (Some(rv), Some(old)) = (&precondition, &old)
+            && Some(rv.as_str()) != meta_str(old, "resourceVersion")
         {
             return Err(ApiError::conflict(rk, name, "the object has been modified; please apply your changes to the latest version and try again"));
         }
-        let mut managed: Vec<Value> =
-            old.pointer("/metadata/managedFields").and_then(Value::as_array).cloned().unwrap_or_default();
-        let is_mine = |e: &Value| {
-            e.get("manager").and_then(Value::as_str) == Some(manager)
-                && e.get("operation").and_then(Value::as_str) == Some("Apply")
-                && e.get("subresource").and_then(Value::as_str).unwrap_or("") == subresource
+        let force = self.writer.as_ref().is_some_and(|w| w.force);
+        let api_version = rk.api_version();
+        let writer = ssa::Writer { manager, subresource: if sub == Sub::Status { "status" } else { "" }, api_version: &api_version, time: now() };
+        let next = ssa::apply(old.as_ref(), &applied, &ssa::Node::root(rk.kind, self.schema_of(kind)), &writer, force)?;
+        // The apply's managedFields are final: the write below records no Update.
+        let request_writer = self.writer.take();
+        let result = match old {
+            None => self.create(kind, ns, next).map(|o| (o, true)),
+            Some(_) => self.update(kind, ns, name, next, sub).map(|o| (o, false)),
         };
-        let mine_before: BTreeSet<patch::FieldPath> =
-            managed.iter().filter(|e| is_mine(e)).filter_map(|e| e.get("fieldsV1")).flat_map(patch::from_fields_v1).collect();
-        let others: BTreeSet<patch::FieldPath> =
-            managed.iter().filter(|e| !is_mine(e)).filter_map(|e| e.get("fieldsV1")).flat_map(patch::from_fields_v1).collect();
-        let mut next = old.clone();
-        for p in mine_before.difference(&paths) {
-            if !others.contains(p) {
-                patch::remove_path(&mut next, p);
-            }
-        }
-        patch::apply_merge(&mut next, &applied);
-        match managed.iter().position(is_mine) {
-            Some(i) if managed[i].get("fieldsV1") == entry.get("fieldsV1") => {}
-            Some(i) => managed[i] = entry,
-            None => managed.push(entry),
-        }
-        meta_mut(&mut next).insert("managedFields".into(), Value::Array(managed));
-        Ok((self.update(kind, ns, name, next, sub)?, false))
+        self.writer = request_writer;
+        result
+    }
+
+    /// Records a non-apply write's changes in managedFields for the request's
+    /// manager (see [`ssa::record_update`]).
+    fn record_update(&self, kind: KindId, old: Option<&Value>, request: &Value, new: &mut Value, sub: Sub) {
+        let Some(w) = &self.writer else { return };
+        let rk = &KINDS[kind];
+        let node = ssa::Node::root(rk.kind, self.schema_of(kind));
+        let api_version = rk.api_version();
+        let writer = ssa::Writer { manager: &w.manager, subresource: if sub == Sub::Status { "status" } else { "" }, api_version: &api_version, time: now() };
+        let allocated = ssa::allocated_fields(rk.kind, request, new, &node);
+        ssa::record_update(old, new, &node, &writer, &allocated);
     }
 
     /// Deletes an object: marks it (deletionTimestamp) while finalizers or a
@@ -945,16 +963,45 @@ impl Store {
         Ok(())
     }
 
+    /// The `openAPIV3Schema` of the stored CRD serving `kind`'s version, for
+    /// a custom resource.
+    fn schema_of(&self, kind: KindId) -> Option<&Value> {
+        table::crd_for(self, kind)
+            .and_then(|crd| table::crd_version(crd, KINDS[kind].version))
+            .and_then(|v| v.pointer("/schema/openAPIV3Schema"))
+    }
+
+    /// A Service as the real server's strategy, defaults, validation and
+    /// allocators take it (see [`service_validation`]).
+    fn check_service(&self, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
+        service_validation::normalize(obj, old);
+        let me = (meta_str(obj, "namespace").unwrap_or_default().to_string(), meta_str(obj, "name").unwrap_or_default().to_string());
+        let others = self.objects[ids::services()].iter().filter(|(k, _)| **k != me).map(|(_, o)| o);
+        let mut allocated = service_validation::Allocated {
+            node_ports: BTreeSet::new(),
+            cluster_ips: BTreeSet::new(),
+            node_port_range: &self.cfg.node_port_range,
+            service_cidr: self.cfg.service_cidr,
+        };
+        for o in others {
+            allocated.cluster_ips.extend(o.pointer("/spec/clusterIPs").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_string));
+            let ports = o.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten();
+            allocated.node_ports.extend(ports.filter_map(|p| p.get("nodePort").and_then(Value::as_u64)).filter_map(|n| u16::try_from(n).ok()));
+        }
+        let errors = service_validation::validate(obj, old, &allocated);
+        if errors.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::invalid_fields(&KINDS[ids::services()], &me.1, &errors))
+    }
+
     /// Field validation of `obj` (see [`validation`]): `Strict` refuses
     /// unknown fields, `Warn` returns them as warnings, `Ignore` checks nothing.
     pub fn check_fields(&self, kind: KindId, obj: &Value, directive: Directive) -> Result<Vec<String>, ApiError> {
         if directive == Directive::Ignore {
             return Ok(Vec::new());
         }
-        let schema = table::crd_for(self, kind)
-            .and_then(|crd| table::crd_version(crd, KINDS[kind].version))
-            .and_then(|v| v.pointer("/schema/openAPIV3Schema"));
-        let findings = validation::check(kind, obj, schema);
+        let findings = validation::check(kind, obj, self.schema_of(kind));
         if directive == Directive::Strict {
             return findings.refusal(kind).map_or(Ok(Vec::new()), Err);
         }
@@ -977,12 +1024,13 @@ impl Store {
         }
     }
 
-    /// Whether a kubelet or namespace timer is pending.
+    /// Whether a kubelet, namespace or EndpointSlice timer is pending.
     pub fn has_timers(&self) -> bool {
-        !self.timers.is_empty() || !self.namespace_timers.is_empty()
+        !self.timers.is_empty() || !self.namespace_timers.is_empty() || self.slice_sync.is_pending()
     }
 
-    /// Fires the kubelet and namespace-controller timers that are due.
+    /// Fires the kubelet, namespace-controller and EndpointSlice-controller
+    /// timers that are due.
     pub fn fire_timers(&mut self) {
         let now = tokio::time::Instant::now();
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.namespace_timers).into_iter().partition(|(t, _)| *t <= now);
@@ -998,6 +1046,7 @@ impl Store {
             }
         }
         self.reconcile();
+        self.fire_endpoint_slice_syncs(now);
     }
 
     fn create_node(&mut self, n: &super::NodeConfig) -> Result<Value, ApiError> {
@@ -1037,9 +1086,26 @@ impl Store {
     /// before storing.
     fn prepare(&mut self, kind: KindId, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
         let rk = &KINDS[kind];
+        let name = meta_str(obj, "name").unwrap_or_default().to_string();
         if let Some(directive) = self.validation {
             let warnings = self.check_fields(kind, obj, directive)?;
             self.warnings.extend(warnings);
+            // What strict decoding refused is dropped otherwise (custom
+            // resources: pruning, below).
+            validation::drop_unknown(kind, obj);
+        }
+        if let Some(schema) = self.schema_of(kind) {
+            schema::prune_and_default(obj, schema);
+            let errors = schema::validate(obj, schema);
+            if !errors.is_empty() {
+                return Err(ApiError::invalid_fields(rk, &name, &errors));
+            }
+        }
+        if kind == ids::crds() {
+            let errors = schema::structural_errors(obj);
+            if !errors.is_empty() {
+                return Err(ApiError::invalid_fields(rk, &name, &errors));
+            }
         }
         if old.is_none() && rk.status && kind != ids::nodes() {
             // Real registries drop status on create for these kinds.
@@ -1048,6 +1114,7 @@ impl Store {
             }
         }
         if kind == ids::services() {
+            self.check_service(obj, old)?;
             self.prepare_service(obj, old)?;
         } else if kind == ids::pods() && old.is_none() {
             prepare_pod(obj);

@@ -1,7 +1,8 @@
 //! Server-side field validation: the `fieldValidation` query parameter of
-//! create, update and patch (`Strict`, `Warn` or `Ignore`). kubectl sends it
+//! create, update and patch (`Strict`, `Warn` or `Ignore`; `Warn` when a
+//! request names none, as on the real server since 1.27). kubectl sends it
 //! (`Strict` by default, `--validate=warn` → `Warn`, `--validate=false` →
-//! `Ignore`) because the OpenAPI documents ([`super::openapi`]) list it.
+//! `Ignore`); kube-rs never does.
 //!
 //! What is checked is what the real server's strict decoding checks: fields
 //! the kind does not have.
@@ -9,27 +10,24 @@
 //!   encoded again; a field that does not come back is unknown. An object that
 //!   does not decode at all (a string where a number goes, a required field
 //!   missing) is refused under `Strict` with the decoder's words.
-//! - Custom resources: the object is walked along the stored CRD's schema for
-//!   its version (`properties`, `additionalProperties`, `items`,
-//!   `x-kubernetes-preserve-unknown-fields`, `x-kubernetes-embedded-resource`,
-//!   `x-kubernetes-int-or-string`), and `metadata` is decoded as `ObjectMeta`.
+//! - Custom resources: the fields pruning drops along the stored CRD's schema
+//!   ([`super::schema`]), and `metadata` decoded as `ObjectMeta`.
 //!
 //! `Strict` refuses the write (400 BadRequest, `strict decoding error: unknown
 //! field "spec.x"`), `Warn` answers a `Warning: 299 - "unknown field
-//! \"spec.x\""` header per field, `Ignore` checks nothing.
+//! \"spec.x\""` header per field, `Ignore` checks nothing. Under `Warn` and
+//! `Ignore` the unknown fields are dropped before the object is stored, as
+//! decoding (built-in kinds) and pruning (custom resources) drop them on the
+//! real server.
 //!
 //! Limits of the double:
-//! - Without the parameter nothing is checked (the real server defaults to
-//!   `Warn`).
-//! - Under `Warn` and `Ignore` unknown fields are stored as sent (the real
-//!   server drops them).
 //! - Duplicate fields are not detected (the body's last value wins).
 //! - A custom resource whose CRD is not stored is not checked (the real server
 //!   would not serve it at all).
 //! - The whole object after the write is checked, so a patch is refused for
 //!   an unknown field it did not add only if one was stored without checks.
-//! - A missing required field is a decoding error here (400); the real server
-//!   reports it from validation (422 Invalid).
+//! - A missing required field of a built-in kind is a decoding error here
+//!   (400); the real server reports it from validation (422 Invalid).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -73,9 +71,33 @@ pub(crate) struct Findings {
 /// Checks `obj` of `kind`; `schema` is the stored CRD's `openAPIV3Schema`
 /// for a custom resource (`None`: not checked).
 pub(crate) fn check(kind: KindId, obj: &Value, schema: Option<&Value>) -> Findings {
-    let k = &KINDS[kind];
     let mut f = Findings::default();
-    let typed = match (k.group, k.kind) {
+    let Some(typed) = typed_round_trip(kind, obj) else {
+        if let Some(schema) = schema {
+            let mut pruned = obj.clone();
+            f.unknown = super::schema::prune_and_default(&mut pruned, schema);
+            if let Some(meta) = obj.get("metadata") {
+                match round_trip::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(meta) {
+                    Ok(back) => lost_fields(meta, &back, "metadata", &mut f.unknown),
+                    Err(e) => f.undecodable = Some(format!("metadata: {e}")),
+                }
+            }
+            f.unknown.sort();
+        }
+        return f;
+    };
+    match typed {
+        Ok(back) => lost_fields(obj, &back, "", &mut f.unknown),
+        Err(e) => f.undecodable = Some(e),
+    }
+    f
+}
+
+/// `obj` decoded into its kind's k8s-openapi type and encoded again; `None`
+/// for a custom resource.
+fn typed_round_trip(kind: KindId, obj: &Value) -> Option<Result<Value, String>> {
+    let k = &KINDS[kind];
+    Some(match (k.group, k.kind) {
         ("", "Service") => round_trip::<k8s_openapi::api::core::v1::Service>(obj),
         ("", "Pod") => round_trip::<k8s_openapi::api::core::v1::Pod>(obj),
         ("", "Node") => round_trip::<k8s_openapi::api::core::v1::Node>(obj),
@@ -97,18 +119,8 @@ pub(crate) fn check(kind: KindId, obj: &Value, schema: Option<&Value>) -> Findin
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
             round_trip::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(obj)
         }
-        _ => {
-            if let Some(schema) = schema {
-                walk_schema(obj, schema, "", true, &mut f);
-            }
-            return f;
-        }
-    };
-    match typed {
-        Ok(back) => lost_fields(obj, &back, "", &mut f.unknown),
-        Err(e) => f.undecodable = Some(e),
-    }
-    f
+        _ => return None,
+    })
 }
 
 impl Findings {
@@ -131,6 +143,44 @@ impl Findings {
         let mut w: Vec<String> = self.unknown.iter().map(|p| format!("unknown field {p:?}")).collect();
         w.extend(self.undecodable.clone());
         w
+    }
+}
+
+/// Drops the fields of a built-in kind's object that its type does not have,
+/// as decoding does on the real server; an object that does not decode is
+/// left as it is.
+pub(crate) fn drop_unknown(kind: KindId, obj: &mut Value) {
+    match typed_round_trip(kind, obj) {
+        Some(Ok(back)) => drop_lost(obj, &back),
+        Some(Err(_)) => {}
+        // A custom resource: pruning takes care of the rest.
+        None => {
+            if let Some(meta) = obj.get_mut("metadata")
+                && let Ok(back) = round_trip::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(meta)
+            {
+                drop_lost(meta, &back);
+            }
+        }
+    }
+}
+
+/// Removes what `back` (the object decoded and encoded again) lacks.
+fn drop_lost(original: &mut Value, back: &Value) {
+    match (original, back) {
+        (Value::Object(a), Value::Object(b)) => {
+            a.retain(|key, value| value.is_null() || b.contains_key(key));
+            for (key, value) in a.iter_mut() {
+                if let Some(other) = b.get(key) {
+                    drop_lost(value, other);
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (x, y) in a.iter_mut().zip(b) {
+                drop_lost(x, y);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -158,55 +208,6 @@ fn lost_fields(original: &Value, back: &Value, path: &str, out: &mut Vec<String>
         (Value::Array(a), Value::Array(b)) => {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
                 lost_fields(x, y, &format!("{path}[{i}]"), out);
-            }
-        }
-        _ => {}
-    }
-}
-
-fn flag(schema: &Value, name: &str) -> bool {
-    schema.get(name).and_then(Value::as_bool) == Some(true)
-}
-
-/// Unknown fields of a custom resource along its structural schema.
-fn walk_schema(v: &Value, schema: &Value, path: &str, root: bool, f: &mut Findings) {
-    if flag(schema, "x-kubernetes-int-or-string") {
-        return;
-    }
-    match v {
-        Value::Object(m) => {
-            let preserve = flag(schema, "x-kubernetes-preserve-unknown-fields");
-            let embedded = root || flag(schema, "x-kubernetes-embedded-resource");
-            let props = schema.get("properties").and_then(Value::as_object);
-            for (key, value) in m {
-                let p = join(path, key);
-                if embedded && (key == "apiVersion" || key == "kind") {
-                    continue;
-                }
-                if embedded && key == "metadata" {
-                    match round_trip::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(value) {
-                        Ok(back) => lost_fields(value, &back, &p, &mut f.unknown),
-                        Err(e) => f.undecodable = Some(format!("{p}: {e}")),
-                    }
-                    continue;
-                }
-                if let Some(s) = props.and_then(|props| props.get(key)) {
-                    walk_schema(value, s, &p, false, f);
-                    continue;
-                }
-                match schema.get("additionalProperties") {
-                    Some(s @ Value::Object(_)) => walk_schema(value, s, &p, false, f),
-                    Some(Value::Bool(true)) => {}
-                    _ if preserve || value.is_null() => {}
-                    _ => f.unknown.push(p),
-                }
-            }
-        }
-        Value::Array(a) => {
-            if let Some(items) = schema.get("items") {
-                for (i, x) in a.iter().enumerate() {
-                    walk_schema(x, items, &format!("{path}[{i}]"), false, f);
-                }
             }
         }
         _ => {}

@@ -10,10 +10,17 @@
 //! WeightedServices as `kubectl get weightedservices -A` shows them. The same
 //! figures go to `--out`/result.json. It fails (exit 1) when a measured share is
 //! more than `--tolerance` away from the desired one.
+//!
+//! It runs the controller and agent as production does: without a compiled-
+//! policy cache (each compiles its policies when it starts), and with whichever
+//! `ipvs-operator` sits next to this executable — in the VM, `make demo
+//! DEMO_BINARY=shipped` (and `make test`) puts the shipped static musl binary
+//! there. What it ran (path, libc, linkage, stripped, sha256) and how long the
+//! start took go to the output and result.json.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +51,11 @@ struct Args {
     /// Where result.json goes.
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
+    /// The host file the VM runner put in place of target/release/ipvs-operator
+    /// (`make demo DEMO_BINARY=shipped`): only reported, next to what the demo
+    /// finds in the binary it runs.
+    #[arg(long, value_name = "PATH")]
+    operator_source: Option<PathBuf>,
 }
 
 /// One WeightedService's part of the result.
@@ -52,6 +64,8 @@ struct Measured {
     name: String,
     groups: Vec<GroupResult>,
     total: usize,
+    /// From the start of the controller and agent to its weights in the kernel.
+    converged_after: Duration,
 }
 
 struct GroupResult {
@@ -78,25 +92,42 @@ fn main() -> Result<()> {
     // README advises; otherwise its syncs and the agent swap schedulers back
     // and forth.
     let scheduler = weighted_services[0]["spec"]["scheduler"].as_str().unwrap_or("wrr").to_string();
+    let operator = describe_binary(&traffic::netns::project_binary("ipvs-operator"), args.operator_source.as_deref())?;
+    step(&format!(
+        "ipvs-operator: {} ({}{}, {}, {:.1} MB, sha256 {}){}",
+        operator["path"].as_str().unwrap_or_default(),
+        operator["linkage"].as_str().unwrap_or_default(),
+        operator["libc"].as_str().map(|l| format!(" {l}")).unwrap_or_default(),
+        if operator["stripped"] == true { "stripped" } else { "not stripped" },
+        operator["bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+        operator["sha256"].as_str().map(|h| &h[..h.len().min(16)]).unwrap_or("?"),
+        args.operator_source.as_ref().map(|s| format!(", from the host's {}", s.display())).unwrap_or_default(),
+    ));
     step(&format!(
         "starting the test API server, kube-proxy (emulator, --ipvs-scheduler={scheduler}), ipvs-operator controller and agent on {NODE_NAME}"
     ));
     let mut bed = Testbed::new(TestbedConfig {
         drift_interval: Duration::from_secs(2),
         proxy_scheduler: scheduler,
+        // No compiled-policy cache, as deployed (deploy/ sets none): the testbed
+        // gives every process one shared directory (IPVS_OPERATOR_POLICY_CACHE),
+        // which this flag overrides with a path nothing can be read from or
+        // written to, so the controller and the agent each compile what they use.
+        policy_flags: vec!["--policy-cache".into(), "/dev/null".into()],
         ..TestbedConfig::default()
     });
     bed.handle().load_manifests(&manifest).context("loading the manifest into the test API server")?;
     bed.sync_backends();
     let pods = bed.handle().list("pods", None);
     step(&format!("{} pods running, each in a network namespace that answers with its name", pods.len()));
+    let started = Instant::now();
     bed.start_all();
 
     let mut results = Vec::new();
     for ws in &weighted_services {
         let namespace = ws["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
         let name = ws["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        match measure(&bed, &namespace, &name, args.connections) {
+        match measure(&bed, &namespace, &name, args.connections, started) {
             Ok(m) => results.push(m),
             Err(e) => {
                 eprintln!("{}", bed.logs());
@@ -119,7 +150,19 @@ fn main() -> Result<()> {
         println!("(drift repairs so far: {repairs})");
     }
 
-    let report = report(&results);
+    let startup = startup(&bed, &results);
+    println!(
+        "\nstart-up without a compiled-policy cache: first weights in the kernel {:.1} s after the controller and agent started; policies compiled: {}",
+        startup["firstConvergedSeconds"].as_f64().unwrap_or(0.0),
+        startup["compiles"]
+            .as_array()
+            .map(|c| c.iter().map(|c| format!("{} {} in {} ms", c["process"].as_str().unwrap_or("?"), c["policy"].as_str().unwrap_or("?"), c["tookMs"])).collect::<Vec<_>>().join(", "))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "none found in the logs".into()),
+    );
+    let mut report = report(&results);
+    report["operator"] = operator;
+    report["startup"] = startup;
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let path = args.out.join("result.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
@@ -183,7 +226,7 @@ use serde::Deserialize as _;
 
 /// Wait until the kernel has the weights the WeightedService's status promises,
 /// then open connections to its first TCP port and count them per group.
-fn measure(bed: &Testbed, namespace: &str, name: &str, connections: usize) -> Result<Measured> {
+fn measure(bed: &Testbed, namespace: &str, name: &str, connections: usize, processes_started: Instant) -> Result<Measured> {
     let service = format!("{namespace}/{name}");
     step(&format!("waiting for WeightedService {service}: its Service, its status, and its weights in the kernel"));
     let started = Instant::now();
@@ -198,6 +241,7 @@ fn measure(bed: &Testbed, namespace: &str, name: &str, connections: usize) -> Re
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    let converged_after = processes_started.elapsed();
     let scheduler = bed.ipvs().into_iter().find(|e| e.service.address() == Some(vip)).map(|e| e.service.scheduler).unwrap_or_default();
     let policy = ws["status"]["policy"]["name"].as_str().unwrap_or("label-selector");
     step(&format!(
@@ -241,7 +285,7 @@ fn measure(bed: &Testbed, namespace: &str, name: &str, connections: usize) -> Re
     }
     let total = counts.values().sum();
     print_groups(&groups, total);
-    Ok(Measured { namespace: namespace.into(), name: name.into(), groups, total })
+    Ok(Measured { namespace: namespace.into(), name: name.into(), groups, total, converged_after })
 }
 
 /// The WeightedService and its VIP, once its status is current and Ready and
@@ -337,6 +381,102 @@ fn report(results: &[Measured]) -> Value {
         })
         .collect();
     json!({ "groups": groups })
+}
+
+/// What the start took without a compiled-policy cache: from starting the
+/// controller and agent to each WeightedService's weights in the kernel, and
+/// the policy compiles their logs report (`policy compiled … took_ms=N`).
+fn startup(bed: &Testbed, results: &[Measured]) -> Value {
+    let mut compiles = Vec::new();
+    let mut cache_loads = 0;
+    for process in ["controller", "agent"] {
+        for line in bed.log(process).lines() {
+            if line.contains("policy loaded from the compile cache") {
+                cache_loads += 1;
+            }
+            if !line.contains("policy compiled") {
+                continue;
+            }
+            let field = |name: &str| {
+                line.split_whitespace().find_map(|w| w.strip_prefix(name)?.strip_prefix('=')).map(|v| v.trim_matches('"').to_string())
+            };
+            compiles.push(json!({
+                "process": process,
+                "policy": field("policy"),
+                "tookMs": field("took_ms").and_then(|t| t.parse::<u64>().ok()),
+            }));
+        }
+    }
+    json!({
+        "policyCache": "none",
+        "firstConvergedSeconds": results.iter().map(|m| m.converged_after.as_secs_f64()).reduce(f64::min),
+        "convergedSeconds": results
+            .iter()
+            .map(|m| (format!("{}/{}", m.namespace, m.name), json!((m.converged_after.as_secs_f64() * 10.0).round() / 10.0)))
+            .collect::<serde_json::Map<_, _>>(),
+        "compiles": compiles,
+        "cacheLoads": cache_loads,
+    })
+}
+
+/// The `ipvs-operator` the demo runs, as its ELF headers tell: the path, the
+/// libc (musl or glibc: a dynamic loader names it; a static binary without
+/// glibc's tunables is musl), static or dynamic, stripped or not, its size
+/// and sha256; and `source`, the host file it was copied from, when given.
+fn describe_binary(path: &Path, source: Option<&Path>) -> Result<Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (interpreter, stripped) = elf_facts(&bytes).with_context(|| format!("{} is not a 64-bit little-endian ELF file", path.display()))?;
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    let libc = match &interpreter {
+        Some(loader) if loader.contains("musl") => "musl",
+        Some(_) => "glibc",
+        None if has(b"GLIBC_TUNABLES") => "glibc",
+        None => "musl",
+    };
+    let sha256 = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().next().map(str::to_string));
+    Ok(json!({
+        "path": path,
+        "source": source,
+        "libc": libc,
+        "linkage": if interpreter.is_some() { "dynamic" } else { "static" },
+        "interpreter": interpreter,
+        "stripped": stripped,
+        "bytes": bytes.len(),
+        "sha256": sha256,
+    }))
+}
+
+/// An ELF64 little-endian file's program interpreter (PT_INTERP), if any, and
+/// whether it is stripped (has no `.symtab` section).
+fn elf_facts(elf: &[u8]) -> Option<(Option<String>, bool)> {
+    if elf.get(..6)? != b"\x7fELF\x02\x01" {
+        return None;
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(elf.get(o..o + 2)?.try_into().ok()?) as usize);
+    let u32_at = |o: usize| Some(u32::from_le_bytes(elf.get(o..o + 4)?.try_into().ok()?) as usize);
+    let u64_at = |o: usize| Some(u64::from_le_bytes(elf.get(o..o + 8)?.try_into().ok()?) as usize);
+    const PT_INTERP: usize = 3;
+    let (phoff, phentsize, phnum) = (u64_at(0x20)?, u16_at(0x36)?, u16_at(0x38)?);
+    let mut interpreter = None;
+    for ph in (0..phnum).map(|i| phoff + i * phentsize) {
+        if u32_at(ph)? == PT_INTERP {
+            let (offset, size) = (u64_at(ph + 0x08)?, u64_at(ph + 0x20)?);
+            interpreter = Some(String::from_utf8_lossy(elf.get(offset..offset + size)?).trim_end_matches('\0').to_string());
+        }
+    }
+    let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28)?, u16_at(0x3a)?, u16_at(0x3c)?, u16_at(0x3e)?);
+    let names = u64_at(shoff + shstrndx * shentsize + 0x18)?;
+    let mut symtab = false;
+    for sh in (0..shnum).map(|i| shoff + i * shentsize) {
+        let name = elf.get(names + u32_at(sh)?..)?;
+        symtab |= name.split(|&b| b == 0).next() == Some(b".symtab".as_slice());
+    }
+    Some((interpreter, !symtab))
 }
 
 /// `kubectl get weightedservices -A`, from the CRD's printer columns.
@@ -450,6 +590,15 @@ mod tests {
         assert_eq!(weighted_services.len(), 1);
         assert!(!kept.contains("Ingress"), "{kept}");
         assert_eq!(kept.matches("kind: Deployment").count(), 2);
+    }
+
+    #[test]
+    fn this_executable_is_described() {
+        let exe = std::env::current_exe().unwrap();
+        let described = describe_binary(&exe, None).expect("an ELF file");
+        assert_eq!(described["libc"], if cfg!(target_env = "musl") { "musl" } else { "glibc" }, "{described}");
+        assert_eq!(described["linkage"] == "dynamic", described["interpreter"].is_string(), "{described}");
+        assert!(elf_facts(b"#!/bin/sh\n").is_none());
     }
 
     #[test]

@@ -41,6 +41,17 @@ struct Args {
     /// deletes each object itself, as against a real cluster (0: at once).
     #[arg(long, default_value_t = 1)]
     namespace_cleanup_seconds: u64,
+    /// Milliseconds between a pod or Service change and the EndpointSlice
+    /// writes that follow it (0: in the same instant).
+    #[arg(long, default_value_t = 50)]
+    endpoint_slice_delay_ms: u64,
+    /// Endpoints per EndpointSlice at most.
+    #[arg(long, default_value_t = 100)]
+    max_endpoints_per_slice: usize,
+    /// Seed of the server's random choices (default: from the time; the
+    /// IPVS_TEST_SEED environment variable overrides it). Printed at start.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Write a kubeconfig pointing at the server to this file.
     #[arg(long)]
     write_kubeconfig: Option<PathBuf>,
@@ -63,6 +74,9 @@ async fn main() -> anyhow::Result<()> {
         },
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
         namespace_cleanup: Duration::from_secs(args.namespace_cleanup_seconds),
+        endpoint_slice_delay: Duration::from_millis(args.endpoint_slice_delay_ms),
+        max_endpoints_per_slice: args.max_endpoints_per_slice.max(1),
+        seed: args.seed,
         ..Config::default()
     };
     if !args.nodes.is_empty() {

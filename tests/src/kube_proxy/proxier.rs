@@ -166,6 +166,9 @@ pub fn desired_state(cfg: &ProxyConfig, services: &[Service], slices: &[Endpoint
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
+            // VIP-mode ingress IPs only (`ipMode` unset or `VIP`), as kube-proxy's
+            // `IsVIPMode`: a `Proxy` load balancer sends its traffic to the NodePorts.
+            .filter(|i| i.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"))
             .filter_map(|i| i.ip.as_ref()?.parse().ok())
             .collect();
         for sp in spec.ports.iter().flatten() {

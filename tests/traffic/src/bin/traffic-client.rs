@@ -1,7 +1,7 @@
 //! Opens many connections to an address and prints, as JSON, how many each
 //! server name answered:
 //!
-//! `traffic-client --connect 10.0.0.100:80 --connections 5000 --concurrency 16`
+//! `traffic-client --connect 10.0.0.100:80 --connections 5000 --concurrency 16 [--udp | --sctp]`
 //!
 //! `{"connections":5000,"counts":{"backend-1":2381,…},"errors":0,…}`
 //!
@@ -31,8 +31,11 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
     /// Send UDP datagrams (one fresh socket each) instead of TCP connections.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sctp")]
     udp: bool,
+    /// Open SCTP associations (one-to-one style sockets) instead of TCP connections.
+    #[arg(long)]
+    sctp: bool,
 }
 
 fn main() -> ExitCode {
@@ -42,7 +45,11 @@ fn main() -> ExitCode {
         connections: args.connections,
         concurrency: args.concurrency,
         timeout: Duration::from_millis(args.timeout_ms),
-        transport: if args.udp { Transport::Udp } else { Transport::Tcp },
+        transport: match (args.udp, args.sctp) {
+            (true, _) => Transport::Udp,
+            (_, true) => Transport::Sctp,
+            _ => Transport::Tcp,
+        },
     });
     match serde_json::to_string(&report) {
         Ok(json) => println!("{json}"),

@@ -1,7 +1,7 @@
-//! Answers every TCP connection (and, with `--udp`, every datagram) on an
-//! address with this server's name.
+//! Answers every TCP connection (and, with `--udp`, every datagram; with
+//! `--sctp`, every SCTP association) on an address with this server's name.
 //!
-//! `traffic-server --listen 0.0.0.0:8080 --name backend-1 [--udp]`
+//! `traffic-server --listen 0.0.0.0:8080 --name backend-1 [--udp] [--sctp]`
 //!
 //! Prints `listening on ADDR as NAME` on stdout once it accepts connections.
 
@@ -22,6 +22,9 @@ struct Args {
     /// Also answer UDP datagrams on the same address and port.
     #[arg(long)]
     udp: bool,
+    /// Also answer SCTP associations on the same address and port (the kernel needs SCTP).
+    #[arg(long)]
+    sctp: bool,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,22 @@ fn main() -> ExitCode {
         std::thread::spawn(move || {
             if let Err(e) = traffic::serve_udp(socket, &name) {
                 eprintln!("traffic-server: UDP: {e}");
+                std::process::exit(1);
+            }
+        });
+    }
+    if args.sctp {
+        let listener = match traffic::sctp_listener(args.listen) {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("traffic-server: binding SCTP {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let name = args.name.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = traffic::serve_sctp(listener, &name) {
+                eprintln!("traffic-server: SCTP: {e}");
                 std::process::exit(1);
             }
         });
