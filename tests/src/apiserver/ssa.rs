@@ -234,29 +234,18 @@ fn walk(v: &Value, node: &Node<'_>, prefix: &mut Path, out: &mut BTreeSet<Path>)
     }
 }
 
-/// The node of a path, for the list semantics of its last step's parent.
-fn node_at<'a>(root: &Node<'a>, path: &[Step]) -> Node<'a> {
-    let mut n = root.clone();
-    for s in path {
-        n = match s {
-            Step::Field(f) => n.field(f),
-            Step::Key(_) | Step::Value(_) => n.item(),
-        };
-    }
-    n
-}
-
 /// The value at `path`, if there.
 pub(crate) fn get<'v>(v: &'v Value, path: &[Step], root: &Node<'_>) -> Option<&'v Value> {
     let mut cur = v;
-    for (i, s) in path.iter().enumerate() {
-        cur = match s {
-            Step::Field(f) => cur.get(f)?,
+    let mut node = root.clone();
+    for s in path {
+        (cur, node) = match s {
+            Step::Field(f) => (cur.get(f)?, node.field(f)),
             Step::Key(k) => {
-                let Merge::Map(keys) = node_at(root, &path[..i]).list() else { return None };
-                cur.as_array()?.iter().find(|x| key_of(x, &keys) == *k)?
+                let Merge::Map(keys) = node.list() else { return None };
+                (cur.as_array()?.iter().find(|x| key_of(x, &keys) == *k)?, node.item())
             }
-            Step::Value(j) => cur.as_array()?.iter().find(|x| x.to_string() == *j)?,
+            Step::Value(j) => (cur.as_array()?.iter().find(|x| x.to_string() == *j)?, node.item()),
         };
     }
     Some(cur)

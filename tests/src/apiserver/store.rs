@@ -1089,10 +1089,13 @@ impl Store {
         let name = meta_str(obj, "name").unwrap_or_default().to_string();
         if let Some(directive) = self.validation {
             let warnings = self.check_fields(kind, obj, directive)?;
-            self.warnings.extend(warnings);
             // What strict decoding refused is dropped otherwise (custom
-            // resources: pruning, below).
-            validation::drop_unknown(kind, obj);
+            // resources: pruning, below). Strict and Warn found nothing to
+            // drop when they let the write through without a word.
+            if directive == Directive::Ignore || !warnings.is_empty() {
+                validation::drop_unknown(kind, obj);
+            }
+            self.warnings.extend(warnings);
         }
         if let Some(schema) = self.schema_of(kind) {
             schema::prune_and_default(obj, schema);
