@@ -57,7 +57,7 @@ build: setup
 	$(CARGO) build --release --workspace
 
 ## test: every test — unit, policy, CLI, the kernel tests in the VM, and the demo
-## (shorter: 2,000 connections) on the binary we ship (`make musl-binary`),
+## (shorter: 2,000 connections per address) on the binary we ship (`make musl-binary`),
 ## which fails when its measured split is off.
 test: setup test-unit test-kernel test-demo
 
@@ -74,7 +74,8 @@ test-unit:
 ## on the original project's example (or DEMO="a.yaml b.yaml": Deployments or
 ## Pods, and WeightedServices). Prints the desired and
 ## measured split, ipvsadm -Ln and `get weightedservices`; writes
-## target/demo/result.json. DEMO_CONNECTIONS sets connections per WeightedService.
+## target/demo/result.json. DEMO_CONNECTIONS sets connections per address
+## (each ClusterIP and NodePort) of each WeightedService.
 ## DEMO_BINARY=shipped runs the binary we ship (`make musl-binary`, static
 ## musl, stripped) as the controller and agent instead of target/release's
 ## (glibc); the output and result.json say which ran. Either way they start

@@ -65,6 +65,7 @@ fn snapshot() -> Snapshot {
                 created: Some(Timestamp::UNIX_EPOCH),
                 ready_since: Some(Timestamp::UNIX_EPOCH),
                 ports: vec![],
+                hints: Default::default(),
             })
             .collect(),
         node: None,

@@ -131,6 +131,12 @@ struct AgentArgs {
     /// How the periodic comparison reads the kernel's table.
     #[arg(long, value_name = "HOW", default_value = "auto")]
     table_reader: TableReader,
+    /// Give the same value as kube-proxy's --nodeport-addresses (comma-separated
+    /// CIDRs): NodePort virtual services are then recognised only on node
+    /// addresses in these ranges. By default, as kube-proxy: every address of
+    /// the node but loopback, IPv6 link-local and those on kube-ipvs0.
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',', env = "NODEPORT_ADDRESSES")]
+    nodeport_addresses: Vec<agent::node_addresses::Cidr>,
     /// Where to serve /metrics, /healthz and /readyz (the agent runs on the host network).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9494")]
     listen: SocketAddr,
@@ -374,6 +380,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         node_name: args.node_name,
         drift_interval: args.drift_interval,
         table_reader: args.table_reader,
+        node_port_addresses: args.nodeport_addresses,
         ..AgentConfig::default()
     };
     tracing::info!(node = %config.node_name, drift_interval = ?config.drift_interval, policies = ?catalog.names(), "agent starting");

@@ -75,6 +75,11 @@ pub struct Metrics {
     /// Complete lists of a watched kind, by kind: the first, and one per
     /// relist (after a 410, or a reconnect that cannot resume).
     pub watch_lists: Family<KindLabels, Counter>,
+    /// Periodic sweeps of the agent that found a virtual service to fix.
+    pub sweep_differences: Counter,
+    /// Raises of a kernel weight of 0 that a fresh read of the API server did
+    /// not confirm (the endpoint is draining), so not written.
+    pub zero_raises_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -101,6 +106,8 @@ impl Metrics {
             watched_objects: Family::default(),
             watch_errors: Family::default(),
             watch_lists: Family::default(),
+            sweep_differences: Counter::default(),
+            zero_raises_refused: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("policy_evaluations", "Policy evaluations, by policy and result", metrics.evaluations.clone());
@@ -121,6 +128,12 @@ impl Metrics {
         registry.register("watched_objects", "Objects in the watch caches, by kind", metrics.watched_objects.clone());
         registry.register("watch_errors", "Watch errors (the watch restarts with backoff), by kind", metrics.watch_errors.clone());
         registry.register("watch_lists", "Complete lists of a watched kind (the first, then one per relist), by kind", metrics.watch_lists.clone());
+        registry.register("sweep_differences", "Periodic sweeps (agent) that found a virtual service to fix", metrics.sweep_differences.clone());
+        registry.register(
+            "zero_raises_refused",
+            "Kernel weights of 0 the agent wanted to raise but a fresh read of the EndpointSlices showed draining",
+            metrics.zero_raises_refused.clone(),
+        );
         // Known label values start at 0, so that they are on /metrics (and in
         // rate() queries) before the first write happens.
         for kind in ["weight", "scheduler"] {
@@ -270,7 +283,11 @@ mod tests {
             watched_objects,
             watch_errors,
             watch_lists,
+            sweep_differences,
+            zero_raises_refused,
         } = &metrics;
+        sweep_differences.inc();
+        zero_raises_refused.inc();
         metrics.evaluated("label-selector", "ok", Duration::from_micros(40));
         for family in [netlink_writes, netlink_errors, drift_repairs, watch_errors, watch_lists] {
             Metrics::count(family, "weight", 1);
@@ -299,7 +316,7 @@ mod tests {
                 Some((format!("ipvs_operator_{name}"), rest.split('|').nth(1)?.trim().to_string()))
             })
             .collect();
-        assert_eq!(exposed.len(), 14, "{exposed:?}");
+        assert_eq!(exposed.len(), 16, "{exposed:?}");
         assert_eq!(documented, exposed, "the README's metrics table (left) is not what /metrics exposes (right)");
     }
 

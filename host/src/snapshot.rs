@@ -77,6 +77,29 @@ pub struct Endpoint {
     pub ready_since: Option<Timestamp>,
     /// The Service ports this endpoint serves, each with its resolved target port.
     pub ports: Vec<EndpointPort>,
+    /// Its EndpointSlice's topology hints (not policy input: they decide
+    /// which virtual services kube-proxy puts it behind).
+    pub hints: Hints,
+}
+
+/// The topology hints of an endpoint: which zones and nodes should use it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Hints {
+    /// `hints.forZones[].name`.
+    pub for_zones: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub for_nodes: Vec<String>,
+}
+
+impl Hints {
+    /// The hints of an EndpointSlice endpoint.
+    pub fn of(hints: Option<&k8s_openapi::api::discovery::v1::EndpointHints>) -> Self {
+        let Some(hints) = hints else { return Hints::default() };
+        Hints {
+            for_zones: hints.for_zones.iter().flatten().map(|z| z.name.clone()).collect(),
+            for_nodes: hints.for_nodes.iter().flatten().map(|n| n.name.clone()).collect(),
+        }
+    }
 }
 
 /// A Service port as served by one endpoint.
@@ -208,6 +231,7 @@ impl Snapshot {
                     .and_then(|c| c.last_transition_time.as_ref())
                     .map(|t| t.0),
                 ports,
+                hints: Hints::default(),
             });
         }
         let snapshot = Snapshot {
@@ -379,19 +403,29 @@ impl Snapshot {
                 let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                     continue;
                 };
-                if let Some(&i) = by_address.get(&address) {
-                    for port in &ports {
-                        if !endpoints[i].ports.contains(port) {
-                            endpoints[i].ports.push(*port);
-                        }
-                    }
-                    continue;
-                }
                 // EndpointSlice semantics: an unknown `ready` is ready, `serving` defaults to `ready`.
                 let conditions = ep.conditions.clone().unwrap_or_default();
                 let ready = conditions.ready.unwrap_or(true);
                 let serving = conditions.serving.unwrap_or(ready);
                 let terminating = conditions.terminating.unwrap_or(false);
+                if let Some(&i) = by_address.get(&address) {
+                    let existing = &mut endpoints[i];
+                    for port in &ports {
+                        if !existing.ports.contains(port) {
+                            existing.ports.push(*port);
+                        }
+                    }
+                    // An address in two slices (it moves between them): the
+                    // ready copy wins, whichever slice came first, as in
+                    // kube-proxy's EndpointSlice cache.
+                    if ready && !terminating && !existing.ready {
+                        existing.ready = true;
+                        existing.serving = serving;
+                        existing.terminating = false;
+                        existing.hints = Hints::of(ep.hints.as_ref());
+                    }
+                    continue;
+                }
                 let pod_ref = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod"));
                 let pod_meta = match pod_ref {
                     Some(r) => {
@@ -427,6 +461,7 @@ impl Snapshot {
                         _ => ready_since.observe(address, ready_now, pod_meta.created, now),
                     },
                     ports: ports.clone(),
+                    hints: Hints::of(ep.hints.as_ref()),
                 });
             }
         }

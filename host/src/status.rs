@@ -236,6 +236,7 @@ mod tests {
             created: None,
             ready_since: None,
             ports: vec![],
+            hints: Default::default(),
         };
         Snapshot {
             service: ServiceMeta::default(),

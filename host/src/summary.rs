@@ -111,6 +111,7 @@ mod tests {
             created: None,
             ready_since: None,
             ports: vec![],
+            hints: Default::default(),
         }
     }
 

@@ -32,6 +32,7 @@ fn endpoint(i: usize, env: &str) -> Endpoint {
         created: None,
         ready_since: None,
         ports: vec![],
+        hints: Default::default(),
     }
 }
 

@@ -11,7 +11,8 @@
 //!
 //! - [`consistency`]: checks for runs under faults and churn: the kernel equals
 //!   what `ipvs-operator eval` computes, and a sampler that flags any ready
-//!   endpoint at weight 0 no policy asked for.
+//!   endpoint at weight 0 no policy asked for, and any terminating endpoint
+//!   raised above 0 after kube-proxy zeroed it.
 //! - [`kubectl`]: the kubectl the tests run (`make setup` installs it).
 //! - [`policy_dir`]: policy modules as a ConfigMap mount delivers them.
 //! - [`procstat`]: a process's CPU time and memory, for benchmarks and soaks.

@@ -9,13 +9,19 @@
 //!                                                  pod ns: traffic-server   client ns
 //! ```
 //!
+//! Dual-stack: the node and the client have an IPv4 and an IPv6 address on
+//! their link ([`NODE_IP`], [`NODE_IP6`]; NodePorts live on both), and a pod
+//! whose `status.podIPs` has an IPv6 entry gets that address too, with its
+//! servers listening on `[::]` (both families). IPv6 duplicate address
+//! detection is off in the namespaces with IPv6 addresses, so they work at once.
+//!
 //! Each testbed has namespaces of its own (the node's IPVS table included), so
 //! tests run side by side in one VM. Everything is torn down on drop; when the
 //! thread is panicking, the processes' logs are printed first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -33,8 +39,16 @@ pub const NODE_NAME: &str = "node-1";
 /// The node's address (on its link to the client): NodePorts live here.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
+/// The node's IPv6 address on its link to the client: IPv6 NodePorts live here.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 1);
+const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 2);
+/// The node's addresses kube-proxy serves NodePorts on (its `--node-address`es).
+pub const NODE_ADDRESSES: [IpAddr; 2] = [IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)];
 /// Where pods' default route points (an address on the node's side of every pod veth).
 const POD_GATEWAY: &str = "169.254.1.1";
+/// Where pods' IPv6 default route points: a link-local address on the node's
+/// side of every pod veth (link-local addresses are per link, so one serves all).
+const POD_GATEWAY6: &str = "fe80::1";
 
 static NEXT_ID: AtomicU8 = AtomicU8::new(0);
 
@@ -110,7 +124,8 @@ impl Drop for Process {
 struct Backend {
     /// Held for its Drop: the namespace and its servers go with the pod.
     _namespace: NetNs,
-    ip: IpAddr,
+    /// Its addresses: at most one per family (see [`pod_ips`]).
+    ips: Vec<IpAddr>,
 }
 
 /// One node, its pods and a client, around the test API server.
@@ -142,7 +157,13 @@ impl Testbed {
         let dir = tempfile::Builder::new().prefix(&format!("{id}-")).tempdir().expect("a temp dir");
         let node = NetNs::new(&format!("{id}-node"));
         let client = NetNs::new(&format!("{id}-client"));
-        node.sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+        node.sysctls(&[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+        ]);
+        client.no_dad();
         // The management link: the root namespace (API server, controller) and the node.
         let (mgmt_root, mgmt_node) = (Ipv4Addr::new(10, 250, n, 1), Ipv4Addr::new(10, 250, n, 2));
         let root_if = format!("{id}m");
@@ -154,6 +175,10 @@ impl Testbed {
         // The client's link: the node's address, where NodePorts live.
         traffic::netns::link(&node, "client0", &format!("{NODE_IP}/24"), &client, "eth0", &format!("{CLIENT_IP}/24"));
         client.exec(&["ip", "route", "add", "default", "via", &NODE_IP.to_string()]);
+        // And its IPv6 addresses; the default route covers the IPv6 Service CIDR.
+        node.exec(&["ip", "-6", "addr", "add", &format!("{NODE_IP6}/64"), "dev", "client0", "nodad"]);
+        client.exec(&["ip", "-6", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"]);
+        client.exec(&["ip", "-6", "route", "add", "default", "via", &NODE_IP6.to_string()]);
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -227,13 +252,11 @@ impl Testbed {
 
     /// Start (or restart) the kube-proxy emulator in the node.
     pub fn start_emulator(&mut self) {
-        let args = [
-            "--server".to_string(),
-            self.url_from_node(),
-            "--node-name".into(),
-            NODE_NAME.into(),
-            "--node-address".into(),
-            NODE_IP.to_string(),
+        let mut args = vec!["--server".to_string(), self.url_from_node(), "--node-name".into(), NODE_NAME.into()];
+        for address in NODE_ADDRESSES {
+            args.extend(["--node-address".into(), address.to_string()]);
+        }
+        args.extend([
             "--scheduler".into(),
             self.config.proxy_scheduler.clone(),
             "--sync-period".into(),
@@ -243,7 +266,7 @@ impl Testbed {
             // As kube-proxy does: ClusterIPs on a dummy interface, so that IPVS sees them as local.
             "--dummy-interface".into(),
             "kube-ipvs0".into(),
-        ];
+        ]);
         self.spawn("kube-proxy", true, "kube-proxy-emulator", &args);
     }
 
@@ -348,9 +371,10 @@ impl Testbed {
     }
 
     /// Make the backends follow the API server's pods: a namespace with the
-    /// pod's IP and a server per container port number (answering TCP, and UDP
-    /// or SCTP too when a container port of that number has that protocol) for
-    /// each pod with an IP; pods that are gone lose theirs.
+    /// pod's IPs (its IPv4 and IPv6 one, of `status.podIPs`) and a server per
+    /// container port number (answering TCP, and UDP or SCTP too when a
+    /// container port of that number has that protocol) for each pod with an
+    /// IP; pods that are gone lose theirs.
     pub fn sync_backends(&mut self) {
         let pods = self.handle().list("pods", None);
         let mut seen = BTreeSet::new();
@@ -358,12 +382,13 @@ impl Testbed {
             let (Some(ns), Some(name)) = (pod["metadata"]["namespace"].as_str(), pod["metadata"]["name"].as_str()) else {
                 continue;
             };
-            let Some(ip) = pod["status"]["podIP"].as_str().and_then(|ip| ip.parse::<IpAddr>().ok()) else {
+            let ips = pod_ips(pod);
+            if ips.is_empty() {
                 continue;
-            };
+            }
             let key = (ns.to_string(), name.to_string());
             seen.insert(key.clone());
-            if self.backends.get(&key).is_some_and(|b| b.ip == ip) {
+            if self.backends.get(&key).is_some_and(|b| b.ips == ips) {
                 continue;
             }
             self.backends.remove(&key);
@@ -372,29 +397,55 @@ impl Testbed {
                 let Some(port) = p["containerPort"].as_u64().and_then(|p| u16::try_from(p).ok()) else { continue };
                 ports.entry(port).or_default().insert(p["protocol"].as_str().unwrap_or("TCP").to_string());
             }
-            let backend = self.backend(name, ip, &ports);
+            let backend = self.backend(name, ips, &ports);
             self.backends.insert(key, backend);
         }
         self.backends.retain(|k, _| seen.contains(k));
     }
 
-    fn backend(&mut self, pod: &str, ip: IpAddr, ports: &BTreeMap<u16, BTreeSet<String>>) -> Backend {
+    fn backend(&mut self, pod: &str, ips: Vec<IpAddr>, ports: &BTreeMap<u16, BTreeSet<String>>) -> Backend {
         self.next_link += 1;
         let n = self.next_link;
         let mut ns = NetNs::new(&format!("{}-p{n}", self.id));
+        let ipv6 = ips.iter().any(IpAddr::is_ipv6);
+        if ipv6 {
+            // Before the veth: its end there takes the namespace's defaults.
+            ns.no_dad();
+        }
+        // One shell per side: every `ip netns exec` costs a process and a
+        // mount namespace, which add up under the VM's emulated CPU.
         let node_if = format!("p{n}");
-        self.node.exec(&["ip", "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
-        self.node.exec(&["ip", "addr", "add", &format!("{POD_GATEWAY}/32"), "dev", &node_if]);
-        self.node.exec(&["ip", "link", "set", &node_if, "up"]);
-        self.node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", &node_if]);
-        ns.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
-        ns.exec(&["ip", "link", "set", "eth0", "up"]);
-        ns.exec(&["ip", "route", "add", POD_GATEWAY, "dev", "eth0"]);
-        ns.exec(&["ip", "route", "add", "default", "via", POD_GATEWAY]);
+        let mut node = vec![
+            format!("ip link add {node_if} type veth peer name eth0 netns {}", ns.name),
+            format!("ip addr add {POD_GATEWAY}/32 dev {node_if}"),
+        ];
+        if ipv6 {
+            node.push(format!("ip -6 addr add {POD_GATEWAY6}/64 dev {node_if} nodad"));
+        }
+        node.push(format!("ip link set {node_if} up"));
+        let mut pod_side = vec!["ip link set eth0 up".to_string()];
+        for ip in &ips {
+            match ip {
+                IpAddr::V4(_) => {
+                    node.push(format!("ip route add {ip}/32 dev {node_if}"));
+                    pod_side.push(format!("ip addr add {ip}/32 dev eth0"));
+                    pod_side.push(format!("ip route add {POD_GATEWAY} dev eth0"));
+                    pod_side.push(format!("ip route add default via {POD_GATEWAY}"));
+                }
+                IpAddr::V6(_) => {
+                    node.push(format!("ip -6 route add {ip}/128 dev {node_if}"));
+                    pod_side.push(format!("ip -6 addr add {ip}/128 dev eth0 nodad"));
+                    pod_side.push(format!("ip -6 route add default via {POD_GATEWAY6} dev eth0"));
+                }
+            }
+        }
+        self.node.sh(&node.join(" && "));
+        ns.sh(&pod_side.join(" && "));
         let server = project_binary("traffic-server");
         let server = server.to_str().expect("a UTF-8 path");
         for (port, protocols) in ports {
-            let listen = format!("0.0.0.0:{port}");
+            // `[::]` answers both families (dual-stack sockets).
+            let listen = if ipv6 { format!("[::]:{port}") } else { format!("0.0.0.0:{port}") };
             let mut command = vec![server, "--listen", &listen, "--name", pod];
             if protocols.contains("UDP") {
                 command.push("--udp");
@@ -405,7 +456,7 @@ impl Testbed {
             }
             ns.spawn_until_line(&command);
         }
-        Backend { _namespace: ns, ip }
+        Backend { _namespace: ns, ips }
     }
 
     /// The kernel's IPVS table in the node.
@@ -488,6 +539,25 @@ impl Testbed {
     pub fn cluster_ip(&self, namespace: &str, name: &str) -> IpAddr {
         wait_until(Duration::from_secs(60), &format!("Service {namespace}/{name} to get a ClusterIP"), || {
             self.get("services", namespace, name)?["spec"]["clusterIP"].as_str()?.parse().ok()
+        })
+    }
+
+    /// Every ClusterIP of a Service (`spec.clusterIPs`: one per IP family of a
+    /// dual-stack Service), once it has one.
+    pub fn cluster_ips(&self, namespace: &str, name: &str) -> Vec<IpAddr> {
+        wait_until(Duration::from_secs(60), &format!("Service {namespace}/{name} to get a ClusterIP"), || {
+            let ips = service_cluster_ips(&self.get("services", namespace, name)?);
+            (!ips.is_empty()).then_some(ips)
+        })
+    }
+
+    /// The IPv6 ClusterIP of a dual-stack (or IPv6) Service, once it has one.
+    pub fn cluster_ip6(&self, namespace: &str, name: &str) -> Ipv6Addr {
+        wait_until(Duration::from_secs(60), &format!("Service {namespace}/{name} to get an IPv6 ClusterIP"), || {
+            service_cluster_ips(&self.get("services", namespace, name)?).into_iter().find_map(|ip| match ip {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            })
         })
     }
 
@@ -584,7 +654,19 @@ pub fn load_sctp() {
 /// A manifest of one running, ready pod in `default` with port 8080 named
 /// `www`, at a fixed IP on `node` (for [`Testbed::load`]).
 pub fn pod_manifest(name: &str, labels: &[(&str, &str)], node: &str, ip: &str) -> String {
+    pod_manifest_with_ips(name, labels, node, &[ip])
+}
+
+/// [`pod_manifest`] of a dual-stack pod: `status.podIP` is `ip` (IPv4) and
+/// `status.podIPs` has `ip` and `ip6` (IPv6), as a dual-stack cluster gives them.
+pub fn dual_stack_pod_manifest(name: &str, labels: &[(&str, &str)], node: &str, ip: &str, ip6: &str) -> String {
+    pod_manifest_with_ips(name, labels, node, &[ip, ip6])
+}
+
+/// [`pod_manifest`] with `status.podIPs` = `ips` (the first is `status.podIP`).
+fn pod_manifest_with_ips(name: &str, labels: &[(&str, &str)], node: &str, ips: &[&str]) -> String {
     let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let pod_ips: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
     format!(
         r#"
 apiVersion: v1
@@ -598,12 +680,41 @@ spec:
     ports: [{{name: www, containerPort: 8080, protocol: TCP}}]
 status:
   phase: Running
-  podIP: {ip}
+  podIP: "{ip}"
+  podIPs: [{pod_ips}]
   conditions: [{{type: Ready, status: "True"}}]
 ---
 "#,
-        labels = labels.join(", ")
+        labels = labels.join(", "),
+        ip = ips.first().copied().unwrap_or_default(),
+        pod_ips = pod_ips.join(", "),
     )
+}
+
+/// A pod's addresses: `status.podIP` and the entries of `status.podIPs`, at
+/// most one per IP family (the first of each), IPv4 first.
+pub fn pod_ips(pod: &Value) -> Vec<IpAddr> {
+    let listed = pod["status"]["podIPs"].as_array().into_iter().flatten().map(|entry| &entry["ip"]);
+    let all: Vec<IpAddr> =
+        std::iter::once(&pod["status"]["podIP"]).chain(listed).filter_map(|ip| ip.as_str()?.parse().ok()).collect();
+    let v4 = all.iter().find(|ip| ip.is_ipv4());
+    let v6 = all.iter().find(|ip| ip.is_ipv6());
+    v4.into_iter().chain(v6).copied().collect()
+}
+
+/// A Service's ClusterIPs: `spec.clusterIPs`, or `spec.clusterIP` alone when
+/// it has none (neither `None` nor `""` is an address).
+pub fn service_cluster_ips(service: &Value) -> Vec<IpAddr> {
+    let listed: Vec<IpAddr> = service["spec"]["clusterIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.as_str()?.parse().ok())
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    service["spec"]["clusterIP"].as_str().and_then(|ip| ip.parse().ok()).into_iter().collect()
 }
 
 /// Poll `check` every 100 ms until it gives a value, or panic after `timeout`
@@ -664,5 +775,34 @@ mod tests {
         assert_eq!(metric(text, "ipvs_operator_netlink_writes_total", ""), Some(5.0));
         assert_eq!(metric(text, "ipvs_operator_netlink_writes_total", "kind=\"weight\""), Some(3.0));
         assert_eq!(metric(text, "missing", ""), None);
+    }
+
+    #[test]
+    fn a_dual_stack_pod_manifest_gives_both_addresses() {
+        let yaml = dual_stack_pod_manifest("web-1", &[("app", "web")], NODE_NAME, "10.244.9.21", "fd00:10:244::9:21");
+        let pod: Value = serde_yaml::from_str(yaml.trim_end().trim_end_matches("---")).expect("the manifest is YAML");
+        assert_eq!(pod["status"]["podIP"], "10.244.9.21");
+        assert_eq!(pod["status"]["podIPs"], serde_json::json!([{"ip": "10.244.9.21"}, {"ip": "fd00:10:244::9:21"}]));
+        let ips: Vec<String> = pod_ips(&pod).iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.244.9.21", "fd00:10:244::9:21"]);
+        // The single-stack manifest has its one address in both fields.
+        let yaml = pod_manifest("web-2", &[], NODE_NAME, "10.244.9.22");
+        let pod: Value = serde_yaml::from_str(yaml.trim_end().trim_end_matches("---")).expect("the manifest is YAML");
+        assert_eq!(pod_ips(&pod), [IpAddr::V4(Ipv4Addr::new(10, 244, 9, 22))]);
+    }
+
+    #[test]
+    fn a_pod_has_one_address_per_family_and_a_service_its_cluster_ips() {
+        let listed = serde_json::json!([{"ip": "fd00::5"}, {"ip": "10.0.0.5"}, {"ip": "10.0.0.6"}]);
+        let pod = serde_json::json!({"status": {"podIP": "fd00::5", "podIPs": listed}});
+        let ips: Vec<String> = pod_ips(&pod).iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.0.0.5", "fd00::5"]);
+        assert!(pod_ips(&serde_json::json!({"status": {"phase": "Pending"}})).is_empty());
+        let dual = serde_json::json!({"spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"]}});
+        let ips: Vec<String> = service_cluster_ips(&dual).iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["10.96.0.10", "fd00:10:96::a"]);
+        assert_eq!(service_cluster_ips(&serde_json::json!({"spec": {"clusterIP": "10.96.0.11"}})).len(), 1);
+        let headless = serde_json::json!({"spec": {"clusterIP": "None", "clusterIPs": ["None"]}});
+        assert!(service_cluster_ips(&headless).is_empty());
     }
 }

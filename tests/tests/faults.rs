@@ -4,8 +4,9 @@
 //!
 //! 1. the API server cuts watches, expires resourceVersions (410), answers
 //!    bursts of 500/503/429 and stalls for 10 s;
-//! 2. kube-proxy syncs every second against another scheduler, and restarts
-//!    (resetting every weight to 1);
+//! 2. kube-proxy syncs every second against another scheduler, restarts
+//!    (resetting every weight to 1), and drains pods deleted while the agent's
+//!    watches lag behind its own;
 //! 3. virtual services vanish mid-pass (deleted while the agent works; kube-proxy
 //!    makes them again);
 //! 4. a policy rollout fails: its config is refused, its module traps, then
@@ -17,21 +18,24 @@
 //! weights edited), so that there is work to lose. After each fault the kernel's
 //! weights must equal what `ipvs-operator eval` computes from the same objects,
 //! and during the whole run a sampler reads the kernel every 100 ms: no ready
-//! endpoint may be at weight 0 (see `ipvs_operator_tests::consistency`).
+//! endpoint may be at weight 0, and no destination kube-proxy drained at 0 for
+//! a terminating pod may be above 0 again (see `ipvs_operator_tests::consistency`).
 //!
 //! `IPVS_FAULTS_SECONDS` sets how long each fault phase lasts (default 3: the
 //! shortened suite of `make test`; `make soak-faults` runs 60). The 10 s stall
 //! is 10 s either way. `make test-kernel` runs this in the VM (tests/vm).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipvs_operator::policy::embedded_module;
-use ipvs_operator_tests::apiserver::FailRule;
-use ipvs_operator_tests::consistency::{wait_for_kernel_to_match_eval, Sampler, SamplerConfig};
-use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig};
+use ipvs_operator_tests::apiserver::{FailRule, Grace, WatchLag};
+use ipvs_operator_tests::consistency::{
+    wait_for_kernel_to_match_eval, Sampler, SamplerConfig, SamplerReport, ViolationKind,
+};
+use ipvs_operator_tests::testbed::{pod_manifest, wait_until, Testbed, TestbedConfig, NODE_IP};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -346,7 +350,115 @@ fn kube_proxy_syncing_every_second_and_restarting_is_repaired() {
     // The restarts reached the agent: it put back weights kube-proxy reset.
     assert!(repairs > repairs_before, "no weight repaired after {restarts} kube-proxy restarts reset them to 1 ({repairs} repairs)");
     eprintln!("[{}] kube-proxy fights: {reverts} scheduler repairs, {repairs} weight repairs", bed.id);
+
+    // kube-proxy drains pods deleted while the agent's watches lag behind its own.
+    delete_pods_behind_a_lagging_agent(&bed, &sampler);
     finish(&bed, sampler);
+}
+
+/// The agent's watches lag by this much (the test API server's `lag_watches`).
+const LAG_MIN: Duration = Duration::from_millis(500);
+const LAG_MAX: Duration = Duration::from_secs(2);
+
+/// Up to three of this node's four pods are deleted (terminating until the
+/// end of the phase), 1.5 s apart, while every watch event to the agent comes
+/// 0.5–2 s late and kube-proxy's at once: kube-proxy drains their destinations
+/// at weight 0 while the agent's plan still has them ready at 10 or 4 (not
+/// kube-proxy's 1). The sampler's second check says it never raises them;
+/// then, the lag over, the kernel equals eval. The phase stops deleting once it
+/// has exercised that: the agent counted a raise it refused, or the sampler saw
+/// a drain revived, or kube-proxy drain a destination before the agent could
+/// know (within `LAG_MIN` of the termination).
+fn delete_pods_behind_a_lagging_agent(bed: &Testbed, sampler: &Sampler) {
+    let started = Instant::now();
+    let h = bed.handle();
+    h.load_manifests(&weighted_service(4, current_policy(bed).as_deref())).expect("editing the WeightedService");
+    // Connections give the destinations something to drain (kube-proxy deletes
+    // idle ones at once), on the ClusterIP and on the NodePort. A few are
+    // refused while the agent swaps back the scheduler kube-proxy reverts.
+    let service = bed.get("services", "default", "web").expect("the Service");
+    let node_port = service["spec"]["ports"][0]["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok());
+    let node_port = node_port.expect("a node port");
+    let cluster_ip = SocketAddr::new(bed.cluster_ip("default", "web"), 80);
+    for target in [cluster_ip, SocketAddr::new(IpAddr::V4(NODE_IP), node_port)] {
+        let (_, refused) = bed.connect_counting_errors(target, 40);
+        assert!(refused.len() <= 20, "{} of 40 connections to {target} failed: {refused:?}", refused.len());
+    }
+    check(bed, "canary weight 4");
+    // Of web-1…web-4 (this node's), those whose ClusterIP destination has
+    // connections; one stays, so that kube-proxy never falls back to the
+    // terminating ones.
+    let table = bed.ipvs();
+    let with_connections = |pod: &str| {
+        let ip = bed.get("pods", "default", pod).and_then(|p| p["status"]["podIP"].as_str()?.parse::<IpAddr>().ok());
+        table.iter().filter(|e| e.service.address() == Some(cluster_ip)).flat_map(|e| &e.destinations).any(|d| {
+            Some(d.socket_addr().ip()) == ip && d.active_connections + d.inactive_connections > 0
+        })
+    };
+    let candidates: Vec<String> = (1..=4).map(|n| format!("web-{n}")).filter(|p| with_connections(p)).take(3).collect();
+    assert!(!candidates.is_empty(), "none of this node's pods has connections to drain:\n{}", bed.ipvsadm());
+
+    let refused = |bed: &Testbed| agent_count(bed, "ipvs_operator_zero_raises_refused_total", "");
+    let revived = |report: &SamplerReport| {
+        report.violations.iter().filter(|v| matches!(v.kind, ViolationKind::DrainRevived { .. })).count()
+    };
+    let (before, refused_before) = (sampler.report(), refused(bed));
+    let exercised = |report: &SamplerReport, bed: &Testbed| {
+        let behind = report.drains[before.drains.len()..]
+            .iter()
+            .filter(|d| d.after_termination.is_some_and(|t| t < LAG_MIN))
+            .count();
+        (refused(bed) - refused_before, revived(report) - revived(&before), behind)
+    };
+    let lagging = Instant::now();
+    h.lag_watches(Some(WatchLag { user_agent_prefix: "ipvs-operator-agent/".into(), min: LAG_MIN, max: LAG_MAX }));
+    let mut deleted = Vec::new();
+    let mut last = Instant::now();
+    for pod in &candidates {
+        h.delete_pod("default", pod, Grace::UntilFinished).expect("deleting a pod");
+        last = Instant::now();
+        deleted.push(pod.clone());
+        std::thread::sleep(Duration::from_millis(1500));
+        let (refusals, revivals, behind) = exercised(&sampler.report(), bed);
+        if refusals > 0.0 || revivals > 0 || behind > 0 {
+            break;
+        }
+    }
+    // The last deletion's events reach the agent at most LAG_MAX after it:
+    // until then it may raise what kube-proxy drained.
+    std::thread::sleep((last + LAG_MAX).saturating_duration_since(Instant::now()));
+    h.lag_watches(None);
+    let lagged = lagging.elapsed();
+    check(bed, "pods deleted behind a lagging agent");
+    for pod in &deleted {
+        h.finish_pod_termination("default", pod).expect("finishing a pod's termination");
+    }
+
+    let report = sampler.report();
+    let drains = &report.drains[before.drains.len()..];
+    let (refusals, revivals, behind) = exercised(&report, bed);
+    let described: Vec<String> = drains
+        .iter()
+        .map(|d| {
+            let after = d.after_termination.map_or("?".into(), |t| format!("{} ms", t.as_millis()));
+            let (vs, dest, pod) = (&d.seen.virtual_service, d.seen.destination, &d.seen.pod);
+            format!("{} {} -> {dest} ({pod}) {} → 0, at most {after} after it terminated", vs.0, vs.1, d.from)
+        })
+        .collect();
+    let summary = format!(
+        "{deleted:?} deleted; {} drains ({behind} within {} ms of the termination), {refusals} raises the agent \
+         refused, {revivals} drains revived: {described:#?}",
+        drains.len(),
+        LAG_MIN.as_millis()
+    );
+    assert!(!drains.is_empty(), "kube-proxy drained no destination at weight 0: {summary}\n{}", bed.ipvsadm());
+    assert!(refusals > 0.0 || revivals > 0 || behind > 0, "the agent was never behind a drain: {summary}");
+    eprintln!(
+        "[{}] lagging agent: {summary}; the watches lagged {:.1} s, the phase took {:.1} s",
+        bed.id,
+        lagged.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]

@@ -298,6 +298,19 @@ impl IpvsClient {
         self.write(Write::set_scheduler(current, scheduler))
     }
 
+    /// Sets the scheduler of the virtual service `key` from a fresh read of it:
+    /// SET_SERVICE rewrites flags, timeout, netmask and persistence engine
+    /// together, so a listing made earlier would put back what another writer
+    /// (kube-proxy) changed since. `Ok(false)` when it has that scheduler already.
+    pub fn change_scheduler(&mut self, key: &ServiceKey, scheduler: &str) -> Result<bool> {
+        let current = self.service(key)?;
+        if current.scheduler == scheduler {
+            return Ok(false);
+        }
+        self.set_scheduler(&current, scheduler)?;
+        Ok(true)
+    }
+
     /// Deletes a virtual service and its destinations.
     pub fn delete_service(&mut self, service: &ServiceKey) -> Result<()> {
         self.write(Write::DeleteService(*service))

@@ -466,6 +466,31 @@ fn a_second_pass_over_the_same_desired_state_writes_nothing() {
 }
 
 #[test]
+fn a_scheduler_change_keeps_what_another_writer_changed_since_a_listing() {
+    load_ip_vs();
+    let ns = NetNs::new("k-sched");
+    let mut client = client_in(&ns);
+    let key = ServiceKey::tcp(addr("10.13.0.1:80"));
+    client.add_service(&Service::new(key, "rr")).unwrap();
+    // A listing, as a sweep keeps one across its chunks.
+    let listed = client.services().unwrap().into_iter().find(|s| s.key == key).expect("listed");
+    // Meanwhile kube-proxy turns on session affinity (persistence, 3 h).
+    let mut affinity = listed.clone();
+    affinity.flags |= 0x0001;
+    affinity.timeout = 10_800;
+    client.edit_service(&affinity).unwrap();
+    assert!(client.change_scheduler(&key, "wrr").unwrap());
+    let now = client.service(&key).unwrap();
+    assert_eq!(now.scheduler, "wrr");
+    assert_eq!((now.flags & 0x0001, now.timeout), (0x0001, 10_800), "kube-proxy's session affinity stays");
+    assert!(!client.change_scheduler(&key, "wrr").unwrap(), "nothing to change");
+    // What a write built from the stale listing does instead: affinity lost.
+    client.set_scheduler(&listed, "sh").unwrap();
+    assert_eq!(client.service(&key).unwrap().timeout, 0, "the stale listing reverts the timeout");
+    assert!(matches!(client.change_scheduler(&ServiceKey::tcp(addr("10.13.0.9:80")), "wrr"), Err(IpvsError::ServiceNotFound { .. })));
+}
+
+#[test]
 fn a_write_to_a_missing_service_fails_alone() {
     load_ip_vs();
     let ns = NetNs::new("k-errors");

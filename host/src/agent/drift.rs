@@ -14,25 +14,26 @@ use ipvs::{ServiceKey, SockoptTable};
 pub struct Wanted<'a, K> {
     /// Whose (a WeightedService).
     pub owner: &'a K,
-    /// The scheduler it should have.
-    pub scheduler: &'a str,
+    /// The scheduler it should have; `None`: any.
+    pub scheduler: Option<&'a str>,
     /// The weight each of these destinations should have.
     pub weights: &'a BTreeMap<SocketAddr, u16>,
+    /// Whether a weight of 0 is left as it is (a Service being restored).
+    pub zeros_stay: bool,
 }
 
 /// One virtual service of the kernel compared with what is wanted of it, one
 /// destination at a time.
 pub struct Comparison<'a, K> {
     wanted: Wanted<'a, K>,
-    found: usize,
     differs: bool,
 }
 
 impl<'a, K> Comparison<'a, K> {
     /// Start with the service's scheduler.
     pub fn new(wanted: Wanted<'a, K>, scheduler: &str) -> Self {
-        let differs = wanted.scheduler != scheduler;
-        Comparison { wanted, found: 0, differs }
+        let differs = wanted.scheduler.is_some_and(|s| s != scheduler);
+        Comparison { wanted, differs }
     }
 
     /// Whether a difference was found already (the rest need not be read).
@@ -43,16 +44,18 @@ impl<'a, K> Comparison<'a, K> {
     /// One destination of the service with its weight.
     pub fn destination(&mut self, address: &SocketAddr, weight: u32) {
         match self.wanted.weights.get(address) {
-            Some(w) if u32::from(*w) == weight => self.found += 1,
+            Some(w) if u32::from(*w) == weight => {}
+            Some(_) if weight == 0 && self.wanted.zeros_stay => {}
             Some(_) => self.differs = true,
             None => {} // not the agent's to weigh (not ready, terminating)
         }
     }
 
-    /// The owner, if the service differs: another scheduler, another weight,
-    /// or a wanted destination the kernel does not have (yet).
+    /// The owner, if the service differs: another scheduler or another
+    /// weight. A wanted destination the kernel lacks is not a difference:
+    /// which destinations exist is kube-proxy's business.
     pub fn finish(self) -> Option<&'a K> {
-        (self.differs || self.found < self.wanted.weights.len()).then_some(self.wanted.owner)
+        self.differs.then_some(self.wanted.owner)
     }
 }
 
@@ -152,17 +155,22 @@ mod tests {
         let weights: BTreeMap<SocketAddr, u16> =
             [("10.0.0.1:80".parse().unwrap(), 3), ("10.0.0.2:80".parse().unwrap(), 0)].into_iter().collect();
         let owner = "ws".to_string();
-        let compare = |scheduler: &str, seen: &[(&str, u32)]| {
-            let mut c = Comparison::new(Wanted { owner: &owner, scheduler: "wrr", weights: &weights }, scheduler);
+        let compare_as = |wanted_scheduler: Option<&'static str>, zeros_stay: bool, scheduler: &str, seen: &[(&str, u32)]| {
+            let wanted = Wanted { owner: &owner, scheduler: wanted_scheduler, weights: &weights, zeros_stay };
+            let mut c = Comparison::new(wanted, scheduler);
             for (address, weight) in seen {
                 c.destination(&address.parse().unwrap(), *weight);
             }
             c.finish().is_some()
         };
+        let compare = |scheduler: &str, seen: &[(&str, u32)]| compare_as(Some("wrr"), false, scheduler, seen);
         assert!(!compare("wrr", &[("10.0.0.1:80", 3), ("10.0.0.2:80", 0), ("10.0.0.9:80", 1)]), "others are left alone");
         assert!(compare("rr", &[("10.0.0.1:80", 3), ("10.0.0.2:80", 0)]), "another scheduler");
         assert!(compare("wrr", &[("10.0.0.1:80", 1), ("10.0.0.2:80", 0)]), "another weight");
-        assert!(compare("wrr", &[("10.0.0.1:80", 3)]), "a destination missing");
+        assert!(compare("wrr", &[("10.0.0.1:80", 0), ("10.0.0.2:80", 0)]), "a zero where a weight is wanted");
+        assert!(!compare("wrr", &[("10.0.0.1:80", 3)]), "a destination missing is kube-proxy's business");
+        assert!(!compare_as(None, true, "rr", &[("10.0.0.1:80", 0)]), "restoring: any scheduler, zeros stay");
+        assert!(compare_as(None, true, "rr", &[("10.0.0.1:80", 5)]), "restoring: another non-zero weight");
     }
 
     #[test]

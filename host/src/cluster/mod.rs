@@ -212,7 +212,7 @@ pub fn watch(
 /// Dropping, before an object is cached, the fields the agent and the
 /// controller never read. Every node runs an agent that caches every pod's
 /// metadata and every EndpointSlice: what a real cluster puts in them
-/// (annotations, owner references, uids, topology hints) would be most of the
+/// (annotations, owner references, uids, hostnames) would be most of the
 /// agent's memory.
 pub trait Trim {
     /// Drop what is never read.
@@ -264,14 +264,14 @@ impl Trim for Pod {
 }
 
 impl Trim for EndpointSlice {
-    /// Addresses, ports, conditions, node, zone and which pod: not the
-    /// slice's own bookkeeping, topology hints or the pod's uid.
+    /// Addresses, ports, conditions, node, zone, topology hints (they decide
+    /// which virtual services kube-proxy puts an endpoint behind) and which
+    /// pod: not the slice's own bookkeeping or the pod's uid.
     fn trim(&mut self) {
         trim_bookkeeping(&mut self.metadata);
         self.metadata.annotations = None;
         self.metadata.owner_references = None;
         for endpoint in self.endpoints.iter_mut().flatten() {
-            endpoint.hints = None;
             endpoint.hostname = None;
             endpoint.deprecated_topology = None;
             if let Some(target) = endpoint.target_ref.as_mut() {

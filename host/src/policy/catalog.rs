@@ -875,6 +875,7 @@ fn check_sample(policy: &LoadedPolicy) -> Result<(), PolicyError> {
         created: Some(Timestamp::UNIX_EPOCH),
         ready_since: Some(Timestamp::UNIX_EPOCH),
         ports: vec![],
+        hints: Default::default(),
     };
     let sample = Snapshot {
         service: ServiceMeta {

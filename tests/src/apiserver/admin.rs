@@ -13,9 +13,13 @@
 //! | `POST /_test/faults/break-watches` | — | [`Handle::break_watches`] |
 //! | `POST /_test/faults/fail` | [`FailRule`](super::FailRule) | [`Handle::add_fail_rule`] |
 //! | `POST /_test/faults/delay` | `{"millis": n}` (0 stops) | [`Handle::set_delay`] |
+//! | `POST /_test/faults/lag-watches` | a lag (below), `{}` stops | [`Handle::lag_watches`] |
 //! | `POST /_test/faults/expire` | — | [`Handle::expire_resource_versions`] |
 //! | `GET /_test/requests` | — | [`Handle::requests`] |
 //! | `DELETE /_test/requests` | — | [`Handle::clear_requests`] |
+//!
+//! A lag is `{"userAgentPrefix": "ipvs-operator-agent/", "minMillis": 200, "maxMillis": 800}`
+//! (a [`WatchLag`]; `maxMillis` defaults to `minMillis`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,7 +30,7 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, Error};
 use super::http::{Body, error_response, json_response};
-use super::{FailRule, Grace, Handle, NodeConfig, PodUpdate};
+use super::{FailRule, Grace, Handle, NodeConfig, PodUpdate, WatchLag};
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
@@ -49,6 +53,17 @@ struct DeleteBody {
 #[derive(serde::Deserialize)]
 struct DelayBody {
     millis: u64,
+}
+
+/// A [`WatchLag`] over HTTP; without `userAgentPrefix`, lagging stops.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LagBody {
+    user_agent_prefix: Option<String>,
+    #[serde(default)]
+    min_millis: u64,
+    /// Defaults to `minMillis`.
+    max_millis: Option<u64>,
 }
 
 /// Handles a request under `/_test/`; `rest` is the path after that prefix.
@@ -95,6 +110,15 @@ fn run(h: &Handle, method: &Method, rest: &str, body: &[u8]) -> Result<Value, Ap
         ("POST", ["faults", "delay"]) => {
             let d: DelayBody = parse(body)?;
             h.set_delay((d.millis > 0).then(|| Duration::from_millis(d.millis)));
+            Ok(ok)
+        }
+        ("POST", ["faults", "lag-watches"]) => {
+            let b: LagBody = parse(body)?;
+            h.lag_watches(b.user_agent_prefix.map(|user_agent_prefix| WatchLag {
+                user_agent_prefix,
+                min: Duration::from_millis(b.min_millis),
+                max: Duration::from_millis(b.max_millis.unwrap_or(b.min_millis)),
+            }));
             Ok(ok)
         }
         ("POST", ["faults", "expire"]) => {

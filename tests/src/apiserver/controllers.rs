@@ -36,28 +36,63 @@
 //!   choices (as far as its timing allows; the seed also seeds generated
 //!   names and uids).
 //!
+//! - It is dual-stack as the real one: a Service gets one set of slices per
+//!   family in its `ipFamilies` (`addressType` `IPv4`, `IPv6`), each
+//!   endpoint's addresses its pod's `status.podIPs` of that family (a pod
+//!   without one is left out of that family's slices); slices of a family the
+//!   Service no longer has are deleted. Each family is planned as above, with
+//!   its own placeholder.
+//! - It writes topology hints as the real one (`trafficdist`): under
+//!   `spec.trafficDistribution` `PreferClose` or `PreferSameZone` every ready
+//!   endpoint with a zone gets `hints.forZones` naming its zone, under
+//!   `PreferSameNode` also `hints.forNodes` naming its node; without one (or
+//!   when the topology annotation is set) hints are removed. The annotation
+//!   `service.kubernetes.io/topology-mode: Auto` gives zone hints when the
+//!   real allocator would give any (every ready endpoint has a zone, the
+//!   ready nodes span at least two zones, at least as many ready endpoints as
+//!   zones), else none; see [`auto_hints`] for how the allocation is
+//!   simplified. A change of the Service's `trafficDistribution` or
+//!   annotations, or of a node's zone, rewrites the hints.
+//!
+//! The kubelet gives a pod an IPv4 address (`Config::pod_cidr`) and, when
+//! `Config::pod_cidr_v6` is set, an IPv6 one after it in `status.podIPs`
+//! (the IPv4 address's number within the IPv6 range), unless its manifest
+//! gave `status.podIPs` (kept as given) or its [`ANNOTATION_POD_IP`] names
+//! several addresses.
+//!
 //! Simplifications (listed in tests/README.md): Deployments own their
 //! Pods directly (no ReplicaSet objects), a template change replaces all pods
-//! at once, IPv4 only. DaemonSets place one pod on every node whose labels
+//! at once. Nodes have one address (hostNetwork pods get it alone).
+//! DaemonSets place one pod on every node whose labels
 //! match the template's `nodeSelector` (taints, tolerations and affinity are
 //! not looked at), and replace all of them at once when the template changes.
-//! The EndpointSlice controller syncs a namespace's Services together, does
-//! not write topology hints, and its slices are not rewritten when a client
-//! edits them.
+//! The EndpointSlice controller syncs a namespace's Services together, and
+//! its slices are not rewritten when a client edits them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::resources::{KINDS, ids};
+use super::service_validation::{IPV4, IPV6, family_of, strings};
 use super::store::{DeleteOptions, Store, Sub, now};
 
 /// Annotation prefix the emulation reads.
 pub const ANNOTATION_PREFIX: &str = "test-apiserver.codesink.net/";
-/// On a Pod: the IP the emulated kubelet gives it.
+/// On a Pod: the IP the emulated kubelet gives it, or its IPs,
+/// comma-separated (`status.podIPs` in that order). A single IPv4 address is
+/// joined by an IPv6 one from `Config::pod_cidr_v6` when that is set (its
+/// number within that range); a single IPv6 address stays alone (an
+/// IPv6-only pod).
 pub const ANNOTATION_POD_IP: &str = "test-apiserver.codesink.net/pod-ip";
+/// The label of a Node naming its zone, which its pods' endpoints carry.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// The Service annotation that asks for topology-aware hints (`Auto`).
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// Its deprecated predecessor, which wins when both are set.
+const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 /// On a Pod: `"false"` makes it start unready.
 pub const ANNOTATION_READY: &str = "test-apiserver.codesink.net/ready";
 /// On a Deployment: comma-separated IPs its pods take, in order.
@@ -116,6 +151,30 @@ fn pod_ready(pod: &Value) -> bool {
     })
 }
 
+/// A pod's addresses: `status.podIPs`, else `status.podIP`.
+fn pod_ips(pod: &Value) -> Vec<&str> {
+    let ips: Vec<&str> = pointer(pod, "/status/podIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("ip").and_then(Value::as_str))
+        .collect();
+    if ips.is_empty() { s(pod, "/status/podIP").into_iter().collect() } else { ips }
+}
+
+/// `status.podIP` and `status.podIPs` for `ips` (the first is `podIP`).
+fn set_pod_ips(status: &mut Value, ips: &[String]) {
+    match ips.first() {
+        Some(first) => status["podIP"] = json!(first),
+        None => {
+            if let Some(m) = status.as_object_mut() {
+                m.remove("podIP");
+            }
+        }
+    }
+    status["podIPs"] = Value::Array(ips.iter().map(|ip| json!({"ip": ip})).collect());
+}
+
 /// Whether a selector map matches an object's labels.
 fn selector_matches(selector: &serde_json::Map<String, Value>, obj: &Value) -> bool {
     let labels = pointer(obj, "/metadata/labels");
@@ -164,7 +223,7 @@ fn time_seed() -> u64 {
 }
 
 /// splitmix64: spreads a seed (or a counter) over all 64 bits.
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -239,6 +298,84 @@ fn endpoints_of(slice: &Value) -> &[Value] {
     slice.get("endpoints").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default()
 }
 
+/// The address types a Service's slices have: one per family of its
+/// `ipFamilies`. Without them (written by an older server) the real
+/// controller takes the family of the ClusterIP, and both for a headless
+/// Service.
+fn address_types(svc: &Value) -> Vec<&'static str> {
+    let mut types: Vec<&'static str> = Vec::new();
+    for f in pointer(svc, "/spec/ipFamilies").and_then(Value::as_array).into_iter().flatten() {
+        let t = match f.as_str() {
+            Some(IPV4) => IPV4,
+            Some(IPV6) => IPV6,
+            _ => continue,
+        };
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    if !types.is_empty() {
+        return types;
+    }
+    match s(svc, "/spec/clusterIP").and_then(family_of) {
+        Some(f) => vec![f],
+        None => vec![IPV4, IPV6],
+    }
+}
+
+/// Which hints a Service's endpoints get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hints {
+    /// None: any left are removed.
+    None,
+    /// `trafficDistribution: PreferClose` or `PreferSameZone`, and with
+    /// `nodes` `PreferSameNode`: each ready endpoint its own zone (and node).
+    Close { nodes: bool },
+    /// The topology annotation set to `Auto`: see [`auto_hints`].
+    Auto,
+}
+
+/// The hints `svc` asks for, as the real reconciler decides: the topology
+/// annotation (the deprecated one first) set to `Auto` wins over
+/// `trafficDistribution`.
+fn hint_mode(svc: &Value) -> Hints {
+    let annotations = pointer(svc, "/metadata/annotations");
+    let mode = [ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE]
+        .iter()
+        .find_map(|a| annotations.and_then(|m| m.get(*a)))
+        .and_then(Value::as_str);
+    if matches!(mode, Some("Auto" | "auto")) {
+        return Hints::Auto;
+    }
+    match s(svc, "/spec/trafficDistribution") {
+        Some("PreferClose" | "PreferSameZone") => Hints::Close { nodes: false },
+        Some("PreferSameNode") => Hints::Close { nodes: true },
+        _ => Hints::None,
+    }
+}
+
+fn endpoint_ready(ep: &Value) -> bool {
+    pointer(ep, "/conditions/ready").and_then(Value::as_bool) == Some(true)
+}
+
+/// Whether the topology cache gives the `ready` endpoints of one address
+/// type hints, with the ready nodes in `zones` (`None`: a node without a
+/// zone). It refuses as the real one does when a node has no zone, the nodes
+/// are all in one zone, there are fewer ready endpoints than zones, or a
+/// ready endpoint has no zone. Simplified: the real one then allocates
+/// endpoints to zones in proportion to the zones' allocatable CPU (and
+/// refuses when that would overload an endpoint by more than 20%), moving
+/// hints from zones with more endpoints than their share to zones with
+/// fewer; here every endpoint keeps its own zone, which is what the real
+/// allocation gives when the endpoints are spread over the zones as the
+/// CPU is (and our Nodes report no CPU).
+fn auto_hints(ready: &[&Value], zones: &Option<BTreeSet<String>>) -> bool {
+    let Some(zones) = zones else { return false };
+    zones.len() >= 2
+        && ready.len() >= zones.len()
+        && ready.iter().all(|ep| ep.get("zone").and_then(Value::as_str).is_some_and(|z| !z.is_empty()))
+}
+
 /// The unchanged slice (index in `slices`, with its endpoint count) that
 /// `n` more endpoints fill best without overfilling it (the real
 /// controller's `getSliceToFill`).
@@ -257,10 +394,17 @@ fn slice_to_fill(slices: &[(&Value, usize)], n: usize, max: usize) -> Option<usi
 }
 
 /// The writes that make the slices `managed` of Service `svc` (named `name`)
-/// hold the endpoint `groups` (resolved port list, endpoints in order), at
-/// most `max` endpoints a slice, as the real reconciler
-/// (`reconcileByPortMapping`, then `finalize`) plans them.
-fn plan_slices(svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, managed: &[&Value], max: usize) -> Vec<SliceWrite> {
+/// of one address type hold the endpoint `groups` (resolved port list,
+/// endpoints in order), at most `max` endpoints a slice, as the real
+/// reconciler (`reconcileByPortMapping`, then `finalize`) plans them.
+fn plan_slices(
+    svc: &Value,
+    name: &str,
+    address_type: &str,
+    groups: Vec<(Value, Vec<Value>)>,
+    managed: &[&Value],
+    max: usize,
+) -> Vec<SliceWrite> {
     let max = max.max(1);
     let mut labels = pointer(svc, "/metadata/labels").and_then(Value::as_object).cloned().unwrap_or_default();
     labels.insert(LABEL_SERVICE_NAME.into(), json!(name));
@@ -354,7 +498,7 @@ fn plan_slices(svc: &Value, name: &str, groups: Vec<(Value, Vec<Value>)>, manage
         writes.push(SliceWrite::Create(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"generateName": format!("{name}-"), "labels": labels, "ownerReferences": [owner_ref(svc, true)]},
-            "addressType": "IPv4", "ports": ports, "endpoints": eps,
+            "addressType": address_type, "ports": ports, "endpoints": eps,
         })));
     }
     for (sl, ports, eps) in updates {
@@ -430,8 +574,6 @@ impl Store {
     /// Defaults a Service and allocates its ClusterIP and node ports; a later
     /// write that omits them keeps the allocated ones.
     pub(crate) fn prepare_service(&mut self, svc: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
-        let rk = &KINDS[ids::services()];
-        let name = s(svc, "/metadata/name").unwrap_or_default().to_string();
         if !svc.get("spec").is_some_and(Value::is_object) {
             svc["spec"] = json!({});
         }
@@ -459,21 +601,31 @@ impl Store {
         if spec.get("internalTrafficPolicy").is_none() {
             spec["internalTrafficPolicy"] = json!("Cluster");
         }
-        let old_ip = old.and_then(|o| s(o, "/spec/clusterIP")).map(str::to_string);
-        let want = spec.get("clusterIP").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
-        let ip = match (old_ip, want) {
-            (Some(o), Some(w)) if o != w => {
-                return Err(ApiError::invalid(rk, &name, &format!("spec.clusterIPs[0]: Invalid value: []string{{{w:?}}}: may not change once set")));
+        // Validation settled the families (`service_validation::init_families`)
+        // and kept the addresses a write left out: each family without an
+        // address gets one, as the allocator does on create, on an upgrade to
+        // dual-stack, and on a change from ExternalName.
+        let mut ips = strings(spec.get("clusterIPs"));
+        let mut families = strings(spec.get("ipFamilies"));
+        if families.is_empty() {
+            families.push(IPV4.to_string());
+        }
+        if ips.first().is_some_and(|ip| ip == "None") {
+            ips.truncate(1);
+        } else {
+            ips.truncate(families.len());
+            for family in families.iter().skip(ips.len()) {
+                let ip = self.allocate_service_ip(family == IPV6)?;
+                ips.push(ip);
             }
-            (Some(o), _) => o,
-            (None, Some(w)) => w,
-            (None, None) => self.allocate_service_ip()?,
-        };
+        }
         let spec = &mut svc["spec"];
-        spec["clusterIP"] = json!(ip);
-        spec["clusterIPs"] = json!([ip]);
-        if ip != "None" {
-            spec["ipFamilies"] = json!(["IPv4"]);
+        spec["clusterIP"] = json!(ips.first().cloned().unwrap_or_default());
+        spec["clusterIPs"] = json!(ips);
+        if spec.get("ipFamilies").is_none() {
+            spec["ipFamilies"] = json!(families);
+        }
+        if spec.get("ipFamilyPolicy").is_none() {
             spec["ipFamilyPolicy"] = json!("SingleStack");
         }
         if typ == "NodePort" || typ == "LoadBalancer" {
@@ -534,21 +686,39 @@ impl Store {
         Err(ApiError::injected(500).with_message("range of node ports is full"))
     }
 
-    fn allocate_service_ip(&mut self) -> Result<String, ApiError> {
-        let used: BTreeSet<String> = self.objects[ids::services()]
+    /// A free ClusterIP of the IPv4 range, or of the IPv6 one (`v6`).
+    fn allocate_service_ip(&mut self, v6: bool) -> Result<String, ApiError> {
+        let used: BTreeSet<IpAddr> = self.objects[ids::services()]
             .values()
-            .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str))
-            .map(str::to_string)
+            .filter_map(|s| s.pointer("/spec/clusterIPs").and_then(Value::as_array))
+            .flatten()
+            .filter_map(|ip| ip.as_str()?.parse().ok())
             .collect();
+        if v6 {
+            let Some(cidr) = self.cfg.service_cidr_v6 else {
+                return Err(ApiError::injected(500).with_message("no IPv6 range of service IPs"));
+            };
+            // As for IPv4: the first ten addresses are left out.
+            let size = cidr.size().saturating_sub(11).clamp(1, u128::from(u32::MAX));
+            for _ in 0..size {
+                let off = 10 + u128::from(self.next_service_ip6) % size;
+                self.next_service_ip6 = self.next_service_ip6.wrapping_add(1);
+                let ip = IpAddr::V6(Ipv6Addr::from(cidr.base.wrapping_add(off)));
+                if !used.contains(&ip) {
+                    return Ok(ip.to_string());
+                }
+            }
+            return Err(ApiError::injected(500).with_message("range of service IPs is full"));
+        }
         let cidr = self.cfg.service_cidr;
         // .0 is the network, .1 is the `kubernetes` Service's by convention.
         let size = cidr.size().saturating_sub(2);
         for _ in 0..size {
             let off = 10 + self.next_service_ip % size.saturating_sub(9).max(1);
             self.next_service_ip = self.next_service_ip.wrapping_add(1);
-            let ip = Ipv4Addr::from(cidr.base + off).to_string();
+            let ip = IpAddr::V4(Ipv4Addr::from(cidr.base + off));
             if !used.contains(&ip) {
-                return Ok(ip);
+                return Ok(ip.to_string());
             }
         }
         Err(ApiError::injected(500).with_message("range of service IPs is full"))
@@ -572,6 +742,17 @@ impl Store {
         }
         // A full pod range in a test is a test bug; reuse rather than fail.
         Ipv4Addr::from(cidr.base + 10).to_string()
+    }
+
+    /// The IPv6 address of a pod whose IPv4 address is `v4` (`None`: no
+    /// IPv6 pod range): the IPv4 address's number within the IPv6 range
+    /// (`fd00:10:244::a01:50a` for `10.1.5.10`), unique as the IPv4 addresses
+    /// are (in a range of at least 2^32 addresses), and found without
+    /// looking at the other pods, of which a scale test has tens of thousands.
+    fn pod_ip6_for(&self, v4: Ipv4Addr) -> Option<String> {
+        let cidr = self.cfg.pod_cidr_v6?;
+        let off = u128::from(u32::from(v4)) % cidr.size().max(1);
+        Some(Ipv6Addr::from(cidr.base.wrapping_add(off)).to_string())
     }
 
     // ---- Deployments ----
@@ -775,10 +956,25 @@ impl Store {
                 continue; // No node to run on: stays Pending, as with a real scheduler.
             };
             let host_ip = self.node_ip(&node).unwrap_or_default();
-            let ip = if pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true) {
-                host_ip.clone()
+            // Addresses a manifest gave (`status.podIPs` without `podIP`) stay.
+            let given: Vec<String> = pod_ips(&pod).into_iter().map(str::to_string).collect();
+            let ips = if pod.pointer("/spec/hostNetwork").and_then(Value::as_bool) == Some(true) {
+                vec![host_ip.clone()]
+            } else if !given.is_empty() {
+                given
             } else {
-                ip.unwrap_or_else(|| self.allocate_pod_ip())
+                let fixed = ip.iter().flat_map(|l| l.split(',')).map(str::trim).filter(|a| !a.is_empty());
+                let mut ips: Vec<String> = fixed.map(str::to_string).collect();
+                if ips.is_empty() {
+                    ips.push(self.allocate_pod_ip());
+                }
+                if ips.len() == 1
+                    && let Ok(v4) = ips[0].parse::<Ipv4Addr>()
+                    && let Some(v6) = self.pod_ip6_for(v4)
+                {
+                    ips.push(v6);
+                }
+                ips
             };
             let ready = annotation(&pod, ANNOTATION_READY) != Some("false");
             let mut next = pod.clone();
@@ -795,7 +991,7 @@ impl Store {
             let rs = if ready { "True" } else { "False" };
             next["status"] = json!({
                 "phase": "Running", "qosClass": "BestEffort",
-                "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+                "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
                 "startTime": t,
                 "conditions": [
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
@@ -804,6 +1000,7 @@ impl Store {
                     {"type": "Ready", "status": rs, "lastTransitionTime": t},
                 ],
             });
+            set_pod_ips(&mut next["status"], &ips);
             if let Err(e) = self.update(ids::pods(), ns, &name, next, Sub::Status) {
                 tracing::debug!(error = %e, "kubelet: pod status");
             }
@@ -961,21 +1158,46 @@ impl Store {
             if terminating(svc) {
                 continue;
             }
-            let groups = self.desired_slices(svc, selector, &pods);
-            out.push(plan_slices(svc, name, groups, &managed, self.cfg.max_endpoints_per_slice));
+            let types = address_types(svc);
+            let address_type = |sl: &Value| s(sl, "/addressType").unwrap_or(IPV4).to_string();
+            // Slices of a family the Service no longer has go.
+            let mut writes: Vec<SliceWrite> = managed
+                .iter()
+                .filter(|sl| !types.contains(&address_type(sl).as_str()))
+                .filter_map(|sl| s(sl, "/metadata/name"))
+                .map(|n| SliceWrite::Remove(n.to_string()))
+                .collect();
+            for t in types {
+                let of_type: Vec<&Value> = managed.iter().copied().filter(|sl| address_type(sl) == t).collect();
+                let groups = self.desired_slices(svc, selector, &pods, t);
+                writes.extend(plan_slices(svc, name, t, groups, &of_type, self.cfg.max_endpoints_per_slice));
+            }
+            out.push(writes);
         }
         out.retain(|w: &Vec<SliceWrite>| !w.is_empty());
         out
     }
 
-    /// Endpoints grouped by their resolved port list, in pod name order.
-    fn desired_slices(&self, svc: &Value, selector: &serde_json::Map<String, Value>, pods: &[&Value]) -> Vec<(Value, Vec<Value>)> {
+    /// The endpoints of `address_type` (`IPv4`, `IPv6`) grouped by their
+    /// resolved port list, in pod name order, with the hints the Service asks for.
+    fn desired_slices(
+        &self,
+        svc: &Value,
+        selector: &serde_json::Map<String, Value>,
+        pods: &[&Value],
+        address_type: &str,
+    ) -> Vec<(Value, Vec<Value>)> {
         let svc_ports: Vec<Value> = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
         let mut groups: Vec<(Value, Vec<Value>)> = Vec::new();
         let mut sorted: Vec<&Value> = pods.iter().copied().filter(|p| selector_matches(selector, p)).collect();
         sorted.sort_by_key(|p| s(p, "/metadata/name").unwrap_or_default().to_string());
         for pod in sorted {
-            let (Some(ip), Some(node)) = (s(pod, "/status/podIP"), s(pod, "/spec/nodeName")) else { continue };
+            let Some(node) = s(pod, "/spec/nodeName") else { continue };
+            let addresses: Vec<&str> =
+                pod_ips(pod).into_iter().filter(|ip| family_of(ip) == Some(address_type)).collect();
+            if addresses.is_empty() {
+                continue;
+            }
             if matches!(s(pod, "/status/phase"), Some("Succeeded" | "Failed")) {
                 continue;
             }
@@ -983,7 +1205,7 @@ impl Store {
             let is_ready = pod_ready(pod);
             let term = terminating(pod);
             let mut ep = json!({
-                "addresses": [ip],
+                "addresses": addresses,
                 "conditions": {"ready": is_ready && !term, "serving": is_ready, "terminating": term},
                 "nodeName": node,
                 "targetRef": {"kind": "Pod", "namespace": pod["metadata"]["namespace"], "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]},
@@ -997,7 +1219,59 @@ impl Store {
                 None => groups.push((ports, vec![ep])),
             }
         }
+        match hint_mode(svc) {
+            Hints::None => {}
+            Hints::Close { nodes } => {
+                for ep in groups.iter_mut().flat_map(|(_, eps)| eps.iter_mut()).filter(|ep| endpoint_ready(ep)) {
+                    let mut hints = serde_json::Map::new();
+                    if let Some(z) = ep.get("zone").cloned() {
+                        hints.insert("forZones".into(), json!([{"name": z}]));
+                    }
+                    if nodes && let Some(n) = ep.get("nodeName").cloned() {
+                        hints.insert("forNodes".into(), json!([{"name": n}]));
+                    }
+                    if !hints.is_empty() {
+                        ep["hints"] = Value::Object(hints);
+                    }
+                }
+            }
+            Hints::Auto => {
+                let ready: Vec<&Value> =
+                    groups.iter().flat_map(|(_, eps)| eps).filter(|ep| endpoint_ready(ep)).collect();
+                if auto_hints(&ready, &self.hint_zones()) {
+                    for ep in groups.iter_mut().flat_map(|(_, eps)| eps.iter_mut()).filter(|ep| endpoint_ready(ep)) {
+                        if let Some(z) = ep.get("zone").cloned() {
+                            ep["hints"] = json!({"forZones": [{"name": z}]});
+                        }
+                    }
+                }
+            }
+        }
         groups
+    }
+
+    /// The zones of the ready nodes the topology cache counts (not the
+    /// control plane's), or `None` when one of them has no zone (the real
+    /// cache then has no node information and gives no hints).
+    fn hint_zones(&self) -> Option<BTreeSet<String>> {
+        let mut zones = BTreeSet::new();
+        for n in self.objects[ids::nodes()].values() {
+            let labels = pointer(n, "/metadata/labels");
+            let excluded = ["node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master"]
+                .iter()
+                .any(|l| labels.and_then(|m| m.get(*l)).is_some());
+            let ready = pointer(n, "/status/conditions").and_then(Value::as_array).is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.get("type").and_then(Value::as_str) == Some("Ready")
+                        && c.get("status").and_then(Value::as_str) == Some("True")
+                })
+            });
+            if excluded || !ready {
+                continue;
+            }
+            zones.insert(s(n, "/metadata/labels/topology.kubernetes.io~1zone").filter(|z| !z.is_empty())?.to_string());
+        }
+        Some(zones)
     }
 
     /// Changes a pod as a test asks: IP, node, readiness, labels.
@@ -1015,9 +1289,20 @@ impl Store {
             pod = self.update(ids::pods(), ns, name, pod, Sub::Main)?;
         }
         let mut status = pod.get("status").cloned().unwrap_or_else(|| json!({}));
-        if let Some(ip) = u.ip {
-            status["podIP"] = json!(ip.to_string());
-            status["podIPs"] = json!([{"ip": ip.to_string()}]);
+        if u.ips.is_some() || u.ip.is_some() {
+            let mut ips: Vec<String> = match &u.ips {
+                Some(list) => list.iter().map(ToString::to_string).collect(),
+                None => pod_ips(&pod).into_iter().map(str::to_string).collect(),
+            };
+            if let Some(ip) = u.ip {
+                let family = if ip.is_ipv6() { IPV6 } else { IPV4 };
+                match ips.iter().position(|x| family_of(x) == Some(family)) {
+                    Some(i) => ips[i] = ip.to_string(),
+                    None if ip.is_ipv4() => ips.insert(0, ip.to_string()),
+                    None => ips.push(ip.to_string()),
+                }
+            }
+            set_pod_ips(&mut status, &ips);
         }
         if let Some(n) = &u.node
             && let Some(h) = self.node_ip(n)
@@ -1279,6 +1564,153 @@ mod test {
         assert!(a.len() >= 6, "{a:?}");
         assert_eq!(a, b, "same seed, same writes in the same order");
         assert_ne!(a, c, "another seed, another order (or names)");
+    }
+
+    /// The slices of Service `web`, by address type: (name, addresses, hints) of each endpoint.
+    fn by_type(st: &Store) -> BTreeMap<String, Vec<(String, Vec<String>, Value)>> {
+        let mut out: BTreeMap<String, Vec<(String, Vec<String>, Value)>> = BTreeMap::new();
+        for sl in slices(st) {
+            let t = s(&sl, "/addressType").unwrap_or_default().to_string();
+            for e in endpoints_of(&sl) {
+                let pod = s(e, "/targetRef/name").unwrap_or_default().to_string();
+                let addrs = strings(e.get("addresses"));
+                out.entry(t.clone()).or_default().push((pod, addrs, e.get("hints").cloned().unwrap_or(Value::Null)));
+            }
+            out.entry(t).or_default();
+        }
+        for v in out.values_mut() {
+            v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        }
+        out
+    }
+
+    /// Sets a field of Service `web`'s spec (`null`: removes it).
+    fn set_spec(st: &mut Store, field: &str, value: Value) {
+        let mut svc = st.get(ids::services(), "default", "web").expect("service");
+        match (value, svc["spec"].as_object_mut()) {
+            (Value::Null, Some(spec)) => {
+                spec.remove(field);
+            }
+            (v, _) => svc["spec"][field] = v,
+        }
+        st.update(ids::services(), "default", "web", svc, Sub::Main).expect("update");
+        st.reconcile();
+    }
+
+    #[test]
+    fn dual_stack_services_get_slices_per_family_and_pods_both_addresses() {
+        let mut st = store(Config { endpoint_slice_delay: Duration::ZERO, seed: Some(3), ..Config::default() });
+        web(&mut st, 0..3);
+        let pod = st.get(ids::pods(), "default", &pod_name(0)).expect("pod");
+        let ips = pod_ips(&pod).into_iter().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(ips.len(), 2, "{pod}");
+        assert_eq!((ips[0].as_str(), family_of(&ips[1])), (ip(0).as_str(), Some(IPV6)));
+        assert_eq!(ips[1], "fd00:10:244::a01:a", "10.1.0.10's number in the IPv6 range");
+        // SingleStack (the default): IPv4 slices only.
+        assert_eq!(by_type(&st).keys().collect::<Vec<_>>(), ["IPv4"]);
+
+        set_spec(&mut st, "ipFamilyPolicy", json!("PreferDualStack"));
+        let svc = st.get(ids::services(), "default", "web").expect("service");
+        assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        let cluster_ips = strings(svc.pointer("/spec/clusterIPs"));
+        assert_eq!(cluster_ips.iter().map(|a| family_of(a)).collect::<Vec<_>>(), [Some(IPV4), Some(IPV6)]);
+        assert_eq!(svc["spec"]["clusterIP"], json!(cluster_ips[0]));
+        let slices = by_type(&st);
+        assert_eq!(slices.keys().collect::<Vec<_>>(), ["IPv4", "IPv6"]);
+        for (t, eps) in &slices {
+            assert_eq!(eps.len(), 3, "{t}: {eps:?}");
+            for (pod, addrs, _) in eps {
+                let p = st.get(ids::pods(), "default", pod).expect("pod");
+                let want: Vec<&str> = pod_ips(&p).into_iter().filter(|a| family_of(a) == Some(t.as_str())).collect();
+                assert_eq!(addrs, &want);
+            }
+        }
+        // A pod whose manifest gives its addresses keeps them; one with IPv4 only is in the IPv4 slice only.
+        let given = json!([{"ip": "10.1.9.1"}, {"ip": "fd00:10:244::99"}]);
+        for (name, ips) in [("given", given), ("v4-only", json!([{"ip": "10.1.9.2"}]))] {
+            let container = json!({"name": "web", "image": "x", "ports": [{"name": "www", "containerPort": 8080}]});
+            let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "web"}},
+                "spec": {"containers": [container]}});
+            st.create(ids::pods(), "default", pod).expect("pod");
+            let mut p = st.get(ids::pods(), "default", name).expect("pod");
+            p["status"] = json!({"podIPs": ips});
+            st.update(ids::pods(), "default", name, p, Sub::Status).expect("status");
+            st.reconcile();
+        }
+        let given = st.get(ids::pods(), "default", "given").expect("pod");
+        assert_eq!(given["status"]["podIP"], json!("10.1.9.1"));
+        assert_eq!(pod_ips(&given), ["10.1.9.1", "fd00:10:244::99"]);
+        let slices = by_type(&st);
+        assert!(slices["IPv6"].iter().any(|(p, a, _)| p == "given" && a == &["fd00:10:244::99"]), "{slices:?}");
+        assert!(!slices["IPv6"].iter().any(|(p, _, _)| p == "v4-only"));
+        assert!(slices["IPv4"].iter().any(|(p, a, _)| p == "v4-only" && a == &["10.1.9.2"]));
+
+        // A test moving a pod's IPv4 address keeps its IPv6 one.
+        let v6 = pod_ips(&st.get(ids::pods(), "default", &pod_name(1)).expect("pod"))[1].to_string();
+        let update = super::super::PodUpdate { ip: Some("10.1.8.8".parse().expect("ip")), ..Default::default() };
+        let moved = st.update_pod("default", &pod_name(1), &update).expect("update");
+        assert_eq!(pod_ips(&moved), vec!["10.1.8.8", v6.as_str()]);
+
+        // Back to SingleStack: the IPv6 ClusterIP and slices go.
+        set_spec(&mut st, "ipFamilyPolicy", json!("SingleStack"));
+        let svc = st.get(ids::services(), "default", "web").expect("service");
+        assert_eq!((&svc["spec"]["ipFamilies"], &svc["spec"]["clusterIPs"]), (&json!(["IPv4"]), &json!([cluster_ips[0]])));
+        assert_eq!(by_type(&st).keys().collect::<Vec<_>>(), ["IPv4"]);
+    }
+
+    #[test]
+    fn a_single_stack_cluster_gives_pods_one_address() {
+        let single = Config { pod_cidr_v6: None, service_cidr_v6: None, endpoint_slice_delay: Duration::ZERO, ..Config::default() };
+        let mut st = store(single);
+        web(&mut st, 0..1);
+        assert_eq!(pod_ips(&st.get(ids::pods(), "default", &pod_name(0)).expect("pod")), vec![ip(0).as_str()]);
+        let mut svc = st.get(ids::services(), "default", "web").expect("service");
+        svc["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+        let svc = st.update(ids::services(), "default", "web", svc, Sub::Main).expect("update");
+        assert_eq!(svc["spec"]["ipFamilies"], json!(["IPv4"]));
+    }
+
+    #[test]
+    fn hints_follow_the_traffic_distribution() {
+        let mut st = store(Config { endpoint_slice_delay: Duration::ZERO, ..Config::default() });
+        let zoned = |name: &str, last: u8, zone: &str| {
+            super::super::NodeConfig::new(name, IpAddr::from([192, 0, 2, last])).with_zone(zone)
+        };
+        st.add_node(&zoned("node-1", 1, "zone-a")).expect("node");
+        st.add_node(&zoned("node-2", 2, "zone-b")).expect("node");
+        web(&mut st, 0..4);
+        let hints = |st: &Store| by_type(st)["IPv4"].iter().map(|(p, _, h)| (p.clone(), h.clone())).collect::<Vec<_>>();
+        let node_of = |st: &Store, i: usize| {
+            let pod = st.get(ids::pods(), "default", &pod_name(i)).expect("pod");
+            s(&pod, "/spec/nodeName").map(str::to_string)
+        };
+        let zone_of = |n: &str| if n == "node-1" { "zone-a" } else { "zone-b" };
+        assert!(hints(&st).iter().all(|(_, h)| h.is_null()), "no hints without a trafficDistribution");
+
+        set_spec(&mut st, "trafficDistribution", json!("PreferClose"));
+        let unready = super::super::PodUpdate { ready: Some(false), ..Default::default() };
+        st.update_pod("default", &pod_name(3), &unready).expect("unready");
+        for (i, (pod, h)) in hints(&st).into_iter().enumerate() {
+            assert_eq!(pod, pod_name(i));
+            let node = node_of(&st, i).expect("scheduled");
+            let want = if i == 3 { Value::Null } else { json!({"forZones": [{"name": zone_of(&node)}]}) };
+            assert_eq!(h, want, "{pod} on {node}");
+        }
+        set_spec(&mut st, "trafficDistribution", json!("PreferSameNode"));
+        let (_, h) = &hints(&st)[0];
+        let node = node_of(&st, 0).expect("scheduled");
+        assert_eq!(h, &json!({"forZones": [{"name": zone_of(&node)}], "forNodes": [{"name": node}]}));
+        set_spec(&mut st, "trafficDistribution", Value::Null);
+        assert!(hints(&st).iter().all(|(_, h)| h.is_null()), "hints removed");
+
+        // topology-mode Auto: zones while every node and endpoint has one and there are two zones.
+        let mut svc = st.get(ids::services(), "default", "web").expect("service");
+        svc["metadata"]["annotations"] = json!({ANNOTATION_TOPOLOGY_MODE: "Auto"});
+        st.update(ids::services(), "default", "web", svc, Sub::Main).expect("update");
+        st.reconcile();
+        assert_eq!(hints(&st).iter().filter(|(_, h)| h.get("forZones").is_some()).count(), 3, "{:?}", hints(&st));
+        st.add_node(&zoned("node-2", 2, "zone-a")).expect("node");
+        assert!(hints(&st).iter().all(|(_, h)| h.is_null()), "one zone: none, {:?}", hints(&st));
     }
 
     #[test]

@@ -279,8 +279,11 @@ pub enum Error {
     #[error("building a kube client")]
     Kube(#[from] kube::Error),
     /// A CIDR in the configuration cannot be parsed.
-    #[error("invalid CIDR {0:?} (want a.b.c.d/n)")]
+    #[error("invalid CIDR {0:?} (want a.b.c.d/n, or a:b::/n for IPv6)")]
     Cidr(String),
+    /// A User-Agent cannot be sent as a header value.
+    #[error("invalid User-Agent {0:?}")]
+    UserAgent(String),
 }
 
 /// Result with this module's [`Error`].

@@ -419,7 +419,7 @@ async fn object_request(
         force: matches!(query.get("force").map(String::as_str), Some("true" | "1")),
     };
     match (method.as_str(), &t.name) {
-        ("GET", None) if watch => start_watch(h, t, query, render, include),
+        ("GET", None) if watch => start_watch(h, t, query, render, include, user_agent),
         ("GET", None) => list(h, t, query, render, include),
         ("GET", Some(name)) => {
             let st = h.store();
@@ -632,7 +632,63 @@ fn bookmark(t: &Target, render: Render, rv: u64, initial_end: bool) -> Value {
 
 type Chunk = Result<Bytes, std::io::Error>;
 
-fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render, include: Include) -> Result<Response<Body>, ApiError> {
+/// Where a watch's producer puts its events: each is stamped with the time
+/// it goes out (see [`Handle::lag_watches`](super::Handle::lag_watches)) and
+/// a forwarding task sends it to the client then, in order.
+struct EventSink {
+    tx: tokio::sync::mpsc::Sender<(tokio::time::Instant, Chunk)>,
+    h: Handle,
+    user_agent: String,
+    /// When the last event goes out: no event overtakes another.
+    last: tokio::time::Instant,
+}
+
+impl EventSink {
+    /// Starts the forwarding task into `out`.
+    fn new(h: Handle, user_agent: &str, out: tokio::sync::mpsc::Sender<Chunk>) -> Self {
+        // Room for a lagging stream's backlog; beyond it the producer waits, as
+        // it waits for a slow client.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Chunk)>(1024);
+        tokio::spawn(async move {
+            while let Some((at, chunk)) = rx.recv().await {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = out.closed() => return,
+                }
+                if out.send(chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { tx, h, user_agent: user_agent.to_string(), last: tokio::time::Instant::now() }
+    }
+
+    /// Sends a chunk at its time; `false` once the client is gone.
+    async fn send(&mut self, chunk: Chunk) -> bool {
+        let due = tokio::time::Instant::now() + self.h.0.watch_delay(&self.user_agent);
+        self.last = self.last.max(due);
+        self.tx.send((self.last, chunk)).await.is_ok()
+    }
+
+    /// Sends an event line at its time; `false` once the client is gone.
+    async fn event(&mut self, etype: &str, obj: &Value) -> bool {
+        self.send(Ok(event_line(etype, obj))).await
+    }
+
+    /// Resolves when the client is gone.
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+fn start_watch(
+    h: &Handle,
+    t: &Target,
+    query: &HashMap<String, String>,
+    render: Render,
+    include: Include,
+    user_agent: &str,
+) -> Result<Response<Body>, ApiError> {
     let f = filter_for(t, query)?;
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let send_initial = query.get("sendInitialEvents").is_some_and(|v| v == "true");
@@ -660,24 +716,22 @@ fn start_watch(h: &Handle, t: &Target, query: &HashMap<String, String>, render: 
     let h2 = h.clone();
     let t2 = t.clone();
     let mut encoder = EventEncoder { render, columns, include, headers_sent: false };
+    let mut sink = EventSink::new(h.clone(), user_agent, tx);
     tokio::spawn(async move {
-        let send = |b: Bytes| {
-            let tx = tx.clone();
-            async move { tx.send(Ok(b)).await.is_ok() }
-        };
         if let Some(msg) = gone {
-            let _ = send(event_line("ERROR", &ApiError::gone(msg).to_status())).await;
+            let _ = sink.event("ERROR", &ApiError::gone(msg).to_status()).await;
             return;
         }
         for o in &initial {
-            if !send(event_line("ADDED", &encoder.encode(o))).await {
+            let obj = encoder.encode(o);
+            if !sink.event("ADDED", &obj).await {
                 return;
             }
         }
-        if send_initial && bookmarks && !send(event_line("BOOKMARK", &bookmark(&t2, render, cursor, true))).await {
+        if send_initial && bookmarks && !sink.event("BOOKMARK", &bookmark(&t2, render, cursor, true)).await {
             return;
         }
-        watch_loop(h2, t2, f, cursor, encoder, bookmarks, timeout, tx).await;
+        watch_loop(h2, t2, f, cursor, encoder, bookmarks, timeout, sink).await;
     });
     let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let body = StreamBody::new(futures::StreamExt::map(stream, |c: Chunk| c.map(Frame::data))).boxed_unsync();
@@ -718,7 +772,7 @@ async fn watch_loop(
     mut encoder: EventEncoder,
     bookmarks: bool,
     timeout: Option<Duration>,
-    tx: tokio::sync::mpsc::Sender<Chunk>,
+    mut sink: EventSink,
 ) {
     let mut changed = h.0.changed.clone();
     let mut closer = h.0.closer.subscribe();
@@ -735,7 +789,8 @@ async fn watch_loop(
         match polled {
             Ok((evs, rv)) => {
                 for (etype, obj) in evs {
-                    if tx.send(Ok(event_line(etype.as_str(), &encoder.encode(&obj)))).await.is_err() {
+                    let obj = encoder.encode(&obj);
+                    if !sink.event(etype.as_str(), &obj).await {
                         return;
                     }
                 }
@@ -743,7 +798,7 @@ async fn watch_loop(
             }
             Err(_) => {
                 let st = ApiError::gone(format!("too old resource version: {cursor}")).to_status();
-                let _ = tx.send(Ok(event_line("ERROR", &st))).await;
+                let _ = sink.event("ERROR", &st).await;
                 return;
             }
         }
@@ -752,23 +807,24 @@ async fn watch_loop(
             r = closer.changed() => {
                 let mode = if r.is_ok() { closer.borrow().1 } else { CloseMode::Clean };
                 if mode == CloseMode::Abort {
-                    let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "watch broken by the test"))).await;
+                    let cut = std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "watch broken by the test");
+                    let _ = sink.send(Err(cut)).await;
                 }
                 return;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if bookmarks {
-                    let _ = tx.send(Ok(event_line("BOOKMARK", &bookmark(&t, encoder.render, cursor, false)))).await;
+                    let _ = sink.event("BOOKMARK", &bookmark(&t, encoder.render, cursor, false)).await;
                 }
                 return;
             }
             _ = tokio::time::sleep_until(next_bookmark), if bookmarks => {
                 next_bookmark = tokio::time::Instant::now() + interval;
-                if tx.send(Ok(event_line("BOOKMARK", &bookmark(&t, encoder.render, cursor, false)))).await.is_err() {
+                if !sink.event("BOOKMARK", &bookmark(&t, encoder.render, cursor, false)).await {
                     return;
                 }
             }
-            _ = tx.closed() => return,
+            _ = sink.closed() => return,
         }
     }
 }

@@ -11,8 +11,8 @@
 //! resource in two schemas, `v1` and `events.k8s.io/v1` (`events`). It also
 //! emulates the cluster around the API: Service IP allocation, Deployments and
 //! DaemonSets expanded into Pods, a scheduler and kubelet giving pods nodes,
-//! IPs and a Ready condition, the EndpointSlice controller, garbage
-//! collection, a CRD's deletion taking its objects with it, and the namespace
+//! IPs and a Ready condition, the EndpointSlice controller (dual-stack, with
+//! topology hints), garbage collection, a CRD's deletion taking its objects with it, and the namespace
 //! controller ([`Config::namespace_cleanup`]).
 //!
 //! ```no_run
@@ -47,7 +47,7 @@ mod table;
 mod validation;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -58,7 +58,7 @@ use serde_json::Value;
 
 pub use controllers::{
     ANNOTATION_POD_IP, ANNOTATION_POD_IPS, ANNOTATION_POD_NODES, ANNOTATION_PREFIX, ANNOTATION_READY,
-    LABEL_MANAGED_BY, LABEL_SERVICE_NAME,
+    ANNOTATION_TOPOLOGY_MODE, LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_ZONE,
 };
 pub use error::{ApiError, Error, FieldError, FieldErrorKind, Result};
 pub use store::Grace;
@@ -82,6 +82,18 @@ impl Cidr {
     pub fn size(&self) -> u32 {
         if self.prefix == 0 { u32::MAX } else { 1u32 << (32 - u32::from(self.prefix.min(32))) }
     }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix.min(32))) };
+        u32::from(ip) & mask == self.base
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", Ipv4Addr::from(self.base), self.prefix)
+    }
 }
 
 impl FromStr for Cidr {
@@ -92,6 +104,47 @@ impl FromStr for Cidr {
         let prefix: u8 = len.parse().ok().filter(|p| *p <= 32).ok_or_else(|| Error::Cidr(s.to_string()))?;
         let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
         Ok(Self { base: u32::from(ip) & mask, prefix })
+    }
+}
+
+/// An IPv6 range, `a:b::/n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr6 {
+    /// The network address as a number.
+    pub base: u128,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr6 {
+    fn mask(prefix: u8) -> u128 {
+        if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix.min(128))) }
+    }
+
+    /// How many addresses the range holds (`u128::MAX` for `::/0`).
+    pub fn size(&self) -> u128 {
+        if self.prefix == 0 { u128::MAX } else { 1u128 << (128 - u32::from(self.prefix.min(128))) }
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) & Self::mask(self.prefix) == self.base
+    }
+}
+
+impl std::fmt::Display for Cidr6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", Ipv6Addr::from(self.base), self.prefix)
+    }
+}
+
+impl FromStr for Cidr6 {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (ip, len) = s.split_once('/').ok_or_else(|| Error::Cidr(s.to_string()))?;
+        let ip: Ipv6Addr = ip.parse().map_err(|_| Error::Cidr(s.to_string()))?;
+        let prefix: u8 = len.parse().ok().filter(|p| *p <= 128).ok_or_else(|| Error::Cidr(s.to_string()))?;
+        Ok(Self { base: u128::from(ip) & Self::mask(prefix), prefix })
     }
 }
 
@@ -107,6 +160,25 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
 }
 
+impl NodeConfig {
+    /// A node named `name` at `address`, without extra labels.
+    pub fn new(name: impl Into<String>, address: IpAddr) -> Self {
+        Self { name: name.into(), address, labels: BTreeMap::new() }
+    }
+
+    /// The same node in zone `zone` (its [`LABEL_ZONE`] label), which its
+    /// pods' endpoints carry and topology hints name.
+    pub fn with_zone(mut self, zone: impl Into<String>) -> Self {
+        self.labels.insert(LABEL_ZONE.to_string(), zone.into());
+        self
+    }
+
+    /// Its zone, if it has one.
+    pub fn zone(&self) -> Option<&str> {
+        self.labels.get(LABEL_ZONE).map(String::as_str)
+    }
+}
+
 /// How the server and its emulated cluster behave.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -114,6 +186,18 @@ pub struct Config {
     pub pod_cidr: Cidr,
     /// Where ClusterIPs come from (default `10.96.0.0/12`).
     pub service_cidr: Cidr,
+    /// Where pods' IPv6 addresses come from (default `fd00:10:244::/64`):
+    /// with it every pod gets a second, IPv6 entry in `status.podIPs`, as on
+    /// a dual-stack cluster: its IPv4 address's number within this range
+    /// (`fd00:10:244::a01:50a` for `10.1.5.10`). `None` gives IPv4 only.
+    pub pod_cidr_v6: Option<Cidr6>,
+    /// Where IPv6 ClusterIPs come from (default `fd00:10:96::/112`). With it
+    /// the cluster is dual-stack with IPv4 primary (as a cluster whose
+    /// `--service-cluster-ip-range` lists the IPv4 range first): Services
+    /// asking for `PreferDualStack` or `RequireDualStack` get both families.
+    /// `None` makes the cluster IPv4 single-stack: `RequireDualStack` and
+    /// `IPv6` are refused, as a real single-stack cluster refuses them.
+    pub service_cidr_v6: Option<Cidr6>,
     /// Where node ports come from (default 30000–32767).
     pub node_port_range: RangeInclusive<u16>,
     /// Nodes that exist from the start (default: `node-1` at 192.0.2.1).
@@ -149,7 +233,8 @@ pub struct Config {
     /// `Duration::ZERO` writes them with the change, under the same lock.
     pub endpoint_slice_delay: Duration,
     /// Seeds the server's random choices (generated names, the order of
-    /// EndpointSlice writes); `None` picks one from the time. The
+    /// EndpointSlice writes, the delays of [`WatchLag`]); `None` picks one
+    /// from the time. The
     /// `IPVS_TEST_SEED` environment variable overrides it. The seed used is
     /// logged and printed to stderr (`test-apiserver seed: N`) at start.
     pub seed: Option<u64>,
@@ -160,6 +245,9 @@ impl Default for Config {
         Self {
             pod_cidr: Cidr { base: u32::from(Ipv4Addr::new(10, 244, 0, 0)), prefix: 16 },
             service_cidr: Cidr { base: u32::from(Ipv4Addr::new(10, 96, 0, 0)), prefix: 12 },
+            // fd00:10:244::/64 and fd00:10:96::/112
+            pod_cidr_v6: Some(Cidr6 { base: 0xfd00_0010_0244_0000 << 64, prefix: 64 }),
+            service_cidr_v6: Some(Cidr6 { base: 0xfd00_0010_0096_0000 << 64, prefix: 112 }),
             node_port_range: 30000..=32767,
             nodes: vec![NodeConfig {
                 name: "node-1".into(),
@@ -183,9 +271,14 @@ impl Default for Config {
 /// A change a test makes to a pod. Unset fields stay as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodUpdate {
-    /// New `status.podIP`.
+    /// A new address of one family: it replaces the pod's address of that
+    /// family in `status.podIPs` (or joins them: IPv4 first), and
+    /// `status.podIP` is the first of them.
     #[serde(default)]
     pub ip: Option<IpAddr>,
+    /// New `status.podIPs`, all of them (`status.podIP` is the first); applied before `ip`.
+    #[serde(default)]
+    pub ips: Option<Vec<IpAddr>>,
     /// New `spec.nodeName` (and hostIP).
     #[serde(default)]
     pub node: Option<String>,
@@ -243,6 +336,47 @@ pub(crate) struct Faults {
     pub delay: Option<Duration>,
 }
 
+/// Which watches lag, and by how much: see [`Handle::lag_watches`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchLag {
+    /// Watches whose client's User-Agent starts with this (`""`: every watch).
+    pub user_agent_prefix: String,
+    /// The least delay of an event.
+    pub min: Duration,
+    /// The greatest delay of an event (a `max` below `min` counts as `min`).
+    pub max: Duration,
+}
+
+/// The lag fault and its own random numbers (splitmix64 state).
+#[derive(Debug)]
+pub(crate) struct LagState {
+    lag: Option<WatchLag>,
+    rng: u64,
+}
+
+impl LagState {
+    fn new(seed: u64) -> Self {
+        // Apart from the other generators, so that lagging shifts no other choice.
+        Self { lag: None, rng: seed ^ 0x001a_66ed_3a7c }
+    }
+
+    /// The delay of an event produced now for a client with `user_agent`.
+    fn delay_for(&mut self, user_agent: &str) -> Duration {
+        let Some(lag) = &self.lag else { return Duration::ZERO };
+        if !user_agent.starts_with(&lag.user_agent_prefix) {
+            return Duration::ZERO;
+        }
+        let (min, max) = (lag.min, lag.max.max(lag.min));
+        let span = (max - min).as_nanos();
+        if span == 0 {
+            return min;
+        }
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let r = u128::from(controllers::mix(self.rng)) % (span + 1);
+        min + Duration::from_nanos(u64::try_from(r).unwrap_or(u64::MAX))
+    }
+}
+
 /// How [`Handle::close_watches`] ends streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CloseMode {
@@ -255,6 +389,7 @@ pub(crate) enum CloseMode {
 pub(crate) struct Shared {
     pub store: Mutex<Store>,
     pub faults: Mutex<Faults>,
+    pub lag: Mutex<LagState>,
     pub record: Mutex<Vec<RequestRecord>>,
     pub changed: tokio::sync::watch::Receiver<u64>,
     pub closer: tokio::sync::watch::Sender<(u64, CloseMode)>,
@@ -266,6 +401,13 @@ pub(crate) struct Shared {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves consistent-enough state for a test double.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// How long an event a watch of `user_agent` produces now waits before it is sent.
+    pub(crate) fn watch_delay(&self, user_agent: &str) -> Duration {
+        lock(&self.lag).delay_for(user_agent)
+    }
 }
 
 /// Controls a running server in-process: load manifests, change pods, inject
@@ -410,6 +552,20 @@ impl Handle {
         lock(&self.0.faults).delay = delay;
     }
 
+    /// Delay every watch event sent to clients whose User-Agent starts with
+    /// `user_agent_prefix` by a random time in `min..=max` (from the server's
+    /// seeded RNG), never reordering a stream's events: an event goes out at
+    /// the later of the time the one before it went out and the time it was
+    /// produced plus its delay. Bookmarks, the initial events of a watch and
+    /// its errors are events too; the end of a stream waits for its events.
+    /// Already-open watches lag from their next event on; `None` stops lagging
+    /// (events already waiting keep their time). GET and LIST answers are not
+    /// delayed: a fresh read shows the current state, as a real server's does
+    /// while a client's watch falls behind.
+    pub fn lag_watches(&self, lag: Option<WatchLag>) {
+        lock(&self.0.lag).lag = lag;
+    }
+
     /// Makes every resourceVersion issued so far too old: the next watch from
     /// any of them gets `410 Gone`. Open watches go on; combine with
     /// [`close_watches`](Self::close_watches) to force relists.
@@ -462,6 +618,7 @@ impl TestApiServer {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(config, changed_tx)),
             faults: Mutex::new(Faults::default()),
+            lag: Mutex::new(LagState::new(seed)),
             record: Mutex::new(Vec::new()),
             changed: changed_rx,
             closer,
@@ -496,6 +653,13 @@ impl TestApiServer {
         client_for(self.url())
     }
 
+    /// A kube client for this server that sends `user_agent` as its
+    /// User-Agent (kube-rs sends none of its own), e.g. to be the client a
+    /// [`WatchLag`] picks.
+    pub fn client_as(&self, user_agent: &str) -> Result<kube::Client> {
+        client_with_user_agent(self.url(), Some(user_agent))
+    }
+
     /// Stops accepting, ends every connection and waits for the server task.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
@@ -517,6 +681,11 @@ impl Drop for TestApiServer {
 
 /// A kube client for a server at `url` (plain HTTP, default namespace `default`).
 pub fn client_for(url: &str) -> Result<kube::Client> {
+    client_with_user_agent(url, None)
+}
+
+/// [`client_for`], sending `user_agent` as the User-Agent if given.
+pub fn client_with_user_agent(url: &str, user_agent: Option<&str>) -> Result<kube::Client> {
     let uri: ::http::Uri = url.parse().map_err(|_| Error::Url(url.to_string()))?;
     let plain = uri.scheme_str() == Some("http");
     let mut config = kube::Config::new(uri);
@@ -525,6 +694,10 @@ pub fn client_for(url: &str) -> Result<kube::Client> {
         // the system's CA store, which the test VM does not have: an explicit
         // (empty) CA list skips that.
         config.root_cert = Some(Vec::new());
+    }
+    if let Some(agent) = user_agent {
+        let value = agent.parse().map_err(|_| Error::UserAgent(agent.to_string()))?;
+        config.headers.push((::http::header::USER_AGENT, value));
     }
     Ok(kube::Client::try_from(config)?)
 }

@@ -12,10 +12,16 @@
 //!   `nodePort`+`protocol` unique; `nodePort` only for `NodePort` and
 //!   `LoadBalancer`, within the node-port range and not allocated to another
 //!   Service;
-//! - `clusterIP`: an IP, `None` or empty; `None` not for `NodePort` or
-//!   `LoadBalancer`; a requested IP within the Service CIDR and free;
-//!   `clusterIPs` and `ipFamilies` immutable once set; IPv6 and dual-stack
-//!   refused (the double's cluster is IPv4 single-stack);
+//! - `clusterIP`, `clusterIPs`, `ipFamilies`, `ipFamilyPolicy`, as
+//!   `ValidateServiceClusterIPsRelatedFields` and the allocator's
+//!   `initIPFamilyFields` check and default them ([`init_families`]): IPs,
+//!   `None` or empty; `clusterIPs[0]` is `clusterIP`; at most one address a
+//!   family, each of its `ipFamilies` entry's family; `None` not for
+//!   `NodePort` or `LoadBalancer`; a family the cluster has no range for
+//!   refused, as `RequireDualStack` on a single-stack cluster; a requested IP
+//!   within its family's Service CIDR and free; `clusterIPs[0]` and
+//!   `ipFamilies[0]` immutable once set, the secondary ones released only
+//!   with `SingleStack` (`validateUpgradeDowngradeClusterIPs`);
 //! - `externalIPs` valid IPs; `externalTrafficPolicy` only on externally
 //!   reachable Services; `loadBalancerSourceRanges`, `loadBalancerClass`,
 //!   `allocateLoadBalancerNodePorts` only for `LoadBalancer`;
@@ -24,29 +30,61 @@
 //!
 //! A change of `type` drops the fields the new type has no use for when the
 //! write left them as they were (node ports, `externalTrafficPolicy`, …), as
-//! the real strategy does, before validation.
+//! the real strategy does, before validation. An update that leaves out the
+//! allocated `clusterIP`/`clusterIPs` keeps them (`patchAllocatedValues`,
+//! `NormalizeClusterIPs`); one that leaves out `ipFamilyPolicy` keeps the
+//! policy. Raising the policy from `SingleStack` adds the second family (its
+//! address is allocated), lowering it to `SingleStack` releases it.
+//!
+//! - `trafficDistribution`: `PreferClose`, `PreferSameZone` or `PreferSameNode`.
 //!
 //! Not checked (the operator never writes them): selector label syntax,
-//! `externalName` syntax, `healthCheckNodePort`, `trafficDistribution` values,
-//! `publishNotReadyAddresses`, status.
+//! `externalName` syntax, `healthCheckNodePort`, `publishNotReadyAddresses`,
+//! status. The real server checks in stages (the families, then the
+//! allocations, then the rest) and answers the first stage's errors; this one
+//! answers the families' errors alone, and the others together.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use super::Cidr;
 use super::error::{FieldError, FieldErrorKind};
+use super::{Cidr, Cidr6};
 
 /// What the allocators know of the other Services.
 pub(crate) struct Allocated<'a> {
     /// Node ports of every other Service.
     pub node_ports: BTreeSet<u16>,
     /// ClusterIPs of every other Service.
-    pub cluster_ips: BTreeSet<String>,
+    pub cluster_ips: BTreeSet<IpAddr>,
     /// The configured ranges.
     pub node_port_range: &'a std::ops::RangeInclusive<u16>,
     pub service_cidr: Cidr,
+    /// The IPv6 range of a dual-stack cluster.
+    pub service_cidr_v6: Option<Cidr6>,
+}
+
+pub(crate) const IPV4: &str = "IPv4";
+pub(crate) const IPV6: &str = "IPv6";
+
+/// The family (`IPv4`, `IPv6`) of an address; `None` if it is none.
+pub(crate) fn family_of(ip: &str) -> Option<&'static str> {
+    ip.parse::<IpAddr>().ok().map(|a| if a.is_ipv6() { IPV6 } else { IPV4 })
+}
+
+/// The strings of a JSON list (others skipped).
+pub(crate) fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
+}
+
+fn other_family(f: &str) -> &'static str {
+    if f == IPV4 { IPV6 } else { IPV4 }
+}
+
+/// A `[]core.IPFamily` as Go's `%#v` prints it.
+fn go_families(items: &[String]) -> String {
+    format!("[]core.IPFamily{{{}}}", items.iter().map(|i| format!("{i:?}")).collect::<Vec<_>>().join(", "))
 }
 
 fn s<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
@@ -96,6 +134,230 @@ pub(crate) fn normalize(svc: &mut Value, old: Option<&Value>) {
     if spec.get("sessionAffinity").and_then(Value::as_str) == Some("ClientIP") && timeout.is_none() {
         spec.insert("sessionAffinityConfig".into(), json!({"clientIP": {"timeoutSeconds": 10800}}));
     }
+    normalize_cluster_ips(spec, old.and_then(|o| o.get("spec")), &typ);
+}
+
+/// The registry's `patchAllocatedValues` and `NormalizeClusterIPs`: an
+/// update that leaves out the allocated addresses keeps them, and
+/// `clusterIPs` follows `clusterIP` when only that was written.
+fn normalize_cluster_ips(spec: &mut Map<String, Value>, old_spec: Option<&Value>, typ: &str) {
+    let ip = |spec: &Map<String, Value>| spec.get("clusterIP").and_then(Value::as_str).unwrap_or_default().to_string();
+    let Some(old_spec) = old_spec else {
+        let ip = ip(spec);
+        if !ip.is_empty() && strings(spec.get("clusterIPs")).is_empty() {
+            spec.insert("clusterIPs".into(), json!([ip]));
+        }
+        return;
+    };
+    let old_ip = old_spec.get("clusterIP").and_then(Value::as_str).unwrap_or_default().to_string();
+    let old_ips = strings(old_spec.get("clusterIPs"));
+    let old_typ = old_spec.get("type").and_then(Value::as_str).unwrap_or("ClusterIP");
+    if typ != "ExternalName" && old_typ != "ExternalName" {
+        if ip(spec).is_empty() && !old_ip.is_empty() {
+            spec.insert("clusterIP".into(), json!(old_ip));
+        }
+        if strings(spec.get("clusterIPs")).is_empty() && !old_ips.is_empty() {
+            spec.insert("clusterIPs".into(), json!(old_ips));
+        }
+    }
+    let new_ip = ip(spec);
+    if new_ip != old_ip && strings(spec.get("clusterIPs")) == old_ips {
+        // Only `clusterIP` was written: cleared, `clusterIPs` goes too; changed, it follows.
+        if new_ip.is_empty() {
+            spec.remove("clusterIPs");
+        } else {
+            spec.insert("clusterIPs".into(), json!([new_ip]));
+        }
+    }
+}
+
+/// `ValidateServiceClusterIPsRelatedFields`: the four fields on their own
+/// and against each other.
+fn related_field_errors(spec: &Map<String, Value>) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    let ip = spec.get("clusterIP").and_then(Value::as_str).unwrap_or_default();
+    let ips = strings(spec.get("clusterIPs"));
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let bad_ips = |detail: &str| with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs", go_strings(&ip_refs), detail);
+    if !ip.is_empty() {
+        if ips.is_empty() {
+            out.push(FieldError::bare(FieldErrorKind::Required, "spec.clusterIPs", ""));
+        } else if ips[0] != ip {
+            out.push(bad_ips("first value must match `clusterIP`"));
+        }
+    } else if !ips.is_empty() {
+        out.push(bad_ips("must be empty when `clusterIP` is not specified"));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, f) in spec.get("ipFamilies").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        if !f.as_str().is_some_and(|x| x == IPV4 || x == IPV6) {
+            out.push(not_supported(format!("spec.ipFamilies[{i}]"), f, &[IPV4, IPV6]));
+        }
+        if !seen.insert(f.to_string()) {
+            out.push(FieldError::new(FieldErrorKind::Duplicate, format!("spec.ipFamilies[{i}]"), f, ""));
+        }
+    }
+    const POLICIES: [&str; 3] = ["PreferDualStack", "RequireDualStack", "SingleStack"];
+    if let Some(v) = spec.get("ipFamilyPolicy")
+        && !v.as_str().is_some_and(|x| POLICIES.contains(&x))
+    {
+        out.push(not_supported("spec.ipFamilyPolicy", v, &POLICIES));
+    }
+    let mut invalid = false;
+    for (i, a) in ips.iter().enumerate() {
+        if i == 0 && a == "None" {
+            if ips.len() > 1 {
+                invalid = true;
+                out.push(bad_ips("'None' must be the first and only value"));
+            }
+            continue;
+        }
+        if family_of(a).is_none() {
+            invalid = true;
+            out.push(FieldError::new(FieldErrorKind::Invalid, format!("spec.clusterIPs[{i}]"), &json!(a), IP_DETAIL));
+        }
+    }
+    if ips.len() > 2 {
+        out.push(bad_ips("may only hold up to 2 values"));
+    }
+    if invalid {
+        return out;
+    }
+    if ips.len() > 1 && family_of(&ips[0]) == family_of(&ips[1]) {
+        out.push(bad_ips("may specify no more than one IP for each IP family"));
+    }
+    let families = strings(spec.get("ipFamilies"));
+    if ips.first().is_some_and(|a| a != "None") {
+        for (i, (a, f)) in ips.iter().zip(&families).enumerate() {
+            if family_of(a).is_some_and(|af| af != f) && (f == IPV4 || f == IPV6) {
+                let detail = format!("expected an {f} value as indicated by `ipFamilies[{i}]`");
+                out.push(FieldError::new(FieldErrorKind::Invalid, format!("spec.clusterIPs[{i}]"), &json!(a), detail));
+            }
+        }
+    }
+    out
+}
+
+/// The allocator's `initIPFamilyFields`: checks `ipFamilyPolicy`,
+/// `ipFamilies` and `clusterIPs` against each other and the cluster (`dual`:
+/// it has an IPv6 Service range besides the IPv4 one), and defaults them:
+/// the policy (the old one on an update; `RequireDualStack` for a headless
+/// Service without selector; else `SingleStack`), the families (those of the
+/// requested IPs, else the cluster's primary, IPv4; the other one added
+/// under a dual-stack policy when the cluster has both), and a downgrade to
+/// `SingleStack` drops the secondary family and IP. What it refuses is
+/// refused before anything else is looked at, as on the real server.
+pub(crate) fn init_families(svc: &mut Value, old: Option<&Value>, dual: bool) -> Vec<FieldError> {
+    let old_spec = old.and_then(|o| o.get("spec"));
+    let Some(spec) = svc.get_mut("spec").and_then(Value::as_object_mut) else { return Vec::new() };
+    if spec.get("type").and_then(Value::as_str) == Some("ExternalName") {
+        return Vec::new();
+    }
+    let configured = |f: &str| f == IPV4 || (f == IPV6 && dual);
+    let headless = spec.get("clusterIP").and_then(Value::as_str) == Some("None");
+    let selectorless = spec.get("selector").and_then(Value::as_object).is_none_or(Map::is_empty);
+    if spec.get("ipFamilyPolicy").is_none_or(Value::is_null) {
+        let kept = old_spec.and_then(|o| o.get("ipFamilyPolicy")).filter(|p| !p.is_null()).cloned();
+        let default = if headless && selectorless { "RequireDualStack" } else { "SingleStack" };
+        let policy = kept.unwrap_or_else(|| json!(default));
+        spec.insert("ipFamilyPolicy".into(), policy);
+    }
+    let mut out = related_field_errors(spec);
+    if !out.is_empty() {
+        return out;
+    }
+    let policy = spec.get("ipFamilyPolicy").and_then(Value::as_str).unwrap_or("SingleStack").to_string();
+    let single = policy == "SingleStack";
+    let mut ips = strings(spec.get("clusterIPs"));
+    let mut families = strings(spec.get("ipFamilies"));
+    if let Some(old_spec) = old_spec {
+        let (old_ips, old_families) = (strings(old_spec.get("clusterIPs")), strings(old_spec.get("ipFamilies")));
+        if single {
+            // Unchanged fields under a new SingleStack policy: a downgrade.
+            if ips == old_ips && ips.len() > 1 {
+                ips.truncate(1);
+            }
+            if families == old_families && families.len() > 1 {
+                families.truncate(1);
+            }
+        } else {
+            if !ips.is_empty() && ips.len() < old_ips.len() {
+                out.push(FieldError::new(
+                    FieldErrorKind::Invalid,
+                    "spec.ipFamilyPolicy",
+                    &json!(policy),
+                    "must be 'SingleStack' to release the secondary cluster IP",
+                ));
+            }
+            if !families.is_empty() && families.len() < old_families.len() {
+                out.push(FieldError::new(
+                    FieldErrorKind::Invalid,
+                    "spec.ipFamilyPolicy",
+                    &json!(policy),
+                    "must be 'SingleStack' to release the secondary IP family",
+                ));
+            }
+        }
+    }
+    if single && ips.len() == 2 {
+        let detail = "must be 'RequireDualStack' or 'PreferDualStack' when multiple cluster IPs are specified";
+        out.push(FieldError::new(FieldErrorKind::Invalid, "spec.ipFamilyPolicy", &json!(policy), detail));
+    }
+    if single && families.len() == 2 {
+        let detail = "must be 'RequireDualStack' or 'PreferDualStack' when multiple IP families are specified";
+        out.push(FieldError::new(FieldErrorKind::Invalid, "spec.ipFamilyPolicy", &json!(policy), detail));
+    }
+    // The families of requested IPs that name none.
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    for (i, a) in ips.iter().enumerate() {
+        let Some(f) = family_of(a) else { break };
+        if i >= families.len() {
+            if configured(f) {
+                families.push(f.to_string());
+            } else {
+                let detail = format!("{f} is not configured on this cluster");
+                let field = format!("spec.clusterIPs[{i}]");
+                out.push(with_raw_value(FieldErrorKind::Invalid, field, go_strings(&ip_refs), detail));
+            }
+        }
+    }
+    if !out.is_empty() {
+        return out;
+    }
+    if headless && selectorless {
+        // Allowed more than any other: both families even on a single-stack cluster.
+        if families.is_empty() {
+            families.push(IPV4.to_string());
+        }
+        if families.len() < 2 && !single {
+            families.push(other_family(&families[0]).to_string());
+        }
+    } else {
+        if policy == "RequireDualStack" && !dual {
+            let detail = "this cluster is not configured for dual-stack services";
+            out.push(FieldError::new(FieldErrorKind::Invalid, "spec.ipFamilyPolicy", &json!(policy), detail));
+        }
+        for (i, f) in families.iter().enumerate() {
+            if !configured(f) {
+                let field = format!("spec.ipFamilies[{i}]");
+                out.push(FieldError::new(FieldErrorKind::Invalid, field, &json!(f), "not configured on this cluster"));
+            }
+        }
+        if !out.is_empty() {
+            return out;
+        }
+        if families.is_empty() {
+            families.push(IPV4.to_string());
+        }
+        if !single && families.len() == 1 && dual {
+            families.push(other_family(&families[0]).to_string());
+        }
+    }
+    if !ips.is_empty() {
+        spec.insert("clusterIPs".into(), json!(ips));
+    }
+    spec.insert("ipFamilies".into(), json!(families));
+    out
 }
 
 fn not_supported(field: impl Into<String>, v: &Value, allowed: &[&str]) -> FieldError {
@@ -104,7 +366,8 @@ fn not_supported(field: impl Into<String>, v: &Value, allowed: &[&str]) -> Field
 }
 
 fn check_enum(spec: &Value, field: &str, allowed: &[&str], out: &mut Vec<FieldError>) {
-    if let Some(v) = spec.get(field)
+    // A null is an absent field, as decoding reads it.
+    if let Some(v) = spec.get(field).filter(|v| !v.is_null())
         && !v.as_str().is_some_and(|x| allowed.contains(&x))
     {
         out.push(not_supported(format!("spec.{field}"), v, allowed));
@@ -174,7 +437,7 @@ pub(crate) fn validate(svc: &Value, old: Option<&Value>, allocated: &Allocated<'
     check_enum(spec, "sessionAffinity", &["ClientIP", "None"], &mut out);
     check_enum(spec, "externalTrafficPolicy", &["Cluster", "Local"], &mut out);
     check_enum(spec, "internalTrafficPolicy", &["Cluster", "Local"], &mut out);
-    check_enum(spec, "ipFamilyPolicy", &["PreferDualStack", "RequireDualStack", "SingleStack"], &mut out);
+    check_enum(spec, "trafficDistribution", &["PreferClose", "PreferSameZone", "PreferSameNode"], &mut out);
 
     let cluster_ip = s(spec, "/clusterIP").unwrap_or_default();
     let headless = cluster_ip == "None";
@@ -184,7 +447,6 @@ pub(crate) fn validate(svc: &Value, old: Option<&Value>, allocated: &Allocated<'
         }
     } else {
         check_cluster_ip(spec, old, typ, allocated, &mut out);
-        check_families(spec, old, &mut out);
     }
 
     let ports: Vec<Value> = spec.get("ports").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -333,19 +595,14 @@ pub(crate) fn validate(svc: &Value, old: Option<&Value>, allocated: &Allocated<'
     out
 }
 
+/// What [`init_families`] leaves to `ValidateService(Update)` and the
+/// allocators: `None` per type, what an update may change, and the requested
+/// addresses this write allocates.
 fn check_cluster_ip(spec: &Value, old: Option<&Value>, typ: &str, allocated: &Allocated<'_>, out: &mut Vec<FieldError>) {
-    let ip = s(spec, "/clusterIP").unwrap_or_default();
-    let ips: Vec<&str> = spec.get("clusterIPs").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-    let wanted: Vec<&str> = if ips.is_empty() && !ip.is_empty() { vec![ip] } else { ips.clone() };
-    if !ip.is_empty() && !ips.is_empty() && ips[0] != ip {
-        out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs", go_strings(&ips), "first value must match `clusterIP`"));
-    }
-    for (i, w) in wanted.iter().enumerate() {
-        if *w != "None" && w.parse::<IpAddr>().is_err() {
-            out.push(FieldError::new(FieldErrorKind::Invalid, format!("spec.clusterIPs[{i}]"), &Value::from(*w), IP_DETAIL));
-        }
-    }
-    if wanted.first() == Some(&"None") && externally_reachable(typ) {
+    let ips = strings(spec.get("clusterIPs"));
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let headless = ips.first().is_some_and(|i| i == "None");
+    if headless && externally_reachable(typ) {
         out.push(FieldError::new(
             FieldErrorKind::Invalid,
             "spec.clusterIPs[0]",
@@ -354,67 +611,82 @@ fn check_cluster_ip(spec: &Value, old: Option<&Value>, typ: &str, allocated: &Al
         ));
     }
     let old_spec = old.and_then(|o| o.get("spec"));
-    let old_ips: Vec<&str> = old_spec
-        .and_then(|o| o.get("clusterIPs"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
     let was_external_name = old_spec.and_then(|o| o.get("type")).and_then(Value::as_str) == Some("ExternalName");
-    if !old_ips.is_empty() && !was_external_name {
-        // Immutable: a write may leave them out (kept) but not change them.
-        if !wanted.is_empty() && wanted.iter().zip(&old_ips).any(|(a, b)| a != b) {
-            out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs[0]", go_strings(&wanted), "may not change once set"));
+    let old_ips = old_spec.map(|o| strings(o.get("clusterIPs"))).unwrap_or_default();
+    if let Some(old_spec) = old_spec.filter(|_| !was_external_name) {
+        let before = out.len();
+        check_update(spec, old_spec, &ips, &old_ips, out);
+        if out.len() > before {
+            return;
         }
-        return;
     }
-    // A requested address, allocated by this write.
-    if let Some(w) = wanted.first().filter(|w| **w != "None")
-        && let Ok(v4) = w.parse::<Ipv4Addr>()
-    {
-        let cidr = allocated.service_cidr;
-        let mask = if cidr.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(cidr.prefix)) };
-        let why = if u32::from(v4) & mask != cidr.base {
-            Some(format!(
-                "failed to allocate IP {w}: provided IP is not in the valid range. The range of valid IPs is {}/{}",
-                Ipv4Addr::from(cidr.base),
-                cidr.prefix
-            ))
-        } else if allocated.cluster_ips.contains(*w) {
-            Some(format!("failed to allocate IP {w}: provided IP is already allocated"))
-        } else {
-            None
+    // Requested addresses this write allocates (the others are the Service's already).
+    for w in ips.iter().filter(|w| *w != "None" && (was_external_name || !old_ips.contains(w))) {
+        let Ok(addr) = w.parse::<IpAddr>() else { continue };
+        let range = match addr {
+            IpAddr::V4(a) => (!allocated.service_cidr.contains(a)).then(|| allocated.service_cidr.to_string()),
+            IpAddr::V6(a) => allocated.service_cidr_v6.filter(|c| !c.contains(a)).map(|c| c.to_string()),
         };
-        if let Some(why) = why {
-            out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs", go_strings(&wanted), why));
-        }
+        let why = if let Some(range) = range {
+            let range = format!("The range of valid IPs is {range}");
+            format!("failed to allocate IP {w}: provided IP is not in the valid range. {range}")
+        } else if allocated.cluster_ips.contains(&addr) {
+            format!("failed to allocate IP {w}: provided IP is already allocated")
+        } else {
+            continue;
+        };
+        out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs", go_strings(&ip_refs), why));
     }
 }
 
-fn check_families(spec: &Value, old: Option<&Value>, out: &mut Vec<FieldError>) {
-    let families: Vec<&Value> = spec.get("ipFamilies").and_then(Value::as_array).into_iter().flatten().collect();
-    let old_families: Vec<&Value> =
-        old.and_then(|o| o.pointer("/spec/ipFamilies")).and_then(Value::as_array).into_iter().flatten().collect();
-    for (i, f) in families.iter().enumerate() {
-        match f.as_str() {
-            Some("IPv4") => {}
-            Some("IPv6") => out.push(FieldError::new(FieldErrorKind::Invalid, format!("spec.ipFamilies[{i}]"), f, "not configured on this cluster")),
-            _ => out.push(not_supported(format!("spec.ipFamilies[{i}]"), f, &["IPv4", "IPv6"])),
-        }
-        if let Some(o) = old_families.get(i)
-            && o != f
-        {
-            out.push(FieldError::new(FieldErrorKind::Invalid, format!("spec.ipFamilies[{i}]"), f, "may not change once set"));
+/// `validateUpgradeDowngradeClusterIPs` and `…IPFamilies`: the primary
+/// address and family never change; a secondary one goes only under
+/// `SingleStack`.
+fn check_update(spec: &Value, old_spec: &Value, ips: &[String], old_ips: &[String], out: &mut Vec<FieldError>) {
+    let ip_refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let single = spec.get("ipFamilyPolicy").and_then(Value::as_str) == Some("SingleStack");
+    let old_headless = old_ips.first().is_some_and(|i| i == "None");
+    let headless = ips.first().is_some_and(|i| i == "None");
+    let changed = |out: &mut Vec<FieldError>, field: &str, raw: String| {
+        out.push(with_raw_value(FieldErrorKind::Invalid, field, raw, "may not change once set"));
+    };
+    if !(old_headless && headless) {
+        if ips.len() == old_ips.len() {
+            for (i, (a, b)) in old_ips.iter().zip(ips).enumerate() {
+                if a != b {
+                    changed(out, &format!("spec.clusterIPs[{i}]"), go_strings(&ip_refs));
+                }
+            }
+        } else if ips.len() < old_ips.len() {
+            if ips.is_empty() {
+                let e = "primary clusterIP can not be unset";
+                out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs[0]", go_strings(&ip_refs), e));
+            } else if ips[0] != old_ips[0] {
+                changed(out, "spec.clusterIPs[0]", go_strings(&ip_refs));
+            }
+            if ips.len() == 1 && !single {
+                let e = "`ipFamilyPolicy` must be set to 'SingleStack' when releasing the secondary clusterIP";
+                out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs[0]", go_strings(&ip_refs), e));
+            }
+        } else if !old_ips.is_empty() && ips[0] != old_ips[0] {
+            changed(out, "spec.clusterIPs[0]", go_strings(&ip_refs));
         }
     }
-    if families.len() > 1 || s(spec, "/ipFamilyPolicy") == Some("RequireDualStack") {
-        out.push(FieldError::new(
-            FieldErrorKind::Invalid,
-            "spec.ipFamilyPolicy",
-            spec.get("ipFamilyPolicy").unwrap_or(&json!("SingleStack")),
-            "this cluster is not configured for dual-stack services",
-        ));
+    // Headless Services may change families, and so may a change to or from headless.
+    if old_headless || headless {
+        return;
+    }
+    let families = strings(spec.get("ipFamilies"));
+    let old_families = strings(old_spec.get("ipFamilies"));
+    if families.is_empty() || old_families.is_empty() {
+        return;
+    }
+    if families[0] != old_families[0] || (families.len() == old_families.len() && families != old_families) {
+        changed(out, "spec.ipFamilies[0]", go_families(&families));
+    }
+    if families.len() < old_families.len() && !single {
+        let e = "`ipFamilyPolicy` must be set to 'SingleStack' when releasing the secondary ipFamily";
+        out.push(with_raw_value(FieldErrorKind::Invalid, "spec.clusterIPs[0]", go_strings(&ip_refs), e));
     }
 }
 
@@ -422,20 +694,32 @@ fn check_families(spec: &Value, old: Option<&Value>, out: &mut Vec<FieldError>) 
 mod test {
     use super::*;
 
-    fn allocated(range: &std::ops::RangeInclusive<u16>) -> Allocated<'_> {
+    fn allocated(range: &std::ops::RangeInclusive<u16>, dual: bool) -> Allocated<'_> {
         Allocated {
             node_ports: [30080].into(),
-            cluster_ips: ["10.96.0.10".to_string()].into(),
+            cluster_ips: ["10.96.0.10", "fd00:10:96::10"].iter().filter_map(|a| a.parse().ok()).collect(),
             node_port_range: range,
             service_cidr: "10.96.0.0/12".parse().expect("cidr"),
+            service_cidr_v6: dual.then(|| "fd00:10:96::/112".parse().expect("cidr")),
         }
     }
 
-    fn errors(svc: Value, old: Option<&Value>) -> Vec<String> {
+    /// What the server answers to `svc` (replacing `old`) on a cluster that
+    /// is dual-stack or not, and the Service as it is stored if it is taken.
+    fn check(svc: Value, old: Option<&Value>, dual: bool) -> (Vec<String>, Value) {
         let range = 30000..=32767;
         let mut svc = svc;
         normalize(&mut svc, old);
-        validate(&svc, old, &allocated(&range)).iter().map(ToString::to_string).collect()
+        let early = init_families(&mut svc, old, dual);
+        if !early.is_empty() {
+            return (early.iter().map(ToString::to_string).collect(), svc);
+        }
+        (validate(&svc, old, &allocated(&range, dual)).iter().map(ToString::to_string).collect(), svc)
+    }
+
+    /// On a single-stack cluster.
+    fn errors(svc: Value, old: Option<&Value>) -> Vec<String> {
+        check(svc, old, false).0
     }
 
     #[test]
@@ -464,7 +748,7 @@ mod test {
 
     #[test]
     fn node_ports_cluster_ips_and_families() {
-        let svc = json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ipFamilies": ["IPv6"], "ports": [
+        let svc = json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "ports": [
             {"name": "a", "port": 80, "nodePort": 30080}, {"name": "b", "port": 81, "nodePort": 80}, {"name": "c", "port": 82, "nodePort": 30082},
             {"name": "d", "port": 83, "nodePort": 30082},
         ]}});
@@ -472,7 +756,6 @@ mod test {
             errors(svc, None),
             [
                 "spec.clusterIPs: Invalid value: []string{\"10.96.0.10\"}: failed to allocate IP 10.96.0.10: provided IP is already allocated",
-                "spec.ipFamilies[0]: Invalid value: \"IPv6\": not configured on this cluster",
                 "spec.ports[0].nodePort: Invalid value: 30080: provided port is already allocated",
                 "spec.ports[1].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767",
                 "spec.ports[3].nodePort: Duplicate value: 30082",
@@ -480,6 +763,121 @@ mod test {
         );
         let headless = json!({"spec": {"type": "LoadBalancer", "clusterIP": "None", "ports": [{"port": 80}]}});
         assert_eq!(errors(headless, None), ["spec.clusterIPs[0]: Invalid value: \"None\": may not be set to 'None' for LoadBalancer services"]);
+        // IPv6 on a single-stack cluster, as the families are checked first (alone).
+        let v6 = json!({"spec": {"ipFamilies": ["IPv6"], "ports": [{"port": 80, "nodePort": 30080}]}});
+        assert_eq!(errors(v6, None), ["spec.ipFamilies[0]: Invalid value: \"IPv6\": not configured on this cluster"]);
+        let v6 = json!({"spec": {"clusterIP": "fd00:10:96::20", "ports": [{"port": 80}]}});
+        assert_eq!(
+            errors(v6, None),
+            ["spec.clusterIPs[0]: Invalid value: []string{\"fd00:10:96::20\"}: IPv6 is not configured on this cluster"]
+        );
+        let mismatch = json!({"spec": {"clusterIP": "10.96.0.20", "ipFamilies": ["IPv6"], "ports": [{"port": 80}]}});
+        assert_eq!(
+            check(mismatch, None, true).0,
+            ["spec.clusterIPs[0]: Invalid value: \"10.96.0.20\": expected an IPv6 value as indicated by `ipFamilies[0]`"]
+        );
+    }
+
+    #[test]
+    fn families_follow_the_policy_and_the_cluster() {
+        let svc = |spec: Value| {
+            let mut v = json!({"spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}});
+            for (k, x) in spec.as_object().into_iter().flatten() {
+                v["spec"][k] = x.clone();
+            }
+            v
+        };
+        let families = |spec: Value, dual: bool| {
+            let (e, v) = check(svc(spec), None, dual);
+            assert_eq!(e, Vec::<String>::new());
+            (v["spec"]["ipFamilyPolicy"].clone(), v["spec"]["ipFamilies"].clone())
+        };
+        assert_eq!(families(json!({}), true), (json!("SingleStack"), json!(["IPv4"])));
+        let prefer = json!({"ipFamilyPolicy": "PreferDualStack"});
+        assert_eq!(families(prefer.clone(), true), (json!("PreferDualStack"), json!(["IPv4", "IPv6"])));
+        assert_eq!(families(prefer, false), (json!("PreferDualStack"), json!(["IPv4"])));
+        let v6_first = json!({"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv6"]});
+        assert_eq!(families(v6_first, true), (json!("RequireDualStack"), json!(["IPv6", "IPv4"])));
+        assert_eq!(families(json!({"ipFamilies": ["IPv6"]}), true), (json!("SingleStack"), json!(["IPv6"])));
+        // The families of requested addresses.
+        let both = json!({"ipFamilyPolicy": "PreferDualStack", "clusterIP": "fd00:10:96::20",
+            "clusterIPs": ["fd00:10:96::20", "10.96.0.20"]});
+        assert_eq!(families(both, true), (json!("PreferDualStack"), json!(["IPv6", "IPv4"])));
+        // Headless: families per policy, and without selector dual even on a single-stack cluster.
+        let headless = json!({"clusterIP": "None", "ipFamilyPolicy": "PreferDualStack"});
+        assert_eq!(families(headless, true).1, json!(["IPv4", "IPv6"]));
+        let (e, v) = check(json!({"spec": {"clusterIP": "None"}}), None, false);
+        assert_eq!(e, Vec::<String>::new());
+        assert_eq!((&v["spec"]["ipFamilyPolicy"], &v["spec"]["ipFamilies"]), (&json!("RequireDualStack"), &json!(["IPv4", "IPv6"])));
+
+        assert_eq!(
+            check(svc(json!({"ipFamilyPolicy": "RequireDualStack"})), None, false).0,
+            ["spec.ipFamilyPolicy: Invalid value: \"RequireDualStack\": this cluster is not configured for dual-stack services"]
+        );
+        assert_eq!(
+            check(svc(json!({"ipFamilies": ["IPv4", "IPv6"]})), None, true).0,
+            ["spec.ipFamilyPolicy: Invalid value: \"SingleStack\": must be 'RequireDualStack' or 'PreferDualStack' when multiple IP families are specified"]
+        );
+        let two = |second: &str| {
+            svc(json!({"ipFamilyPolicy": "PreferDualStack", "clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", second]}))
+        };
+        assert_eq!(
+            check(two("10.96.0.21"), None, true).0,
+            ["spec.clusterIPs: Invalid value: []string{\"10.96.0.20\", \"10.96.0.21\"}: may specify no more than one IP for each IP family"]
+        );
+        assert_eq!(
+            check(two("fd00:1::1"), None, true).0,
+            ["spec.clusterIPs: Invalid value: []string{\"10.96.0.20\", \"fd00:1::1\"}: failed to allocate IP fd00:1::1: provided IP is not in the valid range. The range of valid IPs is fd00:10:96::/112"]
+        );
+        assert_eq!(
+            check(two("fd00:10:96::10"), None, true).0,
+            ["spec.clusterIPs: Invalid value: []string{\"10.96.0.20\", \"fd00:10:96::10\"}: failed to allocate IP fd00:10:96::10: provided IP is already allocated"]
+        );
+    }
+
+    #[test]
+    fn upgrades_add_the_second_family_and_downgrades_release_it() {
+        let single = json!({"spec": {"selector": {"app": "web"}, "ports": [{"port": 80}], "clusterIP": "10.96.0.20",
+            "clusterIPs": ["10.96.0.20"], "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack"}});
+        let mut up = single.clone();
+        up["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+        let (e, v) = check(up, Some(&single), true);
+        assert_eq!(e, Vec::<String>::new());
+        // The address of the new family is the allocator's to give.
+        assert_eq!(v["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(v["spec"]["clusterIPs"], json!(["10.96.0.20"]));
+
+        let dual = json!({"spec": {"selector": {"app": "web"}, "ports": [{"port": 80}], "clusterIP": "10.96.0.20",
+            "clusterIPs": ["10.96.0.20", "fd00:10:96::20"], "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack"}});
+        let mut down = dual.clone();
+        down["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+        let (e, v) = check(down, Some(&dual), true);
+        assert_eq!(e, Vec::<String>::new());
+        assert_eq!((&v["spec"]["ipFamilies"], &v["spec"]["clusterIPs"]), (&json!(["IPv4"]), &json!(["10.96.0.20"])));
+        // A write that leaves the addresses and families out keeps them, and the policy.
+        let (e, v) = check(json!({"spec": {"selector": {"app": "web"}, "ports": [{"port": 81}]}}), Some(&dual), true);
+        assert_eq!(e, Vec::<String>::new());
+        assert_eq!(v["spec"]["clusterIPs"], dual["spec"]["clusterIPs"]);
+        assert_eq!(v["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(v["spec"]["ipFamilyPolicy"], json!("PreferDualStack"));
+        // Releasing the secondary address without SingleStack, or changing the primary family: refused.
+        let mut cut = dual.clone();
+        cut["spec"]["clusterIPs"] = json!(["10.96.0.20"]);
+        assert_eq!(
+            check(cut, Some(&dual), true).0,
+            ["spec.ipFamilyPolicy: Invalid value: \"PreferDualStack\": must be 'SingleStack' to release the secondary cluster IP"]
+        );
+        let mut flipped = single.clone();
+        flipped["spec"]["ipFamilies"] = json!(["IPv6"]);
+        flipped["spec"]["clusterIP"] = json!("fd00:10:96::20");
+        flipped["spec"]["clusterIPs"] = json!(["fd00:10:96::20"]);
+        assert_eq!(
+            check(flipped, Some(&single), true).0,
+            [
+                "spec.clusterIPs[0]: Invalid value: []string{\"fd00:10:96::20\"}: may not change once set",
+                "spec.ipFamilies[0]: Invalid value: []core.IPFamily{\"IPv6\"}: may not change once set",
+            ]
+        );
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub(crate) struct Store {
     pub nodes_changed: bool,
     pub next_pod_ip: u32,
     pub next_service_ip: u32,
+    /// The IPv6 ClusterIP allocator's counter, apart so that IPv4 addresses
+    /// come as they do on a single-stack cluster.
+    pub next_service_ip6: u64,
     pub next_node_port: u16,
     rng: u64,
     changed: tokio::sync::watch::Sender<u64>,
@@ -235,6 +238,7 @@ impl Store {
             nodes_changed: false,
             next_pod_ip: 0,
             next_service_ip: 0,
+            next_service_ip6: 0,
             next_node_port,
             rng: seed,
             changed,
@@ -976,15 +980,21 @@ impl Store {
     fn check_service(&self, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
         service_validation::normalize(obj, old);
         let me = (meta_str(obj, "namespace").unwrap_or_default().to_string(), meta_str(obj, "name").unwrap_or_default().to_string());
+        let errors = service_validation::init_families(obj, old, self.cfg.service_cidr_v6.is_some());
+        if !errors.is_empty() {
+            return Err(ApiError::invalid_fields(&KINDS[ids::services()], &me.1, &errors));
+        }
         let others = self.objects[ids::services()].iter().filter(|(k, _)| **k != me).map(|(_, o)| o);
         let mut allocated = service_validation::Allocated {
             node_ports: BTreeSet::new(),
             cluster_ips: BTreeSet::new(),
             node_port_range: &self.cfg.node_port_range,
             service_cidr: self.cfg.service_cidr,
+            service_cidr_v6: self.cfg.service_cidr_v6,
         };
         for o in others {
-            allocated.cluster_ips.extend(o.pointer("/spec/clusterIPs").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_string));
+            let ips = service_validation::strings(o.pointer("/spec/clusterIPs"));
+            allocated.cluster_ips.extend(ips.iter().filter_map(|ip| ip.parse::<std::net::IpAddr>().ok()));
             let ports = o.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten();
             allocated.node_ports.extend(ports.filter_map(|p| p.get("nodePort").and_then(Value::as_u64)).filter_map(|n| u16::try_from(n).ok()));
         }

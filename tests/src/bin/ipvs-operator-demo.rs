@@ -4,12 +4,17 @@
 //! Runs inside the test VM (a kernel with IPVS): the test API server, the
 //! kube-proxy emulator, the real `ipvs-operator controller` and `agent`, one
 //! network namespace per pod answering connections, and a client that opens
-//! connections to each WeightedService's ClusterIP and counts who answered. It
-//! prints, per weight group, the share of connections the weights ask for and
-//! the share measured; the kernel's table (`ipvsadm -Ln`); and the
-//! WeightedServices as `kubectl get weightedservices -A` shows them. The same
-//! figures go to `--out`/result.json. It fails (exit 1) when a measured share is
-//! more than `--tolerance` away from the desired one.
+//! connections to every address of each WeightedService's Service — each
+//! ClusterIP (the demo makes the Service dual-stack: an IPv4 and an IPv6 one)
+//! and the NodePort on the node's IPv4 and IPv6 address (it makes the Service a
+//! NodePort one unless the manifest gives a type) — and counts who answered. It
+//! prints, per address and weight group, the share of connections the weights
+//! ask for and the share measured; how many of the agent's periodic sweeps
+//! found something to fix in 10 quiet seconds afterwards (none, when the
+//! kernel stays as the agent left it); the kernel's table (`ipvsadm -Ln`); and
+//! the WeightedServices as `kubectl get weightedservices -A` shows them. The
+//! same figures go to `--out`/result.json. It fails (exit 1) when a measured
+//! share is more than `--tolerance` away from the desired one.
 //!
 //! It runs the controller and agent as production does: without a compiled-
 //! policy cache (each compiles its policies when it starts), and with whichever
@@ -25,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ipvs_operator_tests::testbed::{metric, Testbed, TestbedConfig, NODE_NAME};
+use ipvs_operator_tests::testbed::{
+    metric, pod_ips, service_cluster_ips, Testbed, TestbedConfig, NODE_IP, NODE_IP6, NODE_NAME,
+};
 use serde_json::{json, Value};
 
 /// The CRD as `ipvs-operator crd` prints it: its printer columns drive the table.
@@ -34,6 +41,13 @@ const CRD_YAML: &str = include_str!("../../../deploy/crd.yaml");
 /// Kinds the demo loads; anything else (an Ingress, say) is skipped with a notice.
 const LOADED_KINDS: &[&str] = &["Namespace", "Deployment", "Pod", "WeightedService"];
 
+/// The agent's count of periodic sweeps that found a virtual service to fix.
+const SWEEP_DIFFERENCES: &str = "ipvs_operator_sweep_differences_total";
+
+/// How long the demo leaves everything alone after measuring, counting what
+/// the agent's sweeps find to fix meanwhile.
+const QUIET: Duration = Duration::from_secs(10);
+
 #[derive(Parser, Debug)]
 #[command(about = "Run ipvs-operator end to end on a manifest and measure the split (inside the test VM: see `make demo`)")]
 struct Args {
@@ -41,7 +55,7 @@ struct Args {
     /// `kind: List` included.
     #[arg(required = true)]
     manifests: Vec<PathBuf>,
-    /// Connections to open to each WeightedService.
+    /// Connections to open to each address (ClusterIP, NodePort) of each WeightedService.
     #[arg(long, env = "DEMO_CONNECTIONS", default_value_t = 5000)]
     connections: usize,
     /// Largest acceptable difference between a desired and a measured share, in
@@ -62,12 +76,23 @@ struct Args {
 struct Measured {
     namespace: String,
     name: String,
-    groups: Vec<GroupResult>,
-    total: usize,
+    /// One per address of its Service the connections went to.
+    targets: Vec<Target>,
     /// From the start of the controller and agent to its weights in the kernel.
     converged_after: Duration,
 }
 
+/// An address of a WeightedService's Service, and the connections to it.
+struct Target {
+    /// `clusterIP` or `nodePort`: how the connections reached the Service.
+    path: &'static str,
+    /// The virtual service (address and port) they went to.
+    address: SocketAddr,
+    groups: Vec<GroupResult>,
+    total: usize,
+}
+
+#[derive(Clone)]
 struct GroupResult {
     label: String,
     selector: Value,
@@ -136,14 +161,22 @@ fn main() -> Result<()> {
         }
     }
 
+    let quiet_sweep_differences = match quiet_sweep_differences(&bed) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("{}", bed.logs());
+            return Err(e);
+        }
+    };
+
     println!("\n$ ipvsadm -Ln   (in the node)\n{}", bed.ipvsadm().trim_end());
     let listed = bed.handle().list("weightedservices", None);
     println!("\n$ kubectl get weightedservices -A\n{}", get_table(&listed)?);
-    println!("\n$ curl -s http://<agent>:9494/metrics | grep -E 'evaluations_total|writes_total'   (excerpt)");
+    let grep = "grep -E 'evaluations_total|writes_total|sweep_differences_total'";
+    println!("\n$ curl -s http://<agent>:9494/metrics | {grep}   (excerpt)");
     if let Some(text) = bed.agent_metrics() {
-        for line in text.lines().filter(|l| {
-            !l.starts_with('#') && (l.starts_with("ipvs_operator_policy_evaluations_total") || l.starts_with("ipvs_operator_netlink_writes_total"))
-        }) {
+        let shown = ["ipvs_operator_policy_evaluations_total", "ipvs_operator_netlink_writes_total", SWEEP_DIFFERENCES];
+        for line in text.lines().filter(|l| !l.starts_with('#') && shown.iter().any(|m| l.starts_with(m))) {
             println!("{line}");
         }
         let repairs = metric(&text, "ipvs_operator_drift_repairs_total", "").unwrap_or(0.0);
@@ -163,6 +196,7 @@ fn main() -> Result<()> {
     let mut report = report(&results);
     report["operator"] = operator;
     report["startup"] = startup;
+    report["quietSweepDifferences"] = json!(quiet_sweep_differences);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let path = args.out.join("result.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
@@ -170,10 +204,21 @@ fn main() -> Result<()> {
     println!();
     let mut off = Vec::new();
     for m in &results {
-        for g in &m.groups {
-            let measured = g.connections as f64 / m.total.max(1) as f64;
-            if (measured - g.desired).abs() * 100.0 > args.tolerance {
-                off.push(format!("{}/{} {}: desired {:.2}%, measured {:.2}%", m.namespace, m.name, g.label, g.desired * 100.0, measured * 100.0));
+        for t in &m.targets {
+            for g in &t.groups {
+                let measured = g.connections as f64 / t.total.max(1) as f64;
+                if (measured - g.desired).abs() * 100.0 > args.tolerance {
+                    off.push(format!(
+                        "{}/{} {} {} {}: desired {:.2}%, measured {:.2}%",
+                        m.namespace,
+                        m.name,
+                        t.path,
+                        t.address,
+                        g.label,
+                        g.desired * 100.0,
+                        measured * 100.0
+                    ));
+                }
             }
         }
     }
@@ -202,9 +247,10 @@ fn select_documents(text: &str) -> Result<(String, Vec<Value>)> {
             _ => documents.push(value),
         }
     }
-    for value in documents {
-        let kind = value["kind"].as_str().unwrap_or("(no kind)");
-        let name = value["metadata"]["name"].as_str().unwrap_or("(no name)");
+    for mut value in documents {
+        let kind = value["kind"].as_str().unwrap_or("(no kind)").to_string();
+        let kind = kind.as_str();
+        let name = value["metadata"]["name"].as_str().unwrap_or("(no name)").to_string();
         if !LOADED_KINDS.contains(&kind) {
             let why = if kind == "Ingress" {
                 ": the demo has no ingress controller (and most send traffic to pod IPs directly, which bypasses IPVS weights)"
@@ -215,6 +261,19 @@ fn select_documents(text: &str) -> Result<(String, Vec<Value>)> {
             continue;
         }
         if kind == "WeightedService" {
+            // Every path to the Service is measured: both IP families' ClusterIPs
+            // and the NodePorts, unless the manifest says otherwise.
+            let mut added = Vec::new();
+            for (field, default) in [("ipFamilyPolicy", "PreferDualStack"), ("type", "NodePort")] {
+                if value["spec"].get(field).is_none() {
+                    value["spec"][field] = json!(default);
+                    added.push(format!("{field}: {default}"));
+                }
+            }
+            if !added.is_empty() {
+                let added = added.join(", ");
+                println!("notice: WeightedService {name}: the demo sets {added} (connections go to every address)");
+            }
             weighted_services.push(value.clone());
         }
         kept.push(serde_yaml::to_string(&value)?);
@@ -224,120 +283,247 @@ fn select_documents(text: &str) -> Result<(String, Vec<Value>)> {
 
 use serde::Deserialize as _;
 
-/// Wait until the kernel has the weights the WeightedService's status promises,
-/// then open connections to its first TCP port and count them per group.
+/// Wait until the kernel has the weights the WeightedService's status promises
+/// on every address of its Service, then open connections to each (its first
+/// TCP port) and count them per group.
 fn measure(bed: &Testbed, namespace: &str, name: &str, connections: usize, processes_started: Instant) -> Result<Measured> {
     let service = format!("{namespace}/{name}");
     step(&format!("waiting for WeightedService {service}: its Service, its status, and its weights in the kernel"));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(180);
-    let (ws, vip) = loop {
-        if let Some(found) = converged(bed, namespace, name) {
-            break found;
-        }
+    let (ws, addresses, unserved) = loop {
+        let why = match converged(bed, namespace, name) {
+            Ok(found) => break found,
+            Err(why) => why,
+        };
         if Instant::now() > deadline {
             let ws = bed.get("weightedservices", namespace, name).unwrap_or(Value::Null);
-            bail!("no convergence after {:?}; its status: {}", deadline - started, ws["status"]);
+            bail!("no convergence after {:?} ({why}); its status: {}", deadline - started, ws["status"]);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let converged_after = processes_started.elapsed();
-    let scheduler = bed.ipvs().into_iter().find(|e| e.service.address() == Some(vip)).map(|e| e.service.scheduler).unwrap_or_default();
+    for (path, address) in unserved {
+        let family = if address.is_ipv4() { "IPv4" } else { "IPv6" };
+        println!("notice: not measuring {address} ({path}): no pod of {service} has an {family} address");
+    }
+    let first = addresses.first().map(|(_, a)| *a);
+    let scheduler =
+        bed.ipvs().into_iter().find(|e| e.service.address() == first).map(|e| e.service.scheduler).unwrap_or_default();
     let policy = ws["status"]["policy"]["name"].as_str().unwrap_or("label-selector");
     step(&format!(
-        "weights in place after {:.1}s (Service {}, {vip}, scheduler {scheduler}, policy {policy}); opening {connections} connections from the client",
+        "weights in place after {:.1}s (Service {}, scheduler {scheduler}, policy {policy}); \
+         opening {connections} connections from the client to each of {}",
         started.elapsed().as_secs_f64(),
         ws["status"]["serviceName"].as_str().unwrap_or(name),
+        addresses.iter().map(|(path, address)| format!("{address} ({path})")).collect::<Vec<_>>().join(", "),
     ));
-    let (counts, errors) = bed.connect_counting_errors(vip, connections);
-    if !errors.is_empty() {
-        bail!("{} of {connections} connections failed, e.g. {:?}", errors.len(), errors.first());
-    }
     let groups_spec = ws["spec"]["weights"].as_array().cloned().unwrap_or_default();
-    let labels_by_pod: BTreeMap<String, Value> = bed
-        .handle()
-        .list("pods", Some(namespace))
-        .into_iter()
+    let pods = bed.handle().list("pods", Some(namespace));
+    let labels_by_pod: BTreeMap<String, Value> = pods
+        .iter()
         .filter_map(|p| Some((p["metadata"]["name"].as_str()?.to_string(), p["metadata"]["labels"].clone())))
         .collect();
     let status_groups = ws["status"]["groups"].as_array().cloned().unwrap_or_default();
-    let mut groups: Vec<GroupResult> = status_groups
+    let mut rows: Vec<GroupResult> = status_groups
         .iter()
         .map(|g| GroupResult {
             label: selector_label(&g["selector"]),
             selector: g["selector"].clone(),
             weight: g["weight"].as_u64(),
-            pods: g["endpoints"].as_u64().unwrap_or(0) as usize,
+            pods: 0,
             desired: g["share"].as_f64().unwrap_or(0.0),
             connections: 0,
         })
         .collect();
-    for (pod, n) in &counts {
-        let labels = labels_by_pod.get(pod).cloned().unwrap_or(Value::Null);
-        let row = match group_of(&groups_spec, &labels) {
-            Some(i) => i,
-            // Endpoints of no group: the status' last row, without a weight.
-            None => groups.iter().rposition(|g| g.weight.is_none()).unwrap_or(groups.len().saturating_sub(1)),
-        };
-        if let Some(g) = groups.get_mut(row) {
-            g.connections += n;
+    // Ready pods per row. Not the status' `endpoints`: a dual-stack pod is an
+    // endpoint of each family.
+    for pod in &pods {
+        let labels = &pod["metadata"]["labels"];
+        let ready = is_ready(&pod["status"]) && pod["metadata"]["deletionTimestamp"].is_null();
+        if !ready || !matches(&ws["spec"]["selector"], labels) {
+            continue;
+        }
+        let row = group_of(&groups_spec, labels).or_else(|| rows.iter().rposition(|g| g.weight.is_none()));
+        if let Some(g) = row.and_then(|row| rows.get_mut(row)) {
+            g.pods += 1;
         }
     }
-    let total = counts.values().sum();
-    print_groups(&groups, total);
-    Ok(Measured { namespace: namespace.into(), name: name.into(), groups, total, converged_after })
+    let mut targets = Vec::new();
+    for (path, address) in addresses {
+        let (counts, errors) = bed.connect_counting_errors(address, connections);
+        if !errors.is_empty() {
+            bail!("{} of {connections} connections to {address} ({path}) failed, e.g. {:?}", errors.len(), errors.first());
+        }
+        let mut groups = rows.clone();
+        for (pod, n) in &counts {
+            let labels = labels_by_pod.get(pod).cloned().unwrap_or(Value::Null);
+            let row = match group_of(&groups_spec, &labels) {
+                Some(i) => i,
+                // Endpoints of no group: the status' last row, without a weight.
+                None => groups.iter().rposition(|g| g.weight.is_none()).unwrap_or(groups.len().saturating_sub(1)),
+            };
+            if let Some(g) = groups.get_mut(row) {
+                g.connections += n;
+            }
+        }
+        targets.push(Target { path, address, groups, total: counts.values().sum() });
+    }
+    print_groups(&targets);
+    Ok(Measured { namespace: namespace.into(), name: name.into(), targets, converged_after })
 }
 
-/// The WeightedService and its VIP, once its status is current and Ready and
-/// the kernel's weights give the shares its status states.
-fn converged(bed: &Testbed, namespace: &str, name: &str) -> Option<(Value, SocketAddr)> {
-    let ws = bed.get("weightedservices", namespace, name)?;
+/// The addresses connections to a Service go to, with their path (`clusterIP`
+/// or `nodePort`), for its first TCP port: each ClusterIP, and the NodePort on
+/// the node's address of each IP family the Service has (kube-proxy's proxier
+/// of a family serves the NodePorts of that family's Services).
+fn service_addresses(service: &Value) -> Option<Addresses> {
+    let port = service["spec"]["ports"].as_array()?.iter().find(|p| p["protocol"].as_str().unwrap_or("TCP") == "TCP")?;
+    let service_port = u16::try_from(port["port"].as_u64()?).ok()?;
+    let ips = service_cluster_ips(service);
+    if ips.is_empty() {
+        return None;
+    }
+    let mut out: Addresses =
+        ips.iter().map(|ip| ("clusterIP", SocketAddr::new(*ip, service_port))).collect();
+    if let Some(node_port) = port["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok()) {
+        for node in [IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)] {
+            if ips.iter().any(|ip| ip.is_ipv4() == node.is_ipv4()) {
+                out.push(("nodePort", SocketAddr::new(node, node_port)));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Addresses of a Service, each with its path (`clusterIP` or `nodePort`).
+type Addresses = Vec<(&'static str, SocketAddr)>;
+
+/// The WeightedService and its Service's addresses, once its status is
+/// current and Ready and the kernel's weights give the shares its status
+/// states on every one of those addresses; otherwise what is still missing.
+/// The addresses of an IP family no pod of the Service has an address of come
+/// apart, second: their virtual services have no destinations.
+fn converged(bed: &Testbed, namespace: &str, name: &str) -> Result<(Value, Addresses, Addresses), String> {
+    let ws = bed.get("weightedservices", namespace, name).ok_or("no WeightedService")?;
     let status = &ws["status"];
     if status["observedGeneration"] != ws["metadata"]["generation"] {
-        return None;
+        return Err("its status is not current".into());
     }
-    let ready = status["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
-    if !ready {
-        return None;
+    if !is_ready(status) {
+        return Err("it is not Ready".into());
     }
-    let service = bed.get("services", namespace, status["serviceName"].as_str().unwrap_or(name))?;
-    let ip: IpAddr = service["spec"]["clusterIP"].as_str()?.parse().ok()?;
-    let port = service["spec"]["ports"].as_array()?.iter().find(|p| p["protocol"].as_str().unwrap_or("TCP") == "TCP")?;
-    let vip = SocketAddr::new(ip, u16::try_from(port["port"].as_u64()?).ok()?);
-    let entry = bed.ipvs().into_iter().find(|e| e.service.address() == Some(vip))?;
+    let service_name = status["serviceName"].as_str().unwrap_or(name);
+    let service = bed.get("services", namespace, service_name).ok_or_else(|| format!("no Service {service_name}"))?;
+    let addresses =
+        service_addresses(&service).ok_or_else(|| format!("Service {service_name} has no ClusterIP and TCP port"))?;
     let groups_spec = ws["spec"]["weights"].as_array().cloned().unwrap_or_default();
     let labels_by_ip: BTreeMap<IpAddr, Value> = bed
         .handle()
         .list("pods", Some(namespace))
         .into_iter()
-        .filter_map(|p| Some((p["status"]["podIP"].as_str()?.parse().ok()?, p["metadata"]["labels"].clone())))
+        .flat_map(|p| pod_ips(&p).into_iter().map(move |ip| (ip, p["metadata"]["labels"].clone())))
         .collect();
-    // The kernel's share per group, in the status' rows.
-    let rows = status["groups"].as_array()?;
-    let mut kernel = vec![0u64; rows.len()];
-    let mut total = 0u64;
-    for d in &entry.destinations {
-        let labels = labels_by_ip.get(&d.socket_addr().ip())?;
-        let row = group_of(&groups_spec, labels).or_else(|| rows.iter().rposition(|r| r["weight"].is_null()))?;
-        *kernel.get_mut(row)? += u64::from(d.weight);
-        total += u64::from(d.weight);
+    // Pods a manifest gives only an IPv4 address, say, leave the IPv6 virtual
+    // services without destinations: nothing to measure there.
+    let (addresses, unserved): (Addresses, Addresses) = addresses.into_iter().partition(|(_, vip)| {
+        labels_by_ip.iter().any(|(ip, labels)| ip.is_ipv4() == vip.is_ipv4() && matches(&ws["spec"]["selector"], labels))
+    });
+    if addresses.is_empty() {
+        return Err(format!("no pod of Service {service_name} has an address"));
     }
-    if total == 0 {
-        return None;
+    let rows = status["groups"].as_array().ok_or("its status has no groups")?;
+    let table = bed.ipvs();
+    for (path, vip) in &addresses {
+        let entry = table
+            .iter()
+            .find(|e| e.service.address() == Some(*vip))
+            .ok_or_else(|| format!("no virtual service {vip} ({path})"))?;
+        // The kernel's share per group, in the status' rows.
+        let mut kernel = vec![0u64; rows.len()];
+        let mut total = 0u64;
+        for d in &entry.destinations {
+            let labels = labels_by_ip
+                .get(&d.socket_addr().ip())
+                .ok_or_else(|| format!("{vip}: destination {} is no pod's", d.socket_addr()))?;
+            let row = group_of(&groups_spec, labels)
+                .or_else(|| rows.iter().rposition(|r| r["weight"].is_null()))
+                .ok_or_else(|| format!("{vip}: destination {} is in no group", d.socket_addr()))?;
+            *kernel.get_mut(row).ok_or("a group the status lacks")? += u64::from(d.weight);
+            total += u64::from(d.weight);
+        }
+        if total == 0 {
+            return Err(format!("{vip} ({path}) has no weight yet"));
+        }
+        let agree = rows
+            .iter()
+            .zip(&kernel)
+            .all(|(row, w)| (row["share"].as_f64().unwrap_or(0.0) - *w as f64 / total as f64).abs() < 0.005);
+        if !agree {
+            return Err(format!("the kernel's weights on {vip} ({path}) do not give the status' shares yet"));
+        }
     }
-    let agree = rows
-        .iter()
-        .zip(&kernel)
-        .all(|(row, w)| (row["share"].as_f64().unwrap_or(0.0) - *w as f64 / total as f64).abs() < 0.005);
-    agree.then_some((ws, vip))
+    Ok((ws, addresses, unserved))
+}
+
+/// How many of the agent's periodic sweeps find something to fix in [`QUIET`]
+/// when nothing changes: the increase of its
+/// `ipvs_operator_sweep_differences_total`.
+fn quiet_sweep_differences(bed: &Testbed) -> Result<u64> {
+    step(&format!(
+        "leaving everything alone for {} s: do the agent's periodic sweeps find anything to fix?",
+        QUIET.as_secs()
+    ));
+    let before = sweep_differences(bed)?;
+    std::thread::sleep(QUIET);
+    let after = sweep_differences(bed)?;
+    let found = (after - before).max(0.0) as u64;
+    let meaning = if found == 0 {
+        "the kernel stayed as the agent left it"
+    } else {
+        "something changed the kernel meanwhile, or the agent disagrees with itself"
+    };
+    println!("    sweeps that found something to fix: {found} ({SWEEP_DIFFERENCES} {before} -> {after}: {meaning})");
+    Ok(found)
+}
+
+/// The agent's `ipvs_operator_sweep_differences_total` now.
+fn sweep_differences(bed: &Testbed) -> Result<f64> {
+    sweep_differences_in(&bed.agent_metrics().context("reading the agent's /metrics")?)
+}
+
+/// `ipvs_operator_sweep_differences_total` in Prometheus text.
+fn sweep_differences_in(text: &str) -> Result<f64> {
+    if let Some(value) = metric(text, SWEEP_DIFFERENCES, "") {
+        return Ok(value);
+    }
+    // A counter with labels has no sample until its first increment: its
+    // `# TYPE` line (without `_total` in OpenMetrics) says it exists.
+    let family = SWEEP_DIFFERENCES.trim_end_matches("_total");
+    let declared = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next())
+        .any(|n| n == family || n == SWEEP_DIFFERENCES);
+    if declared {
+        return Ok(0.0);
+    }
+    bail!("the agent's /metrics has no {SWEEP_DIFFERENCES}: the demo needs it to count the sweeps that fix something")
 }
 
 /// The last group of `spec.weights` whose selector matches `labels` (the
 /// original's rule).
 fn group_of(groups: &[Value], labels: &Value) -> Option<usize> {
-    groups.iter().rposition(|g| {
-        g["selector"].as_object().is_some_and(|selector| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
-    })
+    groups.iter().rposition(|g| matches(&g["selector"], labels))
+}
+
+/// Whether a status has the condition `Ready` `True`.
+fn is_ready(status: &Value) -> bool {
+    status["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// Whether a map of labels (a Service's or group's selector) matches `labels`.
+fn matches(selector: &Value, labels: &Value) -> bool {
+    selector.as_object().is_some_and(|selector| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 fn selector_label(selector: &Value) -> String {
@@ -347,34 +533,45 @@ fn selector_label(selector: &Value) -> String {
     }
 }
 
-fn print_groups(groups: &[GroupResult], total: usize) {
-    let width = groups.iter().map(|g| g.label.len()).max().unwrap_or(5).max(5);
-    println!("    {:width$}  {:>4}  {:>6}  {:>8}  {:>8}  {:>11}", "GROUP", "PODS", "WEIGHT", "DESIRED", "MEASURED", "CONNECTIONS");
-    for g in groups {
-        let weight = g.weight.map(|w| w.to_string()).unwrap_or_else(|| "-".into());
-        let measured = g.connections as f64 / total.max(1) as f64;
-        println!(
-            "    {:width$}  {:>4}  {:>6}  {:>7.2}%  {:>7.2}%  {:>11}",
-            g.label,
-            g.pods,
-            weight,
-            g.desired * 100.0,
-            measured * 100.0,
-            g.connections
-        );
+fn print_groups(targets: &[Target]) {
+    let label_width = targets.iter().flat_map(|t| &t.groups).map(|g| g.label.len()).max().unwrap_or(5).max(5);
+    let address_width = targets.iter().map(|t| t.address.to_string().len()).max().unwrap_or(7).max(7);
+    println!(
+        "    {:9}  {:address_width$}  {:label_width$}  {:>4}  {:>6}  {:>8}  {:>8}  {:>11}",
+        "PATH", "ADDRESS", "GROUP", "PODS", "WEIGHT", "DESIRED", "MEASURED", "CONNECTIONS"
+    );
+    for t in targets {
+        for g in &t.groups {
+            let weight = g.weight.map(|w| w.to_string()).unwrap_or_else(|| "-".into());
+            let measured = g.connections as f64 / t.total.max(1) as f64;
+            println!(
+                "    {:9}  {:address_width$}  {:label_width$}  {:>4}  {:>6}  {:>7.2}%  {:>7.2}%  {:>11}",
+                t.path,
+                t.address.to_string(),
+                g.label,
+                g.pods,
+                weight,
+                g.desired * 100.0,
+                measured * 100.0,
+                g.connections
+            );
+        }
     }
 }
 
 fn report(results: &[Measured]) -> Value {
     let groups: Vec<Value> = results
         .iter()
-        .flat_map(|m| {
-            m.groups.iter().map(move |g| {
+        .flat_map(|m| m.targets.iter().map(move |t| (m, t)))
+        .flat_map(|(m, t)| {
+            t.groups.iter().map(move |g| {
                 json!({
                     "weightedService": format!("{}/{}", m.namespace, m.name),
+                    "address": t.address.to_string(),
+                    "path": t.path,
                     "selector": g.selector,
                     "desiredShare": g.desired,
-                    "measuredShare": g.connections as f64 / m.total.max(1) as f64,
+                    "measuredShare": g.connections as f64 / t.total.max(1) as f64,
                     "connections": g.connections,
                 })
             })
@@ -590,6 +787,55 @@ mod tests {
         assert_eq!(weighted_services.len(), 1);
         assert!(!kept.contains("Ingress"), "{kept}");
         assert_eq!(kept.matches("kind: Deployment").count(), 2);
+        // Made dual-stack and NodePort, in what is loaded too.
+        assert_eq!(weighted_services[0]["spec"]["ipFamilyPolicy"], "PreferDualStack");
+        assert_eq!(weighted_services[0]["spec"]["type"], "NodePort");
+        assert!(kept.contains("ipFamilyPolicy: PreferDualStack") && kept.contains("type: NodePort"), "{kept}");
+    }
+
+    #[test]
+    fn a_type_or_family_policy_the_manifest_gives_is_kept() {
+        let text = "kind: WeightedService\nmetadata: {name: a}\nspec: {type: ClusterIP, ipFamilyPolicy: SingleStack}\n";
+        let (_, weighted_services) = select_documents(text).expect("it parses");
+        assert_eq!(weighted_services[0]["spec"]["type"], "ClusterIP");
+        assert_eq!(weighted_services[0]["spec"]["ipFamilyPolicy"], "SingleStack");
+    }
+
+    #[test]
+    fn every_cluster_ip_and_the_node_port_of_each_family_is_measured() {
+        let service = json!({"spec": {
+            "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:10:96::a"],
+            "ports": [
+                {"protocol": "UDP", "port": 53, "nodePort": 30053},
+                {"protocol": "TCP", "port": 80, "nodePort": 30080},
+            ],
+        }});
+        let addresses: Vec<(&str, String)> =
+            service_addresses(&service).unwrap().into_iter().map(|(path, a)| (path, a.to_string())).collect();
+        assert_eq!(
+            addresses,
+            [
+                ("clusterIP", "10.96.0.10:80".to_string()),
+                ("clusterIP", "[fd00:10:96::a]:80".to_string()),
+                ("nodePort", format!("{NODE_IP}:30080")),
+                ("nodePort", format!("[{NODE_IP6}]:30080")),
+            ]
+        );
+        // Single-stack, no NodePort: its one ClusterIP.
+        let service = json!({"spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}});
+        assert_eq!(service_addresses(&service).unwrap(), [("clusterIP", "10.96.0.11:80".parse().unwrap())]);
+        let headless = json!({"spec": {"clusterIP": "None", "ports": [{"port": 80}]}});
+        assert_eq!(service_addresses(&headless), None);
+    }
+
+    #[test]
+    fn sweep_differences_are_read_and_a_missing_counter_fails() {
+        let text = "# TYPE ipvs_operator_sweep_differences counter\nipvs_operator_sweep_differences_total 3\n";
+        assert_eq!(sweep_differences_in(text).unwrap(), 3.0);
+        // Declared, with labels and no sample yet.
+        assert_eq!(sweep_differences_in("# TYPE ipvs_operator_sweep_differences counter\n").unwrap(), 0.0);
+        let missing = sweep_differences_in("ipvs_operator_drift_repairs_total 1\n").unwrap_err();
+        assert!(missing.to_string().contains(SWEEP_DIFFERENCES), "{missing}");
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! `kube-proxy-emulator`: kube-proxy's IPVS mode on one node, emulated (a
 //! test double), against the real kernel.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use ipvs_operator_tests::kube_proxy::{KubeProxyEmulator, ProxyConfig};
+use ipvs_operator_tests::kube_proxy::{IpCidr, KubeProxyEmulator, ProxyConfig};
 
 /// Does what kube-proxy's IPVS mode does on one node (a test double).
 #[derive(Parser, Debug)]
@@ -16,12 +17,25 @@ struct Args {
     /// API server URL (plain HTTP, e.g. the test API server); default: the kubeconfig.
     #[arg(long)]
     server: Option<String>,
-    /// This node's name (Local traffic policies keep endpoints on it).
+    /// This node's name (Local traffic policies keep endpoints on it; its Node's labels give the zone).
     #[arg(long, env = "NODE_NAME", default_value = "node-1")]
     node_name: String,
-    /// An address NodePorts are served on (repeatable).
+    /// A label of this node while the API server has no Node of that name, e.g.
+    /// topology.kubernetes.io/zone=zone-a (repeatable).
+    #[arg(long = "node-label", value_parser = parse_label)]
+    node_labels: Vec<(String, String)>,
+    /// An address NodePorts are served on, either family (repeatable). Without one, as kube-proxy:
+    /// every interface address but loopback, IPv6 link-local and the dummy interface's.
     #[arg(long = "node-address")]
     node_addresses: Vec<IpAddr>,
+    /// kube-proxy's --nodeport-addresses: CIDRs, comma-separated or repeated, that narrow the
+    /// interface addresses NodePorts are served on.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<IpCidr>,
+    /// kube-proxy's --ipvs-exclude-cidrs: virtual services there are never deleted (every other
+    /// virtual service no Service wants is).
+    #[arg(long, value_delimiter = ',')]
+    ipvs_exclude_cidrs: Vec<IpCidr>,
     /// The IPVS scheduler for every virtual service (kube-proxy's ipvs.scheduler).
     #[arg(long, default_value = "rr")]
     scheduler: String,
@@ -31,9 +45,6 @@ struct Args {
     /// How often draining destinations are checked for remaining connections.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     graceful_check_interval: Duration,
-    /// The Service ClusterIP range (stale virtual services there are deleted).
-    #[arg(long, default_value = "10.96.0.0/12")]
-    service_cidr: String,
     /// Bind ClusterIPs and external IPs to this dummy interface (kube-proxy: kube-ipvs0).
     #[arg(long)]
     dummy_interface: Option<String>,
@@ -43,6 +54,11 @@ struct Args {
     /// Sync once, then exit.
     #[arg(long)]
     once: bool,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("bad label {s:?} (key=value)"))?;
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -70,11 +86,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let cfg = ProxyConfig {
         node_name: args.node_name,
-        node_addresses: args.node_addresses,
+        node_labels: args.node_labels.into_iter().collect::<BTreeMap<_, _>>(),
+        node_addresses: (!args.node_addresses.is_empty()).then_some(args.node_addresses),
+        nodeport_addresses: args.nodeport_addresses,
+        exclude_cidrs: args.ipvs_exclude_cidrs,
         scheduler: args.scheduler,
         sync_period: args.sync_period,
         graceful_check_interval: args.graceful_check_interval,
-        service_cidr: args.service_cidr.parse().context("--service-cidr")?,
         dummy_interface: args.dummy_interface,
         ip_command: args.ip_command,
     };

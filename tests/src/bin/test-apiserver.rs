@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use ipvs_operator_tests::apiserver::{Config, Grace, NodeConfig, TestApiServer, kubeconfig_yaml};
+use ipvs_operator_tests::apiserver::{Cidr6, Config, Grace, NodeConfig, TestApiServer, kubeconfig_yaml};
 
 /// A Kubernetes test API server (a test double, not a real API server).
 #[derive(Parser, Debug)]
@@ -21,7 +21,7 @@ struct Args {
     /// Manifest files to load at start (repeatable).
     #[arg(long)]
     load: Vec<PathBuf>,
-    /// Nodes as NAME=IP (repeatable); default: node-1=192.0.2.1.
+    /// Nodes as NAME=IP or NAME=IP@ZONE (repeatable); default: node-1=192.0.2.1.
     #[arg(long = "node")]
     nodes: Vec<String>,
     /// Range pod IPs come from.
@@ -30,6 +30,13 @@ struct Args {
     /// Range ClusterIPs come from.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
+    /// Range pods' IPv6 addresses come from (`none`: pods get IPv4 only).
+    #[arg(long, default_value = "fd00:10:244::/64")]
+    pod_cidr_v6: String,
+    /// Range IPv6 ClusterIPs come from: the cluster is dual-stack, IPv4 first
+    /// (`none`: IPv4 single-stack).
+    #[arg(long, default_value = "fd00:10:96::/112")]
+    service_cidr_v6: String,
     /// Seconds a deleted pod stays terminating when the delete names no grace period.
     #[arg(long, default_value_t = 1)]
     pod_grace_seconds: u64,
@@ -57,6 +64,14 @@ struct Args {
     write_kubeconfig: Option<PathBuf>,
 }
 
+/// An IPv6 range, or none (`none` or empty).
+fn optional_cidr(s: &str) -> anyhow::Result<Option<Cidr6>> {
+    if s.is_empty() || s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Ok(Some(s.parse()?))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -67,6 +82,8 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = Config {
         pod_cidr: args.pod_cidr.parse().context("--pod-cidr")?,
         service_cidr: args.service_cidr.parse().context("--service-cidr")?,
+        pod_cidr_v6: optional_cidr(&args.pod_cidr_v6).context("--pod-cidr-v6")?,
+        service_cidr_v6: optional_cidr(&args.service_cidr_v6).context("--service-cidr-v6")?,
         pod_grace: if args.pod_grace_seconds == 0 {
             Grace::Immediate
         } else {
@@ -84,8 +101,16 @@ async fn main() -> anyhow::Result<()> {
             .nodes
             .iter()
             .map(|n| {
-                let (name, ip) = n.split_once('=').context("--node wants NAME=IP")?;
-                Ok(NodeConfig { name: name.to_string(), address: ip.parse().context("--node IP")?, labels: Default::default() })
+                let (name, rest) = n.split_once('=').context("--node wants NAME=IP")?;
+                let (ip, zone) = match rest.split_once('@') {
+                    Some((ip, zone)) => (ip, Some(zone)),
+                    None => (rest, None),
+                };
+                let node = NodeConfig::new(name, ip.parse().context("--node IP")?);
+                Ok(match zone {
+                    Some(z) => node.with_zone(z),
+                    None => node,
+                })
             })
             .collect::<anyhow::Result<_>>()?;
     }

@@ -1,15 +1,24 @@
 //! A **kube-proxy emulator** (a test double): what kube-proxy's IPVS mode does
 //! on one node, against the real kernel through the `ipvs` crate.
 //!
-//! It watches Services and EndpointSlices with kube-rs and, on every change and
-//! every `sync_period`, makes the kernel's table what kube-proxy would: one
-//! virtual service per ClusterIP/port, external IP, load-balancer IP and
-//! NodePort on each node address, with the configured scheduler; one
-//! masquerade destination of weight 1 per ready endpoint (serving-and-terminating
-//! ones only when none is ready); a removed TCP destination with connections
-//! drained at weight 0 until they end, everything else deleted at once; a
-//! scheduler, flags or timeout that differs reverted on every sync; and, on the
-//! first sync after a start, every weight reset to 1.
+//! It watches Services, EndpointSlices and its own Node with kube-rs and, on
+//! every change and every `sync_period`, makes the kernel's table what
+//! kube-proxy would, with one proxier per IP family as its dual-stack
+//! meta-proxier runs them (each sees only its family's ClusterIPs, external
+//! and load-balancer IPs, node addresses and EndpointSlices): one virtual
+//! service per ClusterIP/port, external IP, VIP-mode load-balancer IP and
+//! NodePort on each node address (by default every interface address but
+//! loopback, IPv6 link-local and the dummy interface's, narrowed by
+//! `--nodeport-addresses`), with the configured scheduler; one masquerade
+//! destination of weight 1 per endpoint `CategorizeEndpoints` chooses (ready
+//! ones, serving-and-terminating ones when none is; this node's under `Local`
+//! traffic policies; the hinted ones under topology hints, matched against the
+//! Node's name and `topology.kubernetes.io/zone`); a removed TCP destination
+//! with connections drained at weight 0 until they end, everything else
+//! deleted at once; a scheduler, flags or timeout that differs reverted on
+//! every sync; on the first sync after a start, every weight reset to 1; and
+//! every other virtual service of a family deleted unless `exclude_cidrs`
+//! covers it.
 //!
 //! ```no_run
 //! # async fn demo(client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -22,7 +31,9 @@
 //! ```
 
 mod backend;
+mod node;
 mod proxier;
+mod topology;
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -31,14 +42,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::Notify;
 
 pub use backend::{FakeIpvs, IpvsOps};
-pub use proxier::{DesiredVirtualService, ProxyConfig, Proxier, SyncReport, desired_state};
+pub use node::{
+    BadCidr, DEFAULT_DUMMY_INTERFACE, InterfaceAddress, IpCidr, IpFamily, NodeInfo, ZONE_LABEL, interface_addresses,
+    node_address_set, node_port_addresses,
+};
+pub use proxier::{
+    DesiredVirtualService, DualStackProxier, ProxyConfig, Proxier, SyncReport, desired_state, dual_stack_desired_state,
+};
+pub use topology::{Categorized, Endpoint, PortPolicy, TopologyMode, categorize, topology_mode};
 
 /// An error of the emulator.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +64,8 @@ pub enum Error {
     /// Reading or writing the kernel's IPVS table failed.
     #[error("IPVS")]
     Ipvs(#[from] ipvs::IpvsError),
-    /// The Service or EndpointSlice caches never became ready.
-    #[error("the Service and EndpointSlice caches did not fill")]
+    /// The Service, EndpointSlice or Node caches never became ready.
+    #[error("the Service, EndpointSlice and Node caches did not fill")]
     CacheNotReady,
     /// The emulator task ended abnormally.
     #[error("the emulator task failed")]
@@ -75,7 +93,7 @@ pub struct KubeProxyEmulator {
 }
 
 impl KubeProxyEmulator {
-    /// Starts watching Services and EndpointSlices and syncing `ipvs`.
+    /// Starts watching Services, EndpointSlices and its Node, and syncing `ipvs`.
     pub fn start(cfg: ProxyConfig, client: kube::Client, ipvs: Box<dyn IpvsOps>) -> Self {
         let sync_now = Arc::new(Notify::new());
         let synced = Arc::new(Notify::new());
@@ -149,6 +167,7 @@ async fn run(
     let changed = Arc::new(Notify::new());
     let (svc_store, svc_writer) = reflector::store::<Service>();
     let (es_store, es_writer) = reflector::store::<EndpointSlice>();
+    let (node_store, node_writer) = reflector::store::<Node>();
     let c1 = changed.clone();
     let services = reflector(svc_writer, watcher(Api::<Service>::all(client.clone()), watcher::Config::default()))
         .default_backoff()
@@ -157,23 +176,34 @@ async fn run(
             futures::future::ready(())
         });
     let c2 = changed.clone();
-    let slices = reflector(es_writer, watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()))
+    let slices = reflector(es_writer, watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()))
         .default_backoff()
         .for_each(move |_| {
             c2.notify_one();
             futures::future::ready(())
         });
-    let watchers = tokio::spawn(futures::future::join(services, slices));
+    // As kube-proxy, its own Node only: its labels carry the zone topology hints name.
+    let c3 = changed.clone();
+    let this_node = watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name));
+    let nodes = reflector(node_writer, watcher(Api::<Node>::all(client), this_node))
+        .default_backoff()
+        .for_each(move |_| {
+            c3.notify_one();
+            futures::future::ready(())
+        });
+    let watchers = tokio::spawn(futures::future::join3(services, slices, nodes));
     let _abort = AbortOnDrop(watchers);
+    let ready =
+        futures::future::join3(svc_store.wait_until_ready(), es_store.wait_until_ready(), node_store.wait_until_ready());
     tokio::select! {
-        r = futures::future::join(svc_store.wait_until_ready(), es_store.wait_until_ready()) => {
-            if r.0.is_err() || r.1.is_err() {
+        r = ready => {
+            if r.0.is_err() || r.1.is_err() || r.2.is_err() {
                 return Err(Error::CacheNotReady);
             }
         }
         _ = &mut shutdown => return Ok(()),
     }
-    let mut proxier = Proxier::new(cfg.clone());
+    let mut proxier = DualStackProxier::new(cfg.clone());
     if let Some(dev) = &cfg.dummy_interface {
         ensure_dummy(&cfg, dev);
     }
@@ -181,11 +211,12 @@ async fn run(
     loop {
         let svcs = owned_cache(&svc_store);
         let slices = owned_cache(&es_store);
+        let node = node_info(&cfg, &node_store);
         // As kube-proxy: a new Service's address is bound before its destinations
         // exist, and an old one unbound after its virtual service is gone. So
         // once the table shows destinations, the address takes connections.
         let bound = cfg.dummy_interface.as_deref().map(|dev| {
-            let want: BTreeSet<IpAddr> = desired_state(&cfg, &svcs, &slices)
+            let want: BTreeSet<IpAddr> = dual_stack_desired_state(&cfg, &node, &svcs, &slices)
                 .values()
                 .filter(|d| d.bind)
                 .filter_map(|d| d.service.address().map(|a| a.ip()))
@@ -193,7 +224,7 @@ async fn run(
             let present = bind_addresses(&cfg, dev, &want);
             (dev, want, present)
         });
-        let result = proxier.sync(&mut *ipvs, &svcs, &slices);
+        let result = proxier.sync(&mut *ipvs, &svcs, &slices, &node);
         if let Some((dev, want, present)) = bound {
             unbind_addresses(&cfg, dev, &want, &present);
         }
@@ -233,6 +264,26 @@ async fn run(
             }
         }
     }
+}
+
+/// The node as the next sync sees it: its Node's labels (the configured ones
+/// while there is no such Node), and its interfaces' addresses when NodePorts
+/// follow them.
+fn node_info(cfg: &ProxyConfig, nodes: &reflector::Store<Node>) -> NodeInfo {
+    let node = nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(cfg.node_name.as_str()));
+    let labels = match node {
+        Some(n) => n.metadata.labels.clone().unwrap_or_default(),
+        None => cfg.node_labels.clone(),
+    };
+    let interfaces = if cfg.node_addresses.is_some() {
+        Vec::new()
+    } else {
+        interface_addresses().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "kube-proxy emulator: listing the node's addresses");
+            Vec::new()
+        })
+    };
+    NodeInfo { labels, interfaces }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

@@ -55,13 +55,48 @@ fn sctp_socket(address: &SocketAddr) -> io::Result<socket2::Socket> {
 
 /// A listening one-to-one style SCTP socket on `address`, for [`serve_sctp`]:
 /// it accepts, reads and writes as a TCP listener does. The kernel needs SCTP
-/// (the `sctp` module): without it this fails with `EPROTONOSUPPORT`.
+/// (the `sctp` module): without it this fails with `EPROTONOSUPPORT`. On
+/// `[::]` it takes IPv4 associations too (see [`dual_stack`]).
 pub fn sctp_listener(address: SocketAddr) -> io::Result<TcpListener> {
     let socket = sctp_socket(&address)?;
     socket.set_reuse_address(true)?;
+    dual_stack(&socket, &address)?;
     socket.bind(&address.into())?;
     socket.listen(128)?;
     Ok(socket.into())
+}
+
+/// A listening TCP socket on `address`, for [`serve_tcp`]. On `[::]` it takes
+/// IPv4 connections too (see [`dual_stack`]).
+pub fn tcp_listener(address: SocketAddr) -> io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(address);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    dual_stack(&socket, &address)?;
+    socket.bind(&address.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
+/// A UDP socket bound to `address`, for [`serve_udp`]. On `[::]` it takes
+/// IPv4 datagrams too (see [`dual_stack`]).
+pub fn udp_socket(address: SocketAddr) -> io::Result<UdpSocket> {
+    let domain = socket2::Domain::for_address(address);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    dual_stack(&socket, &address)?;
+    socket.bind(&address.into())?;
+    Ok(socket.into())
+}
+
+/// A socket about to be bound to the IPv6 unspecified address `[::]` serves
+/// both families (IPv4 peers as `::ffff:a.b.c.d`) whatever the namespace's
+/// `net.ipv6.bindv6only` says: a dual-stack pod's server on `[::]` answers
+/// on its IPv4 and its IPv6 address.
+fn dual_stack(socket: &socket2::Socket, address: &SocketAddr) -> io::Result<()> {
+    match address {
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() => socket.set_only_v6(false),
+        _ => Ok(()),
+    }
 }
 
 /// Answers every SCTP association accepted on `listener` (see
@@ -283,6 +318,33 @@ mod tests {
         });
         assert_eq!(report.errors, 0, "{report:?}");
         assert_eq!(report.counts.get("gamma"), Some(&200));
+    }
+
+    #[test]
+    fn a_server_on_the_ipv6_wildcard_answers_both_families() {
+        if TcpListener::bind("[::1]:0").is_err() {
+            // A host without IPv6 (the test VM has it: tests/tests/e2e_ipv6.rs).
+            eprintln!("skipped: no IPv6 loopback here");
+            return;
+        }
+        let listener = tcp_listener("[::]:0".parse().unwrap()).expect("a TCP listener on [::]");
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || serve_tcp(listener, "delta"));
+        let socket = udp_socket(SocketAddr::new("::".parse().unwrap(), port)).expect("a UDP socket on [::]");
+        std::thread::spawn(move || serve_udp(socket, "delta"));
+        for target in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            for transport in [Transport::Tcp, Transport::Udp] {
+                let report = run_client(&ClientConfig {
+                    target: target.parse().unwrap(),
+                    connections: 50,
+                    concurrency: 2,
+                    timeout: Duration::from_secs(5),
+                    transport,
+                });
+                assert_eq!(report.errors, 0, "{transport:?} to {target}: {report:?}");
+                assert_eq!(report.counts.get("delta"), Some(&50), "{transport:?} to {target}");
+            }
+        }
     }
 
     #[test]

@@ -85,6 +85,22 @@ impl NetNs {
         self.exec(&["sh", "-c", script])
     }
 
+    /// Sets sysctls of the namespace (`net.ipv6.conf.all.forwarding`, `1`), in
+    /// one shell.
+    pub fn sysctls(&self, settings: &[(&str, &str)]) {
+        let script: Vec<String> =
+            settings.iter().map(|(key, value)| format!("echo {value} > /proc/sys/{}", key.replace('.', "/"))).collect();
+        self.sh(&script.join(" && "));
+    }
+
+    /// Turns IPv6 duplicate address detection off for the interfaces made in
+    /// the namespace from now on (and its `all` switch): their addresses are
+    /// usable at once, not after a second or more of DAD. Addresses added with
+    /// `nodad` skip it anyway; this covers the automatic link-local ones.
+    pub fn no_dad(&self) {
+        self.sysctls(&[("net.ipv6.conf.all.accept_dad", "0"), ("net.ipv6.conf.default.accept_dad", "0")]);
+    }
+
     /// `ipvsadm ARGS` in the namespace.
     pub fn ipvsadm(&self, args: &[&str]) -> String {
         let mut command = vec!["ipvsadm"];

@@ -3,9 +3,11 @@
 //!
 //! `traffic-server --listen 0.0.0.0:8080 --name backend-1 [--udp] [--sctp]`
 //!
-//! Prints `listening on ADDR as NAME` on stdout once it accepts connections.
+//! On `[::]:PORT` it serves IPv6 and IPv4 alike (dual-stack sockets), as a
+//! dual-stack pod's server does. Prints `listening on ADDR as NAME` on stdout
+//! once it accepts connections.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -13,7 +15,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(name = "traffic-server", about = "Answer every connection with a name")]
 struct Args {
-    /// Address and port to listen on.
+    /// Address and port to listen on (`[::]:PORT`: both IP families).
     #[arg(long)]
     listen: SocketAddr,
     /// The answer.
@@ -29,7 +31,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let listener = match TcpListener::bind(args.listen) {
+    let listener = match traffic::tcp_listener(args.listen) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("traffic-server: binding TCP {}: {e}", args.listen);
@@ -37,7 +39,7 @@ fn main() -> ExitCode {
         }
     };
     if args.udp {
-        let socket = match UdpSocket::bind(args.listen) {
+        let socket = match traffic::udp_socket(args.listen) {
             Ok(socket) => socket,
             Err(e) => {
                 eprintln!("traffic-server: binding UDP {}: {e}", args.listen);
