@@ -386,8 +386,10 @@ impl Worker {
     /// table just read through `getsockopt`: a scheduler or a weight.
     fn drifted_in_sockopt_table(&mut self) -> Option<HashSet<WsKey>> {
         let hash = drift::sockopt_table_hash(self.sweeper.sockopt.as_ref()?);
-        let matcher = Matcher::new(self.evaluator.plans(), &self.kernel.node_addresses);
-        self.sweeper.unless_quiet((hash, self.evaluator.plans_changed), |sweeper| {
+        let (evaluator, node_addresses) = (&self.evaluator, &self.kernel.node_addresses);
+        self.sweeper.unless_quiet((hash, evaluator.plans_changed), |sweeper| {
+            // Built only when the sweep compares: a quiet one only hashes.
+            let matcher = Matcher::new(evaluator.plans(), node_addresses);
             let table = sweeper.sockopt.as_ref()?;
             let drifted = drift::drifted_in_sockopt_table(table, |key| Some(wanted(matcher.find(key)?)));
             Some(drifted.into_iter().cloned().collect())
@@ -398,8 +400,9 @@ impl Worker {
     /// text is not in the kernel's format.
     fn drifted_in_text(&mut self) -> Option<HashSet<WsKey>> {
         let hash = procfs::table_hash(&self.sweeper.table_text);
-        let matcher = Matcher::new(self.evaluator.plans(), &self.kernel.node_addresses);
-        self.sweeper.unless_quiet((hash, self.evaluator.plans_changed), |sweeper| {
+        let (evaluator, node_addresses) = (&self.evaluator, &self.kernel.node_addresses);
+        self.sweeper.unless_quiet((hash, evaluator.plans_changed), |sweeper| {
+            let matcher = Matcher::new(evaluator.plans(), node_addresses);
             let Some(drifted) = procfs::drifted(&sweeper.table_text, |key| Some(wanted(matcher.find(key)?))) else {
                 tracing::warn!("/proc/net/ip_vs is not in the expected format: the sweep reads everything through netlink");
                 return None;
