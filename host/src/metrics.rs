@@ -45,6 +45,14 @@ pub struct PolicyLabels {
     pub policy: String,
 }
 
+/// Labels naming a step of the agent's periodic sweep.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// `read` (the table, from the kernel), `compare` (with the plans) or
+    /// `cross_check` (caches against states, now and then).
+    pub step: String,
+}
+
 /// Every metric the agent and the controller export.
 pub struct Metrics {
     registry: Registry,
@@ -77,6 +85,12 @@ pub struct Metrics {
     pub watch_lists: Family<KindLabels, Counter>,
     /// Periodic sweeps of the agent that found a virtual service to fix.
     pub sweep_differences: Counter,
+    /// Periodic sweeps of the agent started.
+    pub sweeps: Counter,
+    /// 1 while this controller holds the leader Lease, else 0.
+    pub leader: Gauge,
+    /// CPU time of the agent's sweeps (the thread's own, user and kernel), by step.
+    pub sweep_cpu_seconds: Family<StepLabels, Counter<f64, AtomicU64>>,
     /// Raises of a kernel weight of 0 that a fresh read of the API server did
     /// not confirm (the endpoint is draining), so not written.
     pub zero_raises_refused: Counter,
@@ -107,6 +121,9 @@ impl Metrics {
             watch_errors: Family::default(),
             watch_lists: Family::default(),
             sweep_differences: Counter::default(),
+            sweeps: Counter::default(),
+            leader: Gauge::default(),
+            sweep_cpu_seconds: Family::default(),
             zero_raises_refused: Counter::default(),
             registry: Registry::default(),
         };
@@ -129,6 +146,13 @@ impl Metrics {
         registry.register("watch_errors", "Watch errors (the watch restarts with backoff), by kind", metrics.watch_errors.clone());
         registry.register("watch_lists", "Complete lists of a watched kind (the first, then one per relist), by kind", metrics.watch_lists.clone());
         registry.register("sweep_differences", "Periodic sweeps (agent) that found a virtual service to fix", metrics.sweep_differences.clone());
+        registry.register("leader", "1 while this controller holds the leader Lease (it alone reconciles and writes), else 0", metrics.leader.clone());
+        registry.register("sweeps", "Periodic sweeps (agent) started", metrics.sweeps.clone());
+        registry.register(
+            "sweep_cpu_seconds",
+            "CPU time of the agent's periodic sweeps (its thread's, user and kernel), by step: read, compare, cross_check",
+            metrics.sweep_cpu_seconds.clone(),
+        );
         registry.register(
             "zero_raises_refused",
             "Kernel weights of 0 the agent wanted to raise but a fresh read of the EndpointSlices showed draining",
@@ -140,6 +164,9 @@ impl Metrics {
             for family in [&metrics.netlink_writes, &metrics.netlink_errors, &metrics.drift_repairs] {
                 let _ = family.get_or_create(&KindLabels { kind: kind.into() });
             }
+        }
+        for step in ["read", "compare", "cross_check"] {
+            let _ = metrics.sweep_cpu_seconds.get_or_create(&StepLabels { step: step.into() });
         }
         Metrics { registry, ..metrics }
     }
@@ -159,6 +186,11 @@ impl Metrics {
         if n > 0 {
             family.get_or_create(&KindLabels { kind: kind.into() }).inc_by(n);
         }
+    }
+
+    /// Add CPU time to a step of the sweep.
+    pub fn sweep_step(&self, step: &str, cpu: Duration) {
+        self.sweep_cpu_seconds.get_or_create(&StepLabels { step: step.into() }).inc_by(cpu.as_secs_f64());
     }
 
     /// The text exposition.
@@ -284,8 +316,13 @@ mod tests {
             watch_errors,
             watch_lists,
             sweep_differences,
+            sweeps,
+            sweep_cpu_seconds: _,
+            leader,
             zero_raises_refused,
         } = &metrics;
+        sweeps.inc();
+        leader.set(1);
         sweep_differences.inc();
         zero_raises_refused.inc();
         metrics.evaluated("label-selector", "ok", Duration::from_micros(40));
@@ -316,7 +353,7 @@ mod tests {
                 Some((format!("ipvs_operator_{name}"), rest.split('|').nth(1)?.trim().to_string()))
             })
             .collect();
-        assert_eq!(exposed.len(), 16, "{exposed:?}");
+        assert_eq!(exposed.len(), 19, "{exposed:?}");
         assert_eq!(documented, exposed, "the README's metrics table (left) is not what /metrics exposes (right)");
     }
 

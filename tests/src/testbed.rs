@@ -52,6 +52,9 @@ const POD_GATEWAY6: &str = "fe80::1";
 
 static NEXT_ID: AtomicU8 = AtomicU8::new(0);
 
+/// The namespace of the controllers' leader Lease (deploy/'s).
+pub const CONTROLLER_NAMESPACE: &str = "ipvs-operator";
+
 /// How a testbed runs its processes.
 #[derive(Debug, Clone)]
 pub struct TestbedConfig {
@@ -72,6 +75,9 @@ pub struct TestbedConfig {
     /// More policy flags for the agent and the controller (e.g.
     /// `--policy-compile-timeout`).
     pub policy_flags: Vec<String>,
+    /// How often the API server sends watch bookmarks (by default the test
+    /// API server's 5 s; a real one sends one about every minute).
+    pub bookmark_interval: Option<Duration>,
 }
 
 impl Default for TestbedConfig {
@@ -85,6 +91,7 @@ impl Default for TestbedConfig {
             policy_timeout: None,
             table_reader: None,
             policy_flags: Vec::new(),
+            bookmark_interval: None,
         }
     }
 }
@@ -185,7 +192,7 @@ impl Testbed {
             .enable_all()
             .build()
             .expect("a tokio runtime");
-        let api_config = Config {
+        let mut api_config = Config {
             nodes: vec![NodeConfig {
                 name: NODE_NAME.into(),
                 address: IpAddr::V4(NODE_IP),
@@ -193,6 +200,11 @@ impl Testbed {
             }],
             ..Config::default()
         };
+        // The controllers' leader Lease is there, as deploy/ installs them.
+        api_config.namespaces.push(CONTROLLER_NAMESPACE.into());
+        if let Some(interval) = config.bookmark_interval {
+            api_config.bookmark_interval = interval;
+        }
         let api = runtime
             .block_on(TestApiServer::start_on(SocketAddr::from(([0, 0, 0, 0], 0)), api_config))
             .expect("the test API server starts");
@@ -290,6 +302,13 @@ impl Testbed {
         self.spawn(name, false, "ipvs-operator", &args);
     }
 
+    /// Who holds the controllers' leader Lease (a process name given to
+    /// [`Testbed::start_controller_as`]), if anyone.
+    pub fn leader(&self) -> Option<String> {
+        let lease = self.get("leases", CONTROLLER_NAMESPACE, "ipvs-operator-controller")?;
+        lease["spec"]["holderIdentity"].as_str().filter(|h| !h.is_empty()).map(str::to_string)
+    }
+
     /// How this testbed runs its processes.
     pub fn config(&self) -> &TestbedConfig {
         &self.config
@@ -356,6 +375,11 @@ impl Testbed {
         } else {
             Command::new(&program)
         };
+        if binary == "ipvs-operator" && args.first().map(String::as_str) == Some("controller") {
+            // As the Deployment's downward API sets them: a restarted process
+            // is the same pod, and holds the Lease it held.
+            command.env("POD_NAME", name).env("POD_NAMESPACE", CONTROLLER_NAMESPACE);
+        }
         command
             .args(args)
             .env("KUBECONFIG", &kubeconfig)
@@ -574,8 +598,12 @@ impl Testbed {
 
     /// A metric of the controller, as [`Testbed::agent_metric`] reads the agent's.
     pub fn controller_metric(&self, name: &str, labels: &str) -> Option<f64> {
-        let text = http_get(SocketAddr::from((self.mgmt_root, 8080)), "/metrics")?;
-        metric(&text, name, labels)
+        self.controller_metric_on(8080, name, labels)
+    }
+
+    /// A metric of the controller listening on `port` (see [`Testbed::start_controller_as`]).
+    pub fn controller_metric_on(&self, port: u16, name: &str, labels: &str) -> Option<f64> {
+        metric_at(SocketAddr::from((self.mgmt_root, port)), name, labels)
     }
 
     /// Set a pod's `metadata.creationTimestamp` (RFC 3339), which the API server
@@ -744,6 +772,11 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         }
     }
     found
+}
+
+/// A metric of the process serving `/metrics` at `addr`, as [`metric`] reads it.
+pub fn metric_at(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    metric(&http_get(addr, "/metrics")?, name, labels)
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {

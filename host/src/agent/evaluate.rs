@@ -354,9 +354,8 @@ impl Evaluator {
     /// more (when their addresses became ready): under churn it would grow for
     /// ever. An address that comes back later is new again (ready since its
     /// pod's creation), as it is after a restart.
-    pub(super) fn forget_gone_endpoints(&mut self) {
-        let ready_since = &mut self.ready_since;
-        self.stores.slices.with_all(|slices| ready_since.forget_absent(slices));
+    pub(super) fn forget_gone_endpoints(&mut self, present: &HashSet<IpAddr>) {
+        self.ready_since.retain(|address| present.contains(address));
     }
 
     /// Every endpoint address the EndpointSlice cache has.

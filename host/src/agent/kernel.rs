@@ -108,6 +108,11 @@ impl Kernel {
     /// Forget the zeros written to destinations of endpoints that are gone.
     pub(super) fn forget_gone_endpoints(&mut self, present: &HashSet<IpAddr>) {
         self.zeros_written.retain(|(_, d)| present.contains(&d.ip()));
+        self.forget_expired_refusals();
+    }
+
+    /// Forget refusals to raise a zero whose hold is over.
+    pub(super) fn forget_expired_refusals(&mut self) {
         let now = Instant::now();
         self.refused.retain(|_, until| *until > now);
     }

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ipvs::SockoptTable;
 
@@ -22,10 +22,16 @@ const SWEEP_CHUNK: usize = 50;
 /// gets (about 1.5 ms under emulation, for 10 destinations each).
 const SOCKOPT_PIECE: usize = 200;
 
-/// Every this many sweeps, the labelled Services in the caches and those the
-/// agent knows are cross-checked (watch events normally keep them the same),
-/// and the node's addresses are read again.
-const CROSS_CHECK_EVERY: u64 = 15;
+/// Every this many sweeps, the node's addresses are read again and the table
+/// is compared in full, whatever its hash.
+const ADDRESSES_EVERY: u64 = 15;
+
+/// Every this many sweeps (5 minutes at the default interval), the labelled
+/// Services in the caches and those the agent knows are cross-checked: watch
+/// events keep them the same, this is the net under them. Under emulation it
+/// costs as much as six reads of a 1,000-Service table: every 15 sweeps, it
+/// was a quarter of the idle agent's CPU.
+const CROSS_CHECK_EVERY: u64 = 150;
 
 /// Which labelled Services a pass looks at.
 #[derive(Default)]
@@ -110,6 +116,10 @@ pub(super) struct Sweeper {
     plans_have_ipv6: Option<(u64, bool)>,
     /// The sweep under way has been counted as finding differences.
     counted: bool,
+    /// EndpointSlice changes noted so far, and as of the last time the
+    /// endpoints that are gone were forgotten: none since, none to forget.
+    slice_changes: u64,
+    slice_changes_forgotten: u64,
 }
 
 impl Sweeper {
@@ -217,10 +227,7 @@ impl Worker {
                 match self.read_piece(read) {
                     Ok(false) => {}
                     Ok(true) => {
-                        let drifted = match read {
-                            TableReading::Sockopt => self.drifted_in_sockopt_table(),
-                            TableReading::Proc(_) => self.drifted_in_text(),
-                        };
+                        let drifted = self.drifted(read);
                         reading = None;
                         sweep = match drifted {
                             Some(drifted) => {
@@ -302,7 +309,10 @@ impl Worker {
         }
     }
 
-    fn note(&self, change: Change, dirty: &mut Dirty, retries: &mut BTreeSet<Instant>, retry_keys: &mut HashSet<WsKey>) {
+    fn note(&mut self, change: Change, dirty: &mut Dirty, retries: &mut BTreeSet<Instant>, retry_keys: &mut HashSet<WsKey>) {
+        if matches!(change, Change::Slices(..) | Change::All) {
+            self.sweeper.slice_changes += 1;
+        }
         if let Change::Slices(namespace, name) = &change {
             retry_keys.insert(WsKey { namespace: namespace.clone(), name: name.clone() });
             let now = Instant::now();
@@ -322,17 +332,37 @@ impl Worker {
         self.kernel.listed = None;
         self.sweeper.sweeps += 1;
         self.sweeper.counted = false;
-        if self.sweeper.sweeps.is_multiple_of(CROSS_CHECK_EVERY) {
-            self.evaluator.cross_check(dirty);
-            self.evaluator.forget_gone_endpoints();
-            let present = self.evaluator.endpoint_addresses();
-            self.kernel.forget_gone_endpoints(&present);
+        self.metrics.sweeps.inc();
+        if self.sweeper.sweeps.is_multiple_of(ADDRESSES_EVERY) {
+            let started = thread_cpu();
             if self.kernel.refresh_node_addresses() {
                 self.evaluator.plans_changed += 1;
             }
+            self.kernel.forget_expired_refusals();
             // And the table is compared in full, whatever its hash.
             self.sweeper.quiet = None;
+            self.metrics.sweep_step("cross_check", thread_cpu().saturating_sub(started));
         }
+        if self.sweeper.sweeps.is_multiple_of(CROSS_CHECK_EVERY) {
+            let started = thread_cpu();
+            self.evaluator.cross_check(dirty);
+            if self.sweeper.slice_changes != self.sweeper.slice_changes_forgotten {
+                self.sweeper.slice_changes_forgotten = self.sweeper.slice_changes;
+                let present = self.evaluator.endpoint_addresses();
+                self.evaluator.forget_gone_endpoints(&present);
+                self.kernel.forget_gone_endpoints(&present);
+            }
+            self.metrics.sweep_step("cross_check", thread_cpu().saturating_sub(started));
+        }
+        let started = thread_cpu();
+        let reading = self.open_table();
+        self.metrics.sweep_step("read", thread_cpu().saturating_sub(started));
+        reading
+    }
+
+    /// Open a read of the table: list it through `getsockopt` or open
+    /// `/proc/net/ip_vs`.
+    fn open_table(&mut self) -> Option<TableReading> {
         if self.sweeper.table_reader == TableReader::Auto && !self.plans_have_ipv6() {
             if self.sweeper.sockopt.is_none() {
                 match SockoptTable::new() {
@@ -358,13 +388,28 @@ impl Worker {
 
     /// Read the next piece of the table; `true` once it is all read.
     fn read_piece(&mut self, reading: &mut TableReading) -> Result<bool, Box<dyn std::error::Error>> {
-        Ok(match reading {
+        let started = thread_cpu();
+        let done: Result<bool, Box<dyn std::error::Error>> = match reading {
             TableReading::Sockopt => match self.sweeper.sockopt.as_mut() {
-                Some(table) => table.read_destinations(SOCKOPT_PIECE)?,
-                None => true,
+                Some(table) => table.read_destinations(SOCKOPT_PIECE).map_err(Into::into),
+                None => Ok(true),
             },
-            TableReading::Proc(read) => read.next_piece(&mut self.sweeper.table_text)?,
-        })
+            TableReading::Proc(read) => read.next_piece(&mut self.sweeper.table_text).map_err(Into::into),
+        };
+        self.metrics.sweep_step("read", thread_cpu().saturating_sub(started));
+        done
+    }
+
+    /// The plans' owners whose virtual services differ from them in the table
+    /// just read; `None` when it cannot be compared.
+    fn drifted(&mut self, reading: &TableReading) -> Option<HashSet<WsKey>> {
+        let started = thread_cpu();
+        let drifted = match reading {
+            TableReading::Sockopt => self.drifted_in_sockopt_table(),
+            TableReading::Proc(_) => self.drifted_in_text(),
+        };
+        self.metrics.sweep_step("compare", thread_cpu().saturating_sub(started));
+        drifted
     }
 
     /// Whether any plan has an IPv6 virtual service or destination: the
@@ -410,6 +455,16 @@ impl Worker {
             Some(drifted.into_iter().cloned().collect())
         })
     }
+}
+
+/// CPU time of the calling thread so far, user and kernel.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec for the call to write.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(u64::try_from(now.tv_sec).unwrap_or(0), u32::try_from(now.tv_nsec).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -336,6 +336,25 @@ fn passes(bed: &Testbed) -> (f64, f64) {
     (metric(bed, "ipvs_operator_reconcile_seconds_sum", ""), metric(bed, "ipvs_operator_reconcile_seconds_count", ""))
 }
 
+/// Sweeps the agent started, and its sweep thread's CPU seconds in each step.
+fn sweep_steps(bed: &Testbed) -> Vec<f64> {
+    let mut steps = vec![metric(bed, "ipvs_operator_sweeps_total", "")];
+    for step in SWEEP_STEPS {
+        steps.push(metric(bed, "ipvs_operator_sweep_cpu_seconds_total", &format!("step=\"{step}\"")));
+    }
+    steps
+}
+
+/// The agent's sweep CPU per sweep and step, in ms, from the differences of
+/// [`sweep_steps`] over a window.
+fn idle_sweep_cpu_ms(steps: &[f64]) -> Value {
+    let sweeps = steps[0].max(1.0);
+    SWEEP_STEPS.iter().zip(&steps[1..]).map(|(step, seconds)| (step.to_string(), json!(round(seconds / sweeps * 1000.0)))).collect()
+}
+
+/// The steps of the agent's sweep, as its metric labels them.
+const SWEEP_STEPS: [&str; 3] = ["read", "compare", "cross_check"];
+
 fn wait_until<T>(timeout: Duration, what: &str, poll: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -375,6 +394,9 @@ pub fn main(preset: Preset) -> Result<()> {
         drift_interval: DRIFT_INTERVAL,
         proxy_scheduler: "wrr".into(),
         proxy_sync_period: PROXY_SYNC_PERIOD,
+        // As a real API server sends them: the idle agent's CPU includes
+        // reading them.
+        bookmark_interval: Some(Duration::from_secs(60)),
         ..TestbedConfig::default()
     });
     let result = run(&mut bed, &params, run_started, &phase);
@@ -512,6 +534,7 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
     // Idle, with the drift loop on.
     std::thread::sleep(Duration::from_secs(5));
     let (pass_sum_before, pass_count_before) = passes(bed);
+    let sweep_steps_before = sweep_steps(bed);
     let ticks_before = cpu_ticks(pid)?;
     let threads_before = thread_ticks(pid);
     let run_ns_before = run_ns(pid);
@@ -522,6 +545,8 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
     let idle_by_thread = thread_share(&threads_before, &thread_ticks(pid), idle_started.elapsed());
     let idle_elapsed = idle_started.elapsed();
     let (pass_sum_after, pass_count_after) = passes(bed);
+    let sweep_steps_idle: Vec<f64> =
+        sweep_steps(bed).iter().zip(&sweep_steps_before).map(|(after, before)| after - before).collect();
     let idle_cpu_percent = ticks as f64 / clock_ticks_per_second() as f64 / idle_elapsed.as_secs_f64() * 100.0;
     // The scheduler's own count: tick sampling misjudges a thread that runs
     // in short bursts, and the table reads below are timed the same way.
@@ -661,6 +686,10 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
         // (both measured in this run): what its own work costs on top.
         "idleRunPercent": round(idle_run_percent),
         "idleCpuRatio": round(idle_cpu_ratio),
+        // Where the idle agent's sweeps go, by its own count (thread CPU per
+        // sweep, in ms): the read is comparable with sockoptSpacedReadMs.
+        "idleSweeps": sweep_steps_idle[0],
+        "idleSweepCpuMs": idle_sweep_cpu_ms(&sweep_steps_idle),
         "patchAckP50Ms": round(percentile(&acked, 50.0)),
         "edits": edits,
         "timeouts": timeouts,
