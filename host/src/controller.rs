@@ -27,7 +27,8 @@ use crate::cluster::{
 use crate::crd::{PolicyStatus, WeightedService, WeightedServiceStatus};
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
-use crate::policy::{Catalog, PolicyError};
+use crate::leader::{ElectionConfig, LeaderElector};
+use crate::policy::{Catalog, CatalogEvent, PolicyError};
 use crate::snapshot::{ReadySince, Snapshot};
 use crate::status::{self, PolicyOutcome, ServiceOutcome};
 
@@ -180,8 +181,103 @@ const CONCURRENCY: u16 = 16;
 /// it remembers of WeightedServices that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Run the controller until the process gets a signal.
-pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, health: Arc<Health>) {
+/// Run the controller until the process gets SIGTERM or SIGINT: follow
+/// until this process holds the Lease of `election`, then reconcile while it
+/// holds it. Losing the Lease stops every reconcile and write of this
+/// process at once; it then follows again. On a signal the leader lets its
+/// reconciles end and gives the Lease up, for a follower to take over at once.
+pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, health: Arc<Health>, election: ElectionConfig) {
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop_tx.send_replace(true);
+    });
+    // The catalog tells its listeners for the whole process; each term of
+    // leadership listens from its start.
+    let (catalog_events, _) = tokio::sync::broadcast::channel::<CatalogEvent>(64);
+    let forward = catalog_events.clone();
+    catalog.subscribe(move |event| {
+        let _ = forward.send(event.clone());
+    });
+    let heartbeat = health.clone();
+    tokio::spawn(async move {
+        loop {
+            heartbeat.beat();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    // A follower does what it should: stand by, ready to take over.
+    health.set_ready();
+    let mut elector = LeaderElector::new(client.clone(), election);
+    loop {
+        let mut stopping = stop.clone();
+        tokio::select! {
+            () = elector.acquire() => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+        metrics.leader.set(1);
+        let term = lead(client.clone(), catalog.clone(), metrics.clone(), health.clone(), catalog_events.subscribe(), stop.clone());
+        let lost = tokio::select! {
+            () = term => None,
+            lost = elector.renew_until_lost() => Some(lost),
+        };
+        metrics.leader.set(0);
+        match lost {
+            None => {
+                elector.release().await;
+                return;
+            }
+            Some(why) => tracing::error!(%why, identity = elector.identity(), "lost the lease: stopped reconciling and writing; following"),
+        }
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM: only SIGINT stops the controller");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Tasks of one term of leadership: aborted when it ends, so that nothing
+/// of it writes after the Lease is lost.
+#[derive(Default)]
+struct TermTasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl TermTasks {
+    fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.0.push(tokio::spawn(task));
+    }
+}
+
+impl Drop for TermTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// One term of leadership: reconcile every WeightedService until `stop`
+/// turns true (then in-flight reconciles end) or the caller drops it.
+async fn lead(
+    client: Client,
+    catalog: Arc<Catalog>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut catalog_events: tokio::sync::broadcast::Receiver<CatalogEvent>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tasks = TermTasks::default();
     let (slices, slice_changes) = reflect_slices(
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
@@ -189,7 +285,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     let (pods, pod_changes) = reflect_pods(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()), metrics.clone());
     let reporter = Reporter { controller: "ipvs-operator".into(), instance: std::env::var("POD_NAME").ok() };
     let (events, publisher) = crate::events::publisher(client.clone(), reporter);
-    tokio::spawn(publisher);
+    tasks.spawn(publisher);
 
     // WeightedServices trigger a reconcile when what it reads of them changes:
     // the spec (generation), labels and annotations (policy input), not the
@@ -231,7 +327,7 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     // already-ready store answers at once.
     let (ws_ready, slices_ready, pods_ready) = (weighted_services.clone(), slices.clone(), pods.clone());
     let ready_health = health.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if synced(&ws_ready).await
             && slices_ready.wait_until_ready().await.is_ok()
             && pods_ready.wait_until_ready().await.is_ok()
@@ -242,19 +338,12 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
         }
     });
     let prune_ctx = ctx.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut every = tokio::time::interval_at(tokio::time::Instant::now() + PRUNE_EVERY, PRUNE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
             prune_ctx.prune();
-        }
-    });
-    let heartbeat = health.clone();
-    tokio::spawn(async move {
-        loop {
-            heartbeat.beat();
-            tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
 
@@ -266,25 +355,41 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
     let ws_for_policies = weighted_services.clone();
     let policy_events = ctx.events.clone();
     let catalog = Arc::downgrade(&ctx.catalog);
-    ctx.catalog.subscribe(move |event| {
-        if let crate::policy::CatalogEvent::Failed { name, error } = event {
-            let in_use = catalog.upgrade().is_some_and(|c| c.ready(name, None).is_ok());
-            let outcome = if in_use {
-                "the module in use stays"
-            } else {
-                "no module of that name is in use: WeightedServices naming it keep the weights nodes have"
+    tasks.spawn(async move {
+        loop {
+            let event = match catalog_events.recv().await {
+                Ok(event) => event,
+                // Missed some: whatever they were, everything is looked at again.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = reload_tx.send(());
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };
-            for ws in ws_for_policies.state().into_iter().filter(|ws| ws.policy_name() == name) {
-                policy_events.send(Notice {
-                    reference: ws.object_ref(&()),
-                    type_: EventType::Warning,
-                    reason: "PolicyModuleRefused".into(),
-                    note: format!("{error}; {outcome}"),
-                });
+            if let CatalogEvent::Failed { name, error } = &event {
+                let in_use = catalog.upgrade().is_some_and(|c| c.ready(name, None).is_ok());
+                let outcome = if in_use {
+                    "the module in use stays"
+                } else {
+                    "no module of that name is in use: WeightedServices naming it keep the weights nodes have"
+                };
+                // Once, not once per WeightedService using it (1,000 of them
+                // made 1,000 Events): on the first by namespace and name; the
+                // status of each says it too (PolicyReady).
+                let mut users: Vec<_> = ws_for_policies.state().into_iter().filter(|ws| ws.policy_name() == name).collect();
+                users.sort_by_key(|ws| (ws.namespace(), ws.name_any()));
+                if let Some(reference) = users.first().map(|ws| ws.object_ref(&())) {
+                    policy_events.send(Notice {
+                        reference,
+                        type_: EventType::Warning,
+                        reason: "PolicyModuleRefused".into(),
+                        note: format!("policy {name}: {error}; {outcome} ({} WeightedServices use it)", users.len()),
+                    });
+                }
             }
-        }
-        if !matches!(event, crate::policy::CatalogEvent::Retrying { .. }) {
-            let _ = reload_tx.send(());
+            if !matches!(event, CatalogEvent::Retrying { .. }) {
+                let _ = reload_tx.send(());
+            }
         }
     });
     let reloads = futures::stream::unfold(reload_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
@@ -317,7 +422,10 @@ pub async fn run(client: Client, catalog: Arc<Catalog>, metrics: Arc<Metrics>, h
                 .collect::<Vec<_>>()
         })
         .reconcile_all_on(reloads)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(async move {
+            let mut stop = stop;
+            let _ = stop.wait_for(|s| *s).await;
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {

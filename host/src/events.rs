@@ -1,7 +1,9 @@
 //! Kubernetes Events about WeightedServices, deduplicated and rate-limited:
 //! the same reason and message for the same object is published at most once
-//! per [`REPEAT_AFTER`], so a failing policy on a thousand nodes does not flood
-//! the API server.
+//! per [`REPEAT_AFTER`], and each process publishes at most [`SPAM_BURST`]
+//! Events about one object, then one per [`SPAM_REFILL`] (client-go's spam
+//! filter), so a failing policy on a thousand nodes does not flood the API
+//! server.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,6 +19,13 @@ use tokio::sync::mpsc;
 
 /// How long an identical Event is not repeated.
 pub const REPEAT_AFTER: Duration = Duration::from_secs(600);
+
+/// Events about one object a process may publish at once (client-go's
+/// `EventSourceObjectSpamFilter`: burst 25)…
+pub const SPAM_BURST: u32 = 25;
+
+/// …then one more per this long (client-go's: one per 5 minutes).
+pub const SPAM_REFILL: Duration = Duration::from_secs(300);
 
 /// An Event to publish.
 #[derive(Debug, Clone)]
@@ -111,12 +120,46 @@ const FORGET_EVERY: Duration = Duration::from_secs(60);
 /// Remembers what was published when.
 struct Limiter {
     last: HashMap<(String, String, String), (String, Instant)>,
+    /// Per object (kind, namespace, name): the spam filter's bucket.
+    buckets: HashMap<(String, String, String), Bucket>,
     forgotten_at: Instant,
+}
+
+/// A token bucket: [`SPAM_BURST`] tokens, one back per [`SPAM_REFILL`].
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: u32,
+    /// When the last token came back (or the bucket was made).
+    refilled_at: Instant,
+}
+
+impl Bucket {
+    fn full(now: Instant) -> Self {
+        Bucket { tokens: SPAM_BURST, refilled_at: now }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let periods = now.duration_since(self.refilled_at).as_secs_f64() / SPAM_REFILL.as_secs_f64();
+        let back = periods.floor().min(f64::from(SPAM_BURST)) as u32;
+        if back > 0 {
+            self.tokens = (self.tokens + back).min(SPAM_BURST);
+            self.refilled_at = if self.tokens == SPAM_BURST { now } else { self.refilled_at + SPAM_REFILL * back };
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
 }
 
 impl Default for Limiter {
     fn default() -> Self {
-        Limiter { last: HashMap::new(), forgotten_at: Instant::now() }
+        Limiter { last: HashMap::new(), buckets: HashMap::new(), forgotten_at: Instant::now() }
     }
 }
 
@@ -126,6 +169,10 @@ impl Limiter {
         // objects deleted long ago do not stay in memory.
         if now.duration_since(self.forgotten_at) >= FORGET_EVERY {
             self.last.retain(|_, (_, at)| now.duration_since(*at) < REPEAT_AFTER);
+            self.buckets.retain(|_, bucket| {
+                bucket.refill(now);
+                bucket.tokens < SPAM_BURST
+            });
             self.forgotten_at = now;
         }
         let object = (
@@ -133,13 +180,20 @@ impl Limiter {
             notice.reference.name.clone().unwrap_or_default(),
             notice.reason.clone(),
         );
-        match self.last.get(&object) {
-            Some((note, at)) if *note == notice.note && now.duration_since(*at) < REPEAT_AFTER => false,
-            _ => {
-                self.last.insert(object, (notice.note.clone(), now));
-                true
-            }
+        if let Some((note, at)) = self.last.get(&object)
+            && *note == notice.note
+            && now.duration_since(*at) < REPEAT_AFTER
+        {
+            return false;
         }
+        // A repeat costs the API server nothing (it is not sent): only what is
+        // sent takes from the object's budget.
+        let about = (notice.reference.kind.clone().unwrap_or_default(), object.0.clone(), object.1.clone());
+        if !self.buckets.entry(about).or_insert_with(|| Bucket::full(now)).take(now) {
+            return false;
+        }
+        self.last.insert(object, (notice.note.clone(), now));
+        true
     }
 }
 
@@ -179,6 +233,25 @@ mod tests {
         assert!(!limiter.allow(&notice("trap"), t0 + Duration::from_secs(5)));
         assert!(limiter.allow(&notice("timeout"), t0 + Duration::from_secs(6)), "a new message goes out");
         assert!(limiter.allow(&notice("timeout"), t0 + REPEAT_AFTER + Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn one_object_gets_a_burst_then_one_event_per_refill_period() {
+        let mut limiter = Limiter::default();
+        let t0 = Instant::now();
+        let sent = (0..100).filter(|i| limiter.allow(&notice(&format!("failure {i}")), t0)).count();
+        assert_eq!(sent, SPAM_BURST as usize, "a burst, then nothing");
+        assert!(!limiter.allow(&notice("another"), t0 + SPAM_REFILL / 2));
+        assert!(limiter.allow(&notice("another"), t0 + SPAM_REFILL), "one back after a refill period");
+        assert!(!limiter.allow(&notice("and another"), t0 + SPAM_REFILL + Duration::from_secs(1)));
+        // Another object has a budget of its own.
+        let mut other = notice("failure 0");
+        other.reference.name = Some("api".into());
+        assert!(limiter.allow(&other, t0 + SPAM_REFILL));
+        // Repeats that are not sent take nothing: after a long quiet, a full burst again.
+        let later = t0 + SPAM_REFILL * (SPAM_BURST + 2);
+        let sent = (0..100).filter(|i| limiter.allow(&notice(&format!("late {i}")), later)).count();
+        assert_eq!(sent, SPAM_BURST as usize);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`eval`]: offline evaluation (`ipvs-operator eval`);
 //! - [`cluster`]: the watch caches the agent and the controller share;
 //! - [`agent`]: the node agent that writes IPVS weights;
+//! - [`leader`]: the controllers' leader election on a Lease;
 //! - [`events`], [`metrics`]: what they report.
 
 pub mod agent;
@@ -15,6 +16,7 @@ pub mod controller;
 pub mod crd;
 pub mod eval;
 pub mod events;
+pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod snapshot;

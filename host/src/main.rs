@@ -43,7 +43,8 @@ enum Command {
     /// Print the WeightedService CustomResourceDefinition as YAML (deploy/crd.yaml).
     Crd,
     /// Run the controller: owns each WeightedService's Service, evaluates its
-    /// policy cluster-wide and writes its status (a Deployment, one replica).
+    /// policy cluster-wide and writes its status (a Deployment; of its
+    /// replicas, the holder of a Lease works and the others stand by).
     ///
     /// Talks to the API server of the kubeconfig (KUBECONFIG) or, in a pod, of its
     /// ServiceAccount.
@@ -113,6 +114,19 @@ struct ControllerArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
+    /// How long followers wait, from the last renewal of the leader Lease
+    /// they saw, before they take it over (whole seconds). Only the holder of
+    /// the Lease `ipvs-operator-controller` (in POD_NAMESPACE, else `default`)
+    /// reconciles; the others stand by.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    leader_elect_lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal
+    /// (shorter than the lease duration).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    leader_elect_renew_deadline: Duration,
+    /// How often the leader renews the Lease and followers try to take it.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    leader_elect_retry_period: Duration,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -365,9 +379,19 @@ async fn common(role: &str, limits: &LimitArgs, listen: SocketAddr, alive_window
 
 async fn run_controller(args: ControllerArgs) -> Result<()> {
     args.logs.init();
+    let election = ipvs_operator::leader::ElectionConfig {
+        namespace: ipvs_operator::leader::default_namespace(),
+        name: ipvs_operator::leader::LEASE_NAME.into(),
+        identity: ipvs_operator::leader::default_identity(),
+        lease_duration: args.leader_elect_lease_duration,
+        renew_deadline: args.leader_elect_renew_deadline,
+        retry_period: args.leader_elect_retry_period,
+    }
+    .validated()
+    .context("leader election flags")?;
     let (client, catalog, metrics, health) = common("controller", &args.limits, args.listen, Duration::from_secs(60)).await?;
-    tracing::info!(policies = ?catalog.names(), "controller starting");
-    controller::run(client, catalog, metrics, health).await;
+    tracing::info!(policies = ?catalog.names(), identity = %election.identity, namespace = %election.namespace, "controller starting");
+    controller::run(client, catalog, metrics, health, election).await;
     // It returns once SIGTERM or SIGINT came and in-flight reconciles ended.
     tracing::info!("signalled: stopping");
     Ok(())

@@ -18,6 +18,8 @@ use ipvs_operator_tests::rbac::{self, Attributes, Rbac, ServiceAccount};
 use ipvs_operator_tests::project_binary;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, ResourceQuota, ServiceAccount as SaObject};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -60,6 +62,7 @@ struct Objects {
     quotas: Vec<ResourceQuota>,
     deployments: Vec<Deployment>,
     daemon_sets: Vec<DaemonSet>,
+    disruption_budgets: Vec<PodDisruptionBudget>,
     /// kind/namespace/name of every object, in order.
     all: Vec<String>,
     /// (kind, namespace) of every object.
@@ -126,6 +129,7 @@ fn parse(yaml: &str) -> Objects {
             "ResourceQuota" => objects.quotas.push(typed(&what, &value)),
             "Deployment" => objects.deployments.push(typed(&what, &value)),
             "DaemonSet" => objects.daemon_sets.push(typed(&what, &value)),
+            "PodDisruptionBudget" => objects.disruption_budgets.push(typed(&what, &value)),
             other => panic!("{what}: a kind this test does not know ({other}): add it here, typed"),
         }
     }
@@ -284,6 +288,19 @@ fn deploy_renders_into_typed_objects_in_one_namespace() {
         let labels = labels.cloned().unwrap_or_default();
         assert!(!wanted.is_empty() && wanted.iter().all(|(k, v)| labels.get(k) == Some(v)), "{what}: selector {wanted:?} vs labels {labels:?}");
     }
+
+    // Two controllers (one leads), and a budget that keeps one through drains
+    // and selects the controllers only.
+    let controller = one(&objects.deployments, "Deployment");
+    assert_eq!(controller.spec.replicas, Some(2), "two controller replicas");
+    let budget = one(&objects.disruption_budgets, "PodDisruptionBudget");
+    let budget_spec = budget.spec.clone().unwrap_or_default();
+    assert_eq!(budget_spec.min_available, Some(IntOrString::Int(1)), "the budget keeps one controller");
+    let selected = budget_spec.selector.and_then(|s| s.match_labels).unwrap_or_default();
+    assert_eq!(Some(&selected), controller.spec.selector.match_labels.as_ref(), "the budget selects the controllers");
+    let agent_labels =
+        objects.daemon_sets[0].spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+    assert!(!selected.iter().all(|(k, v)| agent_labels.get(k) == Some(v)), "the budget selects the agents too");
 }
 
 #[test]
@@ -389,7 +406,15 @@ fn rbac_has_no_wildcards_no_secrets_and_one_role_per_binary() {
         let account: ServiceAccount = account.parse().unwrap();
         let grants = rbac.grants(&account);
         let sources: std::collections::BTreeSet<&str> = grants.iter().map(|g| g.source.as_str()).collect();
-        assert_eq!(sources.len(), 1, "{account}: one role, bound once: {sources:?}");
+        // One ClusterRole each; the controller also has a Role for its Lease,
+        // which grants nothing outside its namespace and nothing but Leases.
+        let cluster_wide: Vec<&&str> = sources.iter().filter(|s| s.starts_with("ClusterRoleBinding/")).collect();
+        assert_eq!(cluster_wide.len(), 1, "{account}: one cluster role, bound once: {sources:?}");
+        for grant in grants.iter().filter(|g| !g.source.starts_with("ClusterRoleBinding/")) {
+            assert!(account.to_string() == CONTROLLER_SA, "{account}: a namespaced role: {grant:?}");
+            assert_eq!(grant.scope, rbac::Scope::Namespace(NAMESPACE.into()), "{grant:?}");
+            assert_eq!(grant.rule.resources.as_deref(), Some(&["leases".to_string()][..]), "{grant:?}");
+        }
         // Nobody else gets these roles.
         for binding in &rbac.cluster_role_bindings {
             let subjects = binding.subjects.clone().unwrap_or_default();
@@ -450,6 +475,11 @@ fn controller_requests() -> Vec<RequestRecord> {
     out.push(request("patch", "", "services", "default", "web", 200));
     out.push(request("patch", "codesink.net", "weightedservices/status", "default", "web", 200));
     out.push(request("create", "events.k8s.io", "events", "default", "", 201));
+    // Leader election, in its own namespace: the first controller creates the
+    // Lease, then each reads it and the holder renews it.
+    out.push(request("get", "coordination.k8s.io", "leases", NAMESPACE, "ipvs-operator-controller", 404));
+    out.push(request("create", "coordination.k8s.io", "leases", NAMESPACE, "", 201));
+    out.push(request("update", "coordination.k8s.io", "leases", NAMESPACE, "ipvs-operator-controller", 200));
     out
 }
 
@@ -497,7 +527,9 @@ fn rbac_covers_what_each_binary_requests_and_nothing_more() {
         Attributes::resource("list", "", "nodes", "", ""),
         Attributes::resource("delete", "", "services", "default", "web"),
         Attributes::resource("update", "codesink.net", "weightedservices", "default", "web"),
-        Attributes::resource("create", "coordination.k8s.io", "leases", NAMESPACE, ""),
+        Attributes::resource("create", "coordination.k8s.io", "leases", "default", ""),
+        Attributes::resource("update", "coordination.k8s.io", "leases", "kube-system", "kube-controller-manager"),
+        Attributes::resource("delete", "coordination.k8s.io", "leases", NAMESPACE, "ipvs-operator-controller"),
     ] {
         assert!(!rbac.allows(&controller, &denied), "the controller may {denied}");
     }
@@ -542,7 +574,7 @@ fn user_roles_aggregate_into_view_and_edit() {
     }
     // Nothing binds them: the built-in roles do.
     let rbac = Rbac::parse(&rendered()).unwrap();
-    assert!(rbac.role_bindings.is_empty());
+    assert!(rbac.role_bindings.iter().all(|b| !b.role_ref.name.ends_with("-view") && !b.role_ref.name.ends_with("-edit")));
     assert!(rbac.cluster_role_bindings.iter().all(|b| !b.role_ref.name.ends_with("-view") && !b.role_ref.name.ends_with("-edit")));
 }
 
@@ -561,6 +593,9 @@ impl Running {
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .env("NODE_NAME", "node-1")
+            // As the Deployment's downward API sets them (the Lease's namespace).
+            .env("POD_NAME", "ipvs-operator-controller-0")
+            .env("POD_NAMESPACE", NAMESPACE)
             .stdout(std::process::Stdio::null())
             .stderr(file)
             .spawn()
@@ -572,7 +607,18 @@ impl Running {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, as the kubelet stops a container (the controller then gives
+    /// its Lease up); SIGKILL if it has not ended within 30 s.
     fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -640,7 +686,9 @@ async fn the_binaries_recorded_requests_are_allowed_by_their_rbac() {
     use ipvs_operator_tests::apiserver::{kubeconfig_yaml, Config, TestApiServer};
 
     let yaml = rendered();
-    let server = TestApiServer::start(Config::default()).await.expect("the test API server starts");
+    let mut config = Config::default();
+    config.namespaces.push(NAMESPACE.into());
+    let server = TestApiServer::start(config).await.expect("the test API server starts");
     let handle = server.handle().clone();
     handle.load_manifests(CLUSTER).expect("the cluster loads");
     let dir = std::env::temp_dir().join(format!("ipvs-operator-deploy-{}", std::process::id()));

@@ -12,7 +12,7 @@
 //! 4. a policy rollout fails: its config is refused, its module traps, then
 //!    loops;
 //! 5. the agent is killed with SIGKILL mid-pass and restarted, again and again;
-//! 6. two controllers run at once.
+//! 6. a second controller runs beside the leader, and stands by.
 //!
 //! Changes keep coming during every fault (pods relabelled, the WeightedService's
 //! weights edited), so that there is work to lose. After each fault the kernel's
@@ -675,23 +675,31 @@ fn the_agent_killed_mid_pass_and_restarted_converges() {
 }
 
 #[test]
-fn two_controllers_at_once_agree_and_do_not_fight() {
+fn a_second_controller_stands_by_and_writes_nothing() {
     let (mut bed, sampler) = start(agreeing(), None);
     bed.start_controller_as("controller-2", 8081);
-    wait_until(TIMEOUT, "the second controller's caches to sync", || {
-        bed.log("controller-2").contains("watch caches synced: ready").then_some(())
-    });
+    wait_until(TIMEOUT, "the second controller to follow", || bed.log("controller-2").contains("following").then_some(()));
+    assert_eq!(bed.leader().as_deref(), Some("controller"), "the first controller holds the Lease");
     let mut changes = 0;
     for_a_while(&bed, phase(), Duration::from_millis(700), &mut changes, |_| {});
     check(&bed, "two controllers");
-    // Both caught up; the status says the WeightedService's current split.
+    // The leader caught up; the status says the WeightedService's current split.
     let ws = bed.get("weightedservices", "default", "web").expect("the WeightedService");
     let canary = ws["spec"]["weights"][1]["weight"].clone();
     wait_until(TIMEOUT, "the status to show the current canary weight", || {
         let ws = bed.get("weightedservices", "default", "web")?;
         (ws["status"]["groups"][1]["weight"] == canary).then_some(())
     });
-    // Quiet: nothing changes, and the two do not take turns rewriting the status.
+    // The follower did none of it: no reconcile, so no write.
+    assert_eq!(bed.controller_metric_on(8081, "ipvs_operator_leader", ""), Some(0.0));
+    assert_eq!(
+        bed.controller_metric_on(8081, "ipvs_operator_reconcile_seconds_count", ""),
+        Some(0.0),
+        "the follower reconciled:\n{}",
+        bed.log("controller-2")
+    );
+    assert_eq!(bed.leader().as_deref(), Some("controller"), "the Lease changed hands while its holder ran");
+    // Quiet: nothing changes, and the status is not rewritten.
     let status_writes = |bed: &Testbed| {
         bed.handle()
             .requests()
@@ -703,7 +711,7 @@ fn two_controllers_at_once_agree_and_do_not_fight() {
     let before = status_writes(&bed);
     std::thread::sleep(Duration::from_secs(5));
     let during_quiet = status_writes(&bed) - before;
-    assert!(during_quiet <= 2, "{during_quiet} status writes in 5 quiet seconds: the controllers fight over the status");
+    assert!(during_quiet <= 2, "{during_quiet} status writes in 5 quiet seconds");
     for controller in ["controller", "controller-2"] {
         let log = bed.log(controller);
         assert!(!log.contains("panicked"), "{controller} panicked:\n{log}");
