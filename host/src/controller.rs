@@ -75,6 +75,7 @@ pub struct Context {
     synced: tokio::sync::watch::Receiver<bool>,
     applied: AppliedServices,
     written: Arc<WrittenStatuses>,
+    failures: Failures,
 }
 
 /// What the controller last applied to each WeightedService's Service. When
@@ -318,6 +319,7 @@ async fn lead(
         synced: synced_rx,
         applied: AppliedServices::default(),
         written,
+        failures: Failures::default(),
     });
 
     // Ready once every cache has its first list; reconciles wait for it (a
@@ -439,6 +441,16 @@ async fn lead(
 
 /// Reconcile one WeightedService.
 pub async fn reconcile(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let key = ObjectRef::from_obj(ws.as_ref());
+    let result = reconcile_once(ws, ctx.clone()).await;
+    if result.is_ok() {
+        ctx.failures.succeeded(&key);
+    }
+    result
+}
+
+/// One reconcile of `ws`; [`reconcile`] keeps count of failures.
+async fn reconcile_once(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     // Reconciles queue up from the WeightedService list while the other
     // caches fill: a snapshot from half a list would be wrong (and written).
     ctx.synced.clone().wait_for(|synced| *synced).await.map_err(|_| ControllerError::NotSynced)?;
@@ -551,6 +563,7 @@ impl Context {
         }
         self.applied.retain(|key| self.weighted_services.get(key).is_some());
         self.written.retain(|key| self.weighted_services.get(key).is_some());
+        lock(&self.failures.0).retain(|key, _| self.weighted_services.get(key).is_some());
     }
 }
 
@@ -706,15 +719,59 @@ where
 }
 
 /// A failed reconcile is logged and retried.
-pub fn error_policy(ws: Arc<WeightedService>, error: &ControllerError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(weighted_service = %format!("{}/{}", ws.namespace().unwrap_or_default(), ws.name_any()), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+pub fn error_policy(ws: Arc<WeightedService>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+    let retry = ctx.failures.failed(&ObjectRef::from_obj(ws.as_ref()));
+    tracing::warn!(
+        weighted_service = %format!("{}/{}", ws.namespace().unwrap_or_default(), ws.name_any()),
+        %error,
+        retry_in_s = retry.as_secs_f64(),
+        "reconcile failed; retrying"
+    );
+    Action::requeue(retry)
+}
+
+/// The first retry of a failed reconcile comes after this long…
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// …each next one after twice as long, up to this.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Failures in a row per WeightedService, for exponential backoff: a
+/// WeightedService that keeps failing (a forbidden Service name, an API
+/// server that refuses) costs the API server less and less.
+#[derive(Debug, Default)]
+struct Failures(Mutex<HashMap<ObjectRef<WeightedService>, u32>>);
+
+impl Failures {
+    /// Count a failure of `key`; how long until it is tried again.
+    fn failed(&self, key: &ObjectRef<WeightedService>) -> Duration {
+        let mut failures = lock(&self.0);
+        let count = failures.entry(key.clone()).or_insert(0);
+        *count = count.saturating_add(1);
+        RETRY_FIRST.saturating_mul(2u32.saturating_pow(*count - 1)).min(RETRY_MAX)
+    }
+
+    /// `key` reconciled: its next failure is a first one again.
+    fn succeeded(&self, key: &ObjectRef<WeightedService>) {
+        lock(&self.0).remove(key);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ServiceSpec;
+
+    #[test]
+    fn failed_reconciles_back_off_exponentially_until_one_succeeds() {
+        let failures = Failures::default();
+        let web = ObjectRef::<WeightedService>::new("web").within("shop");
+        let api = ObjectRef::<WeightedService>::new("api").within("shop");
+        let delays: Vec<u64> = (0..12).map(|_| failures.failed(&web).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(failures.failed(&api), RETRY_FIRST, "each WeightedService counts its own");
+        failures.succeeded(&web);
+        assert_eq!(failures.failed(&web), RETRY_FIRST, "a success starts again");
+    }
 
     fn ws(resource_version: &str) -> Arc<WeightedService> {
         let mut ws: WeightedService = serde_json::from_value(json!({

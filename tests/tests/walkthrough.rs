@@ -308,6 +308,8 @@ async fn a_new_user_follows_the_readme() {
         "configmap/ipvs-operator-policies created",
         "deployment.apps/ipvs-operator-controller created",
         "daemonset.apps/ipvs-operator-agent created",
+        "poddisruptionbudget.policy/ipvs-operator-controller created",
+        "role.rbac.authorization.k8s.io/ipvs-operator-controller-leader created",
     ] {
         assert!(applied.contains(object), "`kubectl apply -k deploy/` printed:\n{applied}");
     }

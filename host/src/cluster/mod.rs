@@ -125,6 +125,29 @@ pub fn is_controlled_by(service: &Service, ws: &WeightedService) -> bool {
         .any(|o| o.controller == Some(true) && o.uid == uid && o.kind == WeightedService::kind(&()))
 }
 
+/// What the agent last saw of each WeightedService, as a hash of the trimmed
+/// object ([`Trim`]: no status, no resourceVersion): the controller's status
+/// writes (shares, messages, at every rollout step) then reach every agent as
+/// watch events that change nothing here, and are not turned into work.
+#[derive(Debug, Default)]
+pub struct Fingerprints(std::collections::HashMap<(String, String), u64>);
+
+impl Fingerprints {
+    /// Whether `object` (`None`: deleted) differs from what was last seen
+    /// under `key`; remembers it.
+    pub fn changed(&mut self, key: (String, String), object: Option<&impl serde::Serialize>) -> bool {
+        let Some(object) = object else {
+            self.0.remove(&key);
+            return true;
+        };
+        let Ok(bytes) = serde_json::to_vec(object) else { return true };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&bytes, &mut hasher);
+        let fingerprint = std::hash::Hasher::finish(&hasher);
+        self.0.insert(key, fingerprint) != Some(fingerprint)
+    }
+}
+
 /// Start watching. Returns the caches and the future that drives the watches
 /// (it runs until the process ends); every change is passed to `changed`.
 pub fn watch(
@@ -163,8 +186,20 @@ pub fn watch(
 
     let stores = Stores { weighted_services, services, slices, pods, node };
     let c = changed.clone();
+    let ws_cache = stores.weighted_services.clone();
+    let mut fingerprints = Fingerprints::default();
     let ws_changes = ws_stream.for_each(move |ws| {
-        c(ws.map_or(Change::All, |ws| Change::WeightedService(ws.namespace().unwrap_or_default(), ws.name_any())));
+        match ws {
+            None => c(Change::All),
+            Some(ws) => {
+                let (namespace, name) = (ws.namespace().unwrap_or_default(), ws.name_any());
+                // Deleted when the cache no longer has it.
+                let present = ws_cache.get(&ObjectRef::new(&name).within(&namespace));
+                if fingerprints.changed((namespace.clone(), name.clone()), present.as_deref()) {
+                    c(Change::WeightedService(namespace, name));
+                }
+            }
+        }
         async {}
     });
     let c = changed.clone();
@@ -372,4 +407,32 @@ where
             async move { result }
         });
     (reader, changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ws(weight: u16, status_message: &str) -> WeightedService {
+        let mut ws: WeightedService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "codesink.net/v1alpha1", "kind": "WeightedService",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-1", "resourceVersion": status_message},
+            "spec": {"selector": {"app": "web"}, "weights": [{"weight": weight, "selector": {"env": "prod"}}]},
+            "status": {"message": status_message},
+        }))
+        .expect("a WeightedService");
+        strip(&mut ws);
+        ws
+    }
+
+    #[test]
+    fn a_status_write_is_not_a_change_for_the_agent() {
+        let mut seen = Fingerprints::default();
+        let key = || ("shop".to_string(), "web".to_string());
+        assert!(seen.changed(key(), Some(&ws(10, "1"))), "first seen");
+        assert!(!seen.changed(key(), Some(&ws(10, "2"))), "only the status and resourceVersion changed");
+        assert!(seen.changed(key(), Some(&ws(20, "3"))), "the spec changed");
+        assert!(seen.changed(key(), None::<&WeightedService>), "deleted");
+        assert!(seen.changed(key(), Some(&ws(20, "4"))), "created again");
+    }
 }

@@ -76,6 +76,7 @@ pub static KINDS: &[ResourceKind] = &[
     kind("coordination.k8s.io", "v1", "leases", "lease", "Lease", true, false, &[]),
     kind("apps", "v1", "deployments", "deployment", "Deployment", true, true, &["deploy"]),
     kind("apps", "v1", "daemonsets", "daemonset", "DaemonSet", true, true, &["ds"]),
+    kind("policy", "v1", "poddisruptionbudgets", "poddisruptionbudget", "PodDisruptionBudget", true, true, &["pdb"]),
     kind("rbac.authorization.k8s.io", "v1", "clusterroles", "clusterrole", "ClusterRole", false, false, &[]),
     kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, false, &[]),
     kind("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", true, false, &[]),

@@ -112,6 +112,7 @@ fn typed_round_trip(kind: KindId, obj: &Value) -> Option<Result<Value, String>> 
         ("coordination.k8s.io", "Lease") => round_trip::<k8s_openapi::api::coordination::v1::Lease>(obj),
         ("apps", "Deployment") => round_trip::<k8s_openapi::api::apps::v1::Deployment>(obj),
         ("apps", "DaemonSet") => round_trip::<k8s_openapi::api::apps::v1::DaemonSet>(obj),
+        ("policy", "PodDisruptionBudget") => round_trip::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(obj),
         ("rbac.authorization.k8s.io", "ClusterRole") => round_trip::<k8s_openapi::api::rbac::v1::ClusterRole>(obj),
         ("rbac.authorization.k8s.io", "ClusterRoleBinding") => round_trip::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(obj),
         ("rbac.authorization.k8s.io", "Role") => round_trip::<k8s_openapi::api::rbac::v1::Role>(obj),
