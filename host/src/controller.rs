@@ -563,7 +563,7 @@ impl Context {
         }
         self.applied.retain(|key| self.weighted_services.get(key).is_some());
         self.written.retain(|key| self.weighted_services.get(key).is_some());
-        lock(&self.failures.0).retain(|key, _| self.weighted_services.get(key).is_some());
+        self.failures.retain(|key| self.weighted_services.get(key).is_some());
     }
 }
 
@@ -753,6 +753,11 @@ impl Failures {
     /// `key` reconciled: its next failure is a first one again.
     fn succeeded(&self, key: &ObjectRef<WeightedService>) {
         lock(&self.0).remove(key);
+    }
+
+    /// Forget the WeightedServices for which `keep` is false.
+    fn retain(&self, keep: impl Fn(&ObjectRef<WeightedService>) -> bool) {
+        lock(&self.0).retain(|key, _| keep(key));
     }
 }
 

@@ -86,7 +86,6 @@ impl ElectionConfig {
 /// process's clock).
 #[derive(Debug, Clone)]
 struct Observed {
-    holder: String,
     record: LeaseRecord,
     at: Instant,
 }
@@ -265,7 +264,9 @@ impl LeaderElector {
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let held_by_other = !holder.is_empty() && holder != identity;
-        if held_by_other && !self.ran_out(spec) {
+        // Observed just now: its duration is this Lease's.
+        let ran_out = self.time_left().is_some_and(|left| left.is_zero());
+        if held_by_other && !ran_out {
             return Ok(Attempt::HeldBy(holder));
         }
         if holder != identity {
@@ -287,18 +288,7 @@ impl LeaderElector {
         let spec = lease.spec.clone().unwrap_or_default();
         let record = LeaseRecord::of(&spec);
         if self.observed.as_ref().is_none_or(|o| o.record != record) {
-            let holder = spec.holder_identity.unwrap_or_default();
-            self.observed = Some(Observed { holder, record, at: Instant::now() });
-        }
-    }
-
-    /// Whether the Lease (as last observed) ran out: unchanged for its
-    /// duration, by this process's clock.
-    fn ran_out(&self, spec: &LeaseSpec) -> bool {
-        let seconds = spec.lease_duration_seconds.unwrap_or(0).max(0) as u64;
-        match &self.observed {
-            Some(observed) => observed.at.elapsed() >= Duration::from_secs(seconds),
-            None => false,
+            self.observed = Some(Observed { record, at: Instant::now() });
         }
     }
 
@@ -307,11 +297,6 @@ impl LeaderElector {
         let observed = self.observed.as_ref()?;
         let seconds = observed.record.duration_seconds.unwrap_or(0).max(0) as u64;
         Some(Duration::from_secs(seconds).saturating_sub(observed.at.elapsed()))
-    }
-
-    /// Who held the Lease when it was last seen to change.
-    pub fn last_seen_holder(&self) -> Option<&str> {
-        self.observed.as_ref().map(|o| o.holder.as_str())
     }
 }
 
