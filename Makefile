@@ -98,7 +98,7 @@ crd:
 	$(CARGO) run --release -q -p ipvs-operator -- crd > deploy/crd.yaml
 
 ## bench: the benchmarks; each writes target/bench/<name>.json.
-bench: setup bench-ipvs bench-convergence bench-scale bench-footprint
+bench: setup bench-ipvs bench-convergence bench-scale bench-footprint bench-apiload
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
 	$(CARGO) bench -p ipvs-operator-tests --bench policy-dir
 
@@ -112,6 +112,21 @@ FOOTPRINT_BINARIES ?= musl=$(SHIPPED_BINARY) glibc=$(TARGET_DIR)/release/ipvs-op
 bench-footprint: setup musl-binary
 	$(CARGO) build --release -p ipvs-operator
 	FOOTPRINT_BINARIES="$(FOOTPRINT_BINARIES)" $(CARGO) bench -p ipvs-operator-tests --bench footprint
+
+## bench-apiload: what the controller and three agents cost the API server
+## (tests/benches/apiload.rs): APILOAD_SERVICES WeightedServices of 10 pods
+## and APILOAD_OTHER_PODS other pods in the test API server, churned, against
+## a bare pod metadata watch (what each agent paid before), and the relist
+## after an API server restart; writes target/bench/apiload.json. One fifth of
+## the issue's 1,000 and 40,000 by default: the test API server's pod load
+## grows with the square of the pods (50,000 take over 20 minutes to load).
+## About 8 minutes.
+APILOAD_SERVICES ?= 200
+APILOAD_OTHER_PODS ?= 8000
+.PHONY: bench-apiload
+bench-apiload: setup
+	$(CARGO) build --release -p ipvs-operator
+	APILOAD_SERVICES=$(APILOAD_SERVICES) APILOAD_OTHER_PODS=$(APILOAD_OTHER_PODS) $(CARGO) bench -p ipvs-operator-tests --bench apiload
 
 ## musl-binary: the binary we ship — static, for BINARY_TARGET with musl,
 ## stripped — at SHIPPED_BINARY: the image holds it (`make image`), and

@@ -22,9 +22,11 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::cluster::{
-    is_controlled_by, reflect_pods, reflect_slices, strip, FullPodCache, SliceCache, OWNER_LABEL, SERVICE_NAME_LABEL,
+    is_controlled_by, reflect_pod_infos, watch_config, reflect_pods, reflect_slices, selects, strip, FullPodCache, PodInfoCache, SliceCache,
+    OWNER_LABEL, SERVICE_NAME_LABEL,
 };
-use crate::crd::{PolicyStatus, WeightedService, WeightedServiceStatus};
+use crate::crd::{PodInfo, PodInfoSlice, PolicyStatus, WeightedService, WeightedServiceStatus};
+use crate::pod_info::Slices;
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
 use crate::leader::{ElectionConfig, LeaderElector};
@@ -66,8 +68,11 @@ pub struct Context {
     weighted_services: Store<WeightedService>,
     slices: SliceCache,
     /// Whole pods: their Ready condition's transition time is the ready-since
-    /// policies see (the agents, watching metadata only, observe it).
+    /// policies see, here and (published in PodInfoSlices) on every node.
     pods: FullPodCache,
+    /// The PodInfoSlices published, and what was last written of them.
+    pod_infos: PodInfoCache,
+    published: PublishedSlices,
     metrics: Arc<Metrics>,
     events: EventSink,
     ready_since: Mutex<ReadySince>,
@@ -172,6 +177,44 @@ impl WrittenStatuses {
         lock(&self.0).retain(|key, _| keep(key));
     }
 }
+
+/// The PodInfoSlices last written for each WeightedService, until the cache
+/// shows them: a reconcile that runs before the watch brings a write would
+/// plan from the slices before it (and write again, or place a pod twice).
+#[derive(Debug, Default)]
+struct PublishedSlices(Mutex<HashMap<ObjectRef<WeightedService>, Slices>>);
+
+impl PublishedSlices {
+    /// The slices of `key` as they are: what was written last, until `cached`
+    /// (the cache's) shows the same (then the cache is the truth again, and
+    /// changes others make are seen and repaired).
+    fn current(&self, key: &ObjectRef<WeightedService>, cached: Slices) -> Slices {
+        let mut published = lock(&self.0);
+        let Some(written) = published.get(key) else { return cached };
+        let mut sorted = cached.clone();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        if *written == sorted {
+            published.remove(key);
+            return cached;
+        }
+        written.clone()
+    }
+
+    /// `slices` (sorted by name) are what `key` has after a write.
+    fn record(&self, key: &ObjectRef<WeightedService>, slices: Slices) {
+        lock(&self.0).insert(key.clone(), slices);
+    }
+
+    /// Forget the WeightedServices for which `keep` is false.
+    fn retain(&self, keep: impl Fn(&ObjectRef<WeightedService>) -> bool) {
+        lock(&self.0).retain(|key, _| keep(key));
+    }
+}
+
+/// Triggers of one WeightedService within this long make one reconcile: a
+/// rollout's pod events come in bursts. Short, because agents wait for the
+/// PodInfoSlices a reconcile publishes.
+const DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Reconciles at once. Unbounded (kube-runtime's default), 5,000
 /// WeightedServices made 5,000 connections to the API server at start and
@@ -280,10 +323,18 @@ async fn lead(
 ) {
     let mut tasks = TermTasks::default();
     let (slices, slice_changes) = reflect_slices(
-        watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default().labels(SERVICE_NAME_LABEL)),
+        watcher(Api::<EndpointSlice>::all(client.clone()), watch_config().labels(SERVICE_NAME_LABEL)),
         metrics.clone(),
     );
-    let (pods, pod_changes) = reflect_pods(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()), metrics.clone());
+    let (pods, pod_changes) = reflect_pods(watcher(Api::<Pod>::all(client.clone()), watch_config()), metrics.clone());
+    // The controller's own PodInfoSlices. Their changes trigger nothing (most
+    // are its own writes); one deleted or edited by someone else is repaired
+    // at the WeightedService's next reconcile (at most RESYNC away).
+    let (pod_infos, pod_info_changes) = reflect_pod_infos(
+        watcher(Api::<PodInfoSlice>::all(client.clone()), watch_config().labels(OWNER_LABEL)),
+        metrics.clone(),
+    );
+    tasks.spawn(pod_info_changes.for_each(|_| async {}));
     let reporter = Reporter { controller: "ipvs-operator".into(), instance: std::env::var("POD_NAME").ok() };
     let (events, publisher) = crate::events::publisher(client.clone(), reporter);
     tasks.spawn(publisher);
@@ -295,9 +346,12 @@ async fn lead(
     let (weighted_services, ws_writer) = reflector::store();
     let written = Arc::new(WrittenStatuses::default());
     let written_seen = written.clone();
-    let ws_triggers = watcher(Api::<WeightedService>::all(client.clone()), watcher::Config::default())
+    let selectors = Arc::new(SelectorIndex::new(weighted_services.clone()));
+    let ws_changed = selectors.clone();
+    let ws_triggers = watcher(Api::<WeightedService>::all(client.clone()), watch_config())
         .default_backoff()
         .reflect(ws_writer)
+        .inspect(move |_| ws_changed.stale())
         .applied_objects()
         .inspect_ok(move |ws| written_seen.seen(ws))
         .predicate_filter(
@@ -305,7 +359,7 @@ async fn lead(
             Default::default(),
         );
     let controller = Controller::for_stream(ws_triggers, weighted_services.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY).debounce(DEBOUNCE));
     let (synced_tx, synced_rx) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -313,6 +367,8 @@ async fn lead(
         weighted_services: weighted_services.clone(),
         slices: slices.clone(),
         pods: pods.clone(),
+        pod_infos: pod_infos.clone(),
+        published: PublishedSlices::default(),
         metrics,
         events,
         ready_since: Mutex::new(ReadySince::default()),
@@ -327,12 +383,14 @@ async fn lead(
     // `Store::wait_until_ready` wakes only one of several tasks waiting on the
     // same store, so a waiter that missed its wake-up asks again: an
     // already-ready store answers at once.
-    let (ws_ready, slices_ready, pods_ready) = (weighted_services.clone(), slices.clone(), pods.clone());
+    let (ws_ready, slices_ready, pods_ready, infos_ready) =
+        (weighted_services.clone(), slices.clone(), pods.clone(), pod_infos.clone());
     let ready_health = health.clone();
     tasks.spawn(async move {
         if synced(&ws_ready).await
             && slices_ready.wait_until_ready().await.is_ok()
             && pods_ready.wait_until_ready().await.is_ok()
+            && infos_ready.wait_until_ready().await.is_ok()
         {
             ready_health.set_ready();
             tracing::info!("watch caches synced: ready");
@@ -354,6 +412,7 @@ async fn lead(
     // is reported on each WeightedService using it. (A retry after host
     // trouble changes nothing yet.)
     let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let relist_tx = reload_tx.clone();
     let ws_for_policies = weighted_services.clone();
     let policy_events = ctx.events.clone();
     let catalog = Arc::downgrade(&ctx.catalog);
@@ -396,11 +455,10 @@ async fn lead(
     });
     let reloads = futures::stream::unfold(reload_rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) });
 
-    let slice_triggers = slice_changes.filter_map(|slice| async move { slice.map(Ok::<_, watcher::Error>) });
-    let pod_triggers = pod_changes.filter_map(|pod| async move { pod.map(Ok::<_, watcher::Error>) });
-    let ws_store_for_pods = weighted_services.clone();
+    let slice_triggers = slice_changes.filter_map(triggers(relist_tx.clone()));
+    let pod_triggers = pod_changes.filter_map(triggers(relist_tx));
     controller
-        .owns(Api::<Service>::all(client), watcher::Config::default().labels(OWNER_LABEL))
+        .owns(Api::<Service>::all(client), watch_config().labels(OWNER_LABEL))
         .watches_stream(slice_triggers, |slice: EndpointSlice| {
             let namespace = slice.namespace().unwrap_or_default();
             slice
@@ -410,18 +468,7 @@ async fn lead(
         })
         .watches_stream(pod_triggers, move |pod: Pod| {
             // Pod labels decide groups: every WeightedService in the namespace whose selector matches.
-            let namespace = pod.namespace().unwrap_or_default();
-            let labels = pod.labels().clone();
-            ws_store_for_pods
-                .state()
-                .into_iter()
-                .filter(|ws| ws.namespace().as_deref() == Some(namespace.as_str()))
-                .filter(|ws| {
-                    let selector = ws.spec.service.selector.clone().unwrap_or_default();
-                    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                })
-                .map(|ws| ObjectRef::from_obj(ws.as_ref()))
-                .collect::<Vec<_>>()
+            selectors.matching(&pod.namespace().unwrap_or_default(), pod.labels())
         })
         .reconcile_all_on(reloads)
         .graceful_shutdown_on(async move {
@@ -437,6 +484,75 @@ async fn lead(
             }
         })
         .await;
+}
+
+/// WeightedServices by namespace, with their selectors: which ones a pod's
+/// event concerns, without going through every WeightedService of the cluster.
+/// Rebuilt from the store at the first lookup after a WeightedService changed.
+struct SelectorIndex {
+    store: Store<WeightedService>,
+    /// Bumped at every WeightedService watch event.
+    changes: std::sync::atomic::AtomicU64,
+    /// The index, and the `changes` it was built at.
+    built: Mutex<(u64, Selectors)>,
+}
+
+/// By namespace: each WeightedService with its selector.
+type Selectors = HashMap<String, Vec<(ObjectRef<WeightedService>, std::collections::BTreeMap<String, String>)>>;
+
+impl SelectorIndex {
+    fn new(store: Store<WeightedService>) -> Self {
+        SelectorIndex { store, changes: std::sync::atomic::AtomicU64::new(1), built: Mutex::new((0, HashMap::new())) }
+    }
+
+    /// A WeightedService changed: rebuild before the next lookup.
+    fn stale(&self) {
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The WeightedServices of `namespace` whose (non-empty) selector matches `labels`.
+    fn matching(&self, namespace: &str, labels: &std::collections::BTreeMap<String, String>) -> Vec<ObjectRef<WeightedService>> {
+        let changes = self.changes.load(std::sync::atomic::Ordering::Relaxed);
+        let mut built = lock(&self.built);
+        if built.0 != changes {
+            let mut by_namespace: HashMap<String, Vec<_>> = HashMap::new();
+            for ws in self.store.state() {
+                if let Some(selector) = ws.spec.service.selector.as_ref().filter(|s| !s.is_empty()) {
+                    let entry = (ObjectRef::from_obj(ws.as_ref()), selector.clone());
+                    by_namespace.entry(ws.namespace().unwrap_or_default()).or_default().push(entry);
+                }
+            }
+            *built = (changes, by_namespace);
+        }
+        built
+            .1
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter(|(_, selector)| selects(Some(selector), labels))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+}
+
+/// Watch changes as reconcile triggers. A relist (after a watch broke or
+/// expired) brings no per-object events, and a change made while the watch was
+/// down would reach no reconcile (nor the PodInfoSlices agents read): each
+/// relist but the first (every WeightedService is reconciled then) sends on
+/// `relists`, which reconciles everything.
+fn triggers<K: Send + 'static>(
+    relists: tokio::sync::mpsc::UnboundedSender<()>,
+) -> impl FnMut(Option<K>) -> std::future::Ready<Option<Result<K, watcher::Error>>> {
+    let mut lists = 0u64;
+    move |change| {
+        if change.is_none() {
+            lists += 1;
+            if lists > 1 {
+                let _ = relists.send(());
+            }
+        }
+        std::future::ready(change.map(Ok))
+    }
 }
 
 /// Reconcile one WeightedService.
@@ -465,6 +581,7 @@ async fn reconcile_once(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<A
     let name = ws.name_any();
 
     let (service_outcome, service) = apply_service(&ctx, &ws).await?;
+    publish_pod_infos(&ctx, &ws).await?;
     let now = Timestamp::now();
     let mut action = Action::requeue(RESYNC);
 
@@ -564,6 +681,7 @@ impl Context {
         self.applied.retain(|key| self.weighted_services.get(key).is_some());
         self.written.retain(|key| self.weighted_services.get(key).is_some());
         self.failures.retain(|key| self.weighted_services.get(key).is_some());
+        self.published.retain(|key| self.weighted_services.get(key).is_some());
     }
 }
 
@@ -608,6 +726,66 @@ fn build_snapshot(ctx: &Context, ws: &WeightedService, service: &Service, now: T
         now,
         &mut ready_since,
     )
+}
+
+/// What agents need of the pods behind `ws`: those its selector matches, and
+/// any other pod its EndpointSlices name (a Service without a selector).
+fn pod_infos_of(ctx: &Context, ws: &WeightedService) -> Vec<PodInfo> {
+    let namespace = ws.namespace().unwrap_or_default();
+    let mut infos: std::collections::BTreeMap<String, PodInfo> = std::collections::BTreeMap::new();
+    if let Some(selector) = ws.spec.service.selector.as_ref().filter(|s| !s.is_empty()) {
+        for (name, meta) in ctx.pods.matching(&namespace, |labels| selects(Some(selector), labels)) {
+            infos.insert(name.clone(), crate::pod_info::pod_info(&name, &meta));
+        }
+    }
+    for slice in ctx.slices.slices_of(&namespace, &ws.name_any()) {
+        for target in slice.endpoints.iter().flatten().filter_map(|e| e.target_ref.as_ref()) {
+            let Some(name) = target.name.as_deref().filter(|_| target.kind.as_deref() == Some("Pod")) else { continue };
+            if infos.contains_key(name) || target.namespace.as_deref().is_some_and(|n| n != namespace) {
+                continue;
+            }
+            if let Some(meta) = ctx.pods.get(&namespace, name) {
+                infos.insert(name.to_string(), crate::pod_info::pod_info(name, &meta));
+            }
+        }
+    }
+    infos.into_values().collect()
+}
+
+/// Write the PodInfoSlices of `ws` whose content changed, and delete those
+/// left without pods.
+async fn publish_pod_infos(ctx: &Context, ws: &WeightedService) -> Result<(), ControllerError> {
+    let key = ObjectRef::from_obj(ws);
+    let (namespace, name) = (ws.namespace().unwrap_or_default(), ws.name_any());
+    let existing = ctx.published.current(&key, ctx.pod_infos.slices_of(&namespace, &name));
+    let plan = crate::pod_info::plan_slices(&name, &existing, pod_infos_of(ctx, ws));
+    if plan.is_empty() {
+        return Ok(());
+    }
+    let api = Api::<PodInfoSlice>::namespaced(ctx.client.clone(), &namespace);
+    let mut after: std::collections::BTreeMap<String, Vec<PodInfo>> = existing.into_iter().collect();
+    for (slice, pods) in plan.writes {
+        let object = crate::pod_info::slice_object(ws, &slice, pods.clone());
+        api.patch(&slice, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)).await.map_err(|source| {
+            ControllerError::Api { action: format!("writing PodInfoSlice {namespace}/{slice} of WeightedService {name}"), source }
+        })?;
+        after.insert(slice, pods);
+    }
+    for slice in plan.deletes {
+        match api.delete(&slice, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => {
+                return Err(ControllerError::Api {
+                    action: format!("deleting PodInfoSlice {namespace}/{slice} of WeightedService {name}"),
+                    source,
+                });
+            }
+        }
+        after.remove(&slice);
+    }
+    ctx.published.record(&key, after.into_iter().collect());
+    Ok(())
 }
 
 /// Apply the owned Service unless a Service of that name belongs to someone

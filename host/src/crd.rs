@@ -147,6 +147,49 @@ pub struct GroupStatus {
     pub share: f64,
 }
 
+/// Pod entries per [`PodInfoSlice`], as EndpointSlices split at 100 endpoints.
+pub const PODS_PER_SLICE: usize = 100;
+
+/// What agents need of the pods behind one WeightedService, published by the
+/// controller (which watches pods; agents do not): each pod's labels, creation
+/// time and since when it has been Ready. Labelled with
+/// `codesink.net/weighted-service` and owned by the WeightedService (deleting
+/// it collects them); split at 100 pods, and written only when this content
+/// changes, so pod status churn reaches no agent.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "codesink.net",
+    version = "v1alpha1",
+    kind = "PodInfoSlice",
+    plural = "podinfoslices",
+    doc = "What ipvs-operator's agents need of the pods behind a WeightedService (written by its controller).",
+    namespaced,
+    printcolumn(name = "WeightedService", type_ = "string", json_path = ".metadata.labels.codesink\\.net/weighted-service"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+pub struct PodInfoSliceSpec {
+    /// The pods, by name.
+    #[serde(default)]
+    pub pods: Vec<PodInfo>,
+}
+
+/// One pod, as agents need it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodInfo {
+    /// The pod's name (EndpointSlices name it in `targetRef`).
+    pub name: String,
+    /// Its labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Its creation time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Since when it has been Ready (its Ready condition's last transition); absent when not Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
 impl WeightedService {
     /// The scheduler to program: `spec.scheduler`, or `wrr` when absent or empty.
     pub fn scheduler(&self) -> &str {
@@ -179,6 +222,13 @@ impl WeightedService {
     pub fn policy_sha256(&self) -> Option<&str> {
         self.spec.policy.as_ref().and_then(|p| p.sha256.as_deref())
     }
+}
+
+/// The CustomResourceDefinitions as deploy/crd.yaml has them: WeightedService,
+/// then PodInfoSlice, as YAML documents.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    Ok(format!("{}---\n{}", serde_yaml::to_string(&WeightedService::crd())?, serde_yaml::to_string(&PodInfoSlice::crd())?))
 }
 
 fn scheduler_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -6,6 +6,7 @@
 //! - [`policy`]: the wasmtime sandbox and the built-in policies;
 //! - [`eval`]: offline evaluation (`ipvs-operator eval`);
 //! - [`cluster`]: the watch caches the agent and the controller share;
+//! - [`pod_info`]: the PodInfoSlices the controller publishes for the agents;
 //! - [`agent`]: the node agent that writes IPVS weights;
 //! - [`leader`]: the controllers' leader election on a Lease;
 //! - [`events`], [`metrics`]: what they report.
@@ -18,6 +19,7 @@ pub mod eval;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod pod_info;
 pub mod policy;
 pub mod snapshot;
 pub mod status;

@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipvs_operator::agent::{self, AgentConfig, TableReader};
 use ipvs_operator::controller;
-use ipvs_operator::crd::WeightedService;
 use ipvs_operator::eval;
 use ipvs_operator::metrics::{self, Health, Metrics};
 use ipvs_operator::policy::{
@@ -19,7 +18,6 @@ use ipvs_operator::policy::{
 };
 use ipvs_operator::snapshot::Snapshot;
 use k8s_openapi::jiff::Timestamp;
-use kube::CustomResourceExt;
 
 mod cli_ipvs;
 
@@ -40,7 +38,8 @@ enum Command {
     /// a multi-document YAML of Pods; Nodes in the same file give zones and the
     /// `--node` view) and prints one row per pod per Service port.
     Eval(EvalArgs),
-    /// Print the WeightedService CustomResourceDefinition as YAML (deploy/crd.yaml).
+    /// Print the CustomResourceDefinitions as YAML (deploy/crd.yaml): WeightedService, and
+    /// PodInfoSlice (what the controller publishes of pods for the agents).
     Crd,
     /// Run the controller: owns each WeightedService's Service, evaluates its
     /// policy cluster-wide and writes its status (a Deployment; of its
@@ -331,8 +330,16 @@ impl LimitArgs {
 }
 
 /// The API client, the policies and the metrics endpoint both roles share.
-/// `role` names the client in its User-Agent (`ipvs-operator-agent/0.1.0`).
-async fn common(role: &str, limits: &LimitArgs, listen: SocketAddr, alive_window: Duration) -> Result<(kube::Client, Arc<Catalog>, Arc<Metrics>, Arc<Health>)> {
+/// `role` names the client in its User-Agent (`ipvs-operator-agent/0.1.0`),
+/// and `instance` (an agent's node) follows it: `ipvs-operator-agent/0.1.0
+/// (node-1)`, so that an API server's audit log tells the agents apart.
+async fn common(
+    role: &str,
+    instance: Option<&str>,
+    limits: &LimitArgs,
+    listen: SocketAddr,
+    alive_window: Duration,
+) -> Result<(kube::Client, Arc<Catalog>, Arc<Metrics>, Arc<Health>)> {
     let mut config = kube::Config::infer()
         .await
         .context("no Kubernetes API to talk to: set KUBECONFIG, or run in a pod with a ServiceAccount")?;
@@ -341,7 +348,10 @@ async fn common(role: &str, limits: &LimitArgs, listen: SocketAddr, alive_window
         // the system's (absent in minimal images and the test VM).
         config.root_cert = Some(Vec::new());
     }
-    let agent = format!("ipvs-operator-{role}/{}", env!("CARGO_PKG_VERSION"));
+    let mut agent = format!("ipvs-operator-{role}/{}", env!("CARGO_PKG_VERSION"));
+    if let Some(instance) = instance {
+        agent.push_str(&format!(" ({instance})"));
+    }
     if let Ok(value) = agent.parse() {
         config.headers.push((hyper::header::USER_AGENT, value));
     }
@@ -389,7 +399,7 @@ async fn run_controller(args: ControllerArgs) -> Result<()> {
     }
     .validated()
     .context("leader election flags")?;
-    let (client, catalog, metrics, health) = common("controller", &args.limits, args.listen, Duration::from_secs(60)).await?;
+    let (client, catalog, metrics, health) = common("controller", None, &args.limits, args.listen, Duration::from_secs(60)).await?;
     tracing::info!(policies = ?catalog.names(), identity = %election.identity, namespace = %election.namespace, "controller starting");
     controller::run(client, catalog, metrics, health, election).await;
     // It returns once SIGTERM or SIGINT came and in-flight reconciles ended.
@@ -399,7 +409,7 @@ async fn run_controller(args: ControllerArgs) -> Result<()> {
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
     args.logs.init();
-    let (client, catalog, metrics, health) = common("agent", &args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
+    let (client, catalog, metrics, health) = common("agent", Some(&args.node_name), &args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
     let config = AgentConfig {
         node_name: args.node_name,
         drift_interval: args.drift_interval,
@@ -489,7 +499,7 @@ fn limit_address_space(bytes: usize) -> std::io::Result<()> {
 }
 
 fn print_crd() -> Result<()> {
-    print!("{}", serde_yaml::to_string(&WeightedService::crd()).context("rendering the CRD")?);
+    print!("{}", ipvs_operator::crd::crds_yaml().context("rendering the CRDs")?);
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use kube::CustomResourceExt;
 #[test]
 fn deploy_crd_yaml_is_what_the_types_generate() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crd.yaml");
-    let generated = serde_yaml::to_string(&WeightedService::crd()).unwrap();
+    let generated = ipvs_operator::crd::crds_yaml().unwrap();
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         on_disk == generated,
@@ -34,6 +34,20 @@ fn the_crd_is_the_original_group_kind_and_version() {
     assert_eq!(weight["maximum"], 65535.0);
     let scheduler = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["scheduler"]["enum"];
     assert!(scheduler.as_array().unwrap().iter().any(|s| s == "wlc"));
+}
+
+#[test]
+fn pod_info_slices_are_ours_and_namespaced() {
+    let crd = ipvs_operator::crd::PodInfoSlice::crd();
+    assert_eq!(crd.metadata.name.as_deref(), Some("podinfoslices.codesink.net"));
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let version = &crd.spec.versions[0];
+    assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_none(), "no status: the controller writes all of it");
+    let schema = serde_json::to_value(version.schema.as_ref().unwrap()).unwrap();
+    let pod = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["pods"]["items"]["properties"];
+    for field in ["name", "labels", "created", "readySince"] {
+        assert!(pod.get(field).is_some(), "{field} in {pod}");
+    }
 }
 
 #[test]

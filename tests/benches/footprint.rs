@@ -5,10 +5,12 @@
 //! The cluster is the test API server's (a test double): `FOOTPRINT_SERVICES`
 //! WeightedServices (default 50) of `FOOTPRINT_REPLICAS` pods each (default
 //! 10), beside `FOOTPRINT_OTHER_PODS` pods no WeightedService selects
-//! (default 2000: the agent watches the metadata of every pod). On this
-//! machine the agent has no IPVS (its passes fail to open it and retry), so
-//! its dumps and writes are not in the numbers: the `ipvs-apply` benchmark
-//! measures those.
+//! (default 2000: the controller watches every pod). The agent watches no
+//! pods: it caches the PodInfoSlices the controller publishes of the selected
+//! ones (one per 100 pods of a WeightedService), and counts as synced when it
+//! holds all of them. On this machine the agent has no IPVS (its passes fail
+//! to open it and retry), so its dumps and writes are not in the numbers: the
+//! `ipvs-apply` benchmark measures those.
 //!
 //! Every build of `ipvs-operator` that `FOOTPRINT_BINARIES` names
 //! (`LABEL=PATH …`, paths relative to the workspace; default
@@ -94,13 +96,17 @@ spec:
     yaml
 }
 
-/// Waits until the process's caches hold `pods` pods.
-fn wait_synced(process: &Process, pods: u64, what: &str) -> Result<()> {
-    process.wait_for(
-        &format!("the {what} syncing {pods} pods"),
-        Duration::from_secs(120),
-        |page| sample(page, "ipvs_operator_watched_objects{kind=\"Pod\"}") == Some(pods as f64),
-    )
+/// Waits until the process's cache of `kind` holds `count` objects.
+fn wait_synced(process: &Process, kind: &str, count: u64, what: &str) -> Result<()> {
+    let series = format!("ipvs_operator_watched_objects{{kind=\"{kind}\"}}");
+    process.wait_for(&format!("the {what} syncing {count} of kind {kind}"), Duration::from_secs(120), |page| {
+        sample(page, &series) == Some(count as f64)
+    })
+}
+
+/// The PodInfoSlices the controller publishes: one per 100 pods (or part) of each WeightedService.
+fn pod_info_slices(setup: &Setup) -> u64 {
+    (setup.services * setup.replicas.div_ceil(ipvs_operator::crd::PODS_PER_SLICE)) as u64
 }
 
 /// One process's figures.
@@ -112,7 +118,8 @@ struct Footprint {
     anon_mib: f64,
     peak_mib: f64,
     idle_cpu_percent: f64,
-    /// Wall time from its start until its caches held every pod.
+    /// Wall time from its start until its caches held every pod (the
+    /// controller) or every PodInfoSlice (the agent).
     sync_seconds: f64,
     /// Its CPU time from its start until 10 s after it synced.
     sync_cpu_seconds: f64,
@@ -211,11 +218,17 @@ fn measure(runtime: &tokio::runtime::Runtime, binary: &Binary, setup: &Setup) ->
     let with_args = |first: &[&'static str]| -> Vec<&str> { first.iter().copied().chain(setup.args.iter().map(String::as_str)).collect() };
     let controller = Process::start_binary(&binary.path, &with_args(&["controller"]), &kubeconfig, &dir.join("controller.log"))?;
     let agent = Process::start_binary(&binary.path, &with_args(&["agent", "--drift-interval=2s"]), &kubeconfig, &dir.join("agent.log"))?;
-    wait_synced(&controller, pods, "controller")?;
+    wait_synced(&controller, "Pod", pods, "controller")?;
     let controller_synced = started.elapsed();
-    wait_synced(&agent, pods, "agent")?;
+    let slices = pod_info_slices(setup);
+    wait_synced(&agent, "PodInfoSlice", slices, "agent")?;
     let agent_synced = started.elapsed();
-    eprintln!("{}: synced {pods} pods and {} WeightedServices in {:.1} s", binary.label, setup.services, agent_synced.as_secs_f64());
+    eprintln!(
+        "{}: synced {pods} pods (controller) and {slices} PodInfoSlices (agent) of {} WeightedServices in {:.1} s",
+        binary.label,
+        setup.services,
+        agent_synced.as_secs_f64()
+    );
     // Let the first passes and the controller's reconciles finish.
     std::thread::sleep(Duration::from_secs(10));
 
@@ -317,7 +330,8 @@ fn main() -> Result<()> {
     let report = serde_json::json!({
         "name": "footprint",
         "what": format!(
-            "the agent's resident memory after syncing {} WeightedServices x {} pods and {} other pods, then {} s idle: {} (ours) against {} (baseline); no IPVS on this machine",
+            "the agent's resident memory after syncing {} WeightedServices x {} pods (as PodInfoSlices) and {} other \
+             pods (the controller's), then {} s idle: {} (ours) against {} (baseline); no IPVS on this machine",
             setup.services, setup.replicas, setup.other_pods, setup.idle.as_secs(), binaries[0].label, baseline_label
         ),
         "ours": round(ours_agent.rss_mib),
@@ -342,6 +356,7 @@ fn main() -> Result<()> {
         "services": setup.services,
         "replicas": setup.replicas,
         "otherPods": setup.other_pods,
+        "podInfoSlices": pod_info_slices(&setup),
         "idleSeconds": setup.idle.as_secs(),
         "rounds": rounds,
     });

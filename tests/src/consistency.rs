@@ -1,9 +1,13 @@
 //! Consistency checks for end-to-end runs under faults and churn, on a
 //! [`Testbed`] in the test VM.
 //!
-//! Three checks, as independent of the agent as a check can be that uses the
+//! Four checks, as independent of the agent as a check can be that uses the
 //! policies themselves:
 //!
+//! - **What agents see of pods is the pods.** Agents do not watch pods: the
+//!   controller publishes their labels, creation and ready-since times in
+//!   PodInfoSlices. [`pod_info_mismatches`] compares those with the pods the
+//!   API server has; [`wait_for_kernel_to_match_eval`] waits for both.
 //! - **The kernel equals `ipvs-operator eval`.** [`expected_weights`] fetches a
 //!   WeightedService, the pods of its namespace and the Nodes from the test API
 //!   server, writes them to files and runs the real `ipvs-operator eval
@@ -296,9 +300,65 @@ pub fn kernel_mismatches(table: &[ServiceEntry], expected: &Expected) -> Vec<Str
     out
 }
 
+/// How the PodInfoSlices the controller published for WeightedService
+/// `namespace/name` differ from its pods as the API server has them now: a pod
+/// its selector matches that is missing, or whose labels, creation or
+/// ready-since time (its Ready condition's transition, when Ready) differ.
+/// Agents see pods only through these: a slice left behind (a change the
+/// controller missed, say while its pod watch relisted) freezes the agents'
+/// view of that pod. Pods listed that the selector does not match are not
+/// counted (a Service without a selector lists pods its slices name).
+pub fn pod_info_mismatches(handle: &Handle, namespace: &str, name: &str) -> Vec<String> {
+    let Some(ws) = handle.get("weightedservices", namespace, name) else {
+        return vec![format!("no WeightedService {namespace}/{name}")];
+    };
+    let selector = ws["spec"]["selector"].as_object().cloned().unwrap_or_default();
+    if selector.is_empty() {
+        return Vec::new();
+    }
+    let published: std::collections::BTreeMap<String, Value> = handle
+        .list("podinfoslices", Some(namespace))
+        .iter()
+        .filter(|s| s["metadata"]["labels"]["codesink.net/weighted-service"] == name)
+        .flat_map(|s| s["spec"]["pods"].as_array().cloned().unwrap_or_default())
+        .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
+        .collect();
+    let mut out = Vec::new();
+    for pod in handle.list("pods", Some(namespace)) {
+        let labels = &pod["metadata"]["labels"];
+        if !selector.iter().all(|(k, v)| &labels[k] == v) {
+            continue;
+        }
+        let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+        let Some(info) = published.get(pod_name) else {
+            out.push(format!("pod {namespace}/{pod_name} is in no PodInfoSlice of {name}"));
+            continue;
+        };
+        let ready = pod["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready" && c["status"] == "True"))
+            .map(|c| c["lastTransitionTime"].clone())
+            .unwrap_or(Value::Null);
+            let empty = || Value::Object(Default::default());
+        let published_labels = if info["labels"].is_null() { empty() } else { info["labels"].clone() };
+        let labels = if labels.is_null() { empty() } else { labels.clone() };
+        for (what, published, actual) in [
+            ("labels", published_labels, labels),
+            ("creation", info["created"].clone(), pod["metadata"]["creationTimestamp"].clone()),
+            ("ready-since", info["readySince"].clone(), ready),
+        ] {
+            if published != actual {
+                out.push(format!("pod {namespace}/{pod_name}: {what} published {published}, the pod has {actual}"));
+            }
+        }
+    }
+    out
+}
+
 /// Wait until the kernel of `bed`'s node holds what `ipvs-operator eval`
 /// computes for WeightedService `namespace/name` from the API server's current
-/// objects (evaluated again on every try, so changes in flight are fine), or
+/// objects (evaluated again on every try, so changes in flight are fine), and
+/// the published PodInfoSlices match the pods ([`pod_info_mismatches`]), or
 /// panic after `timeout` with the differences. Returns what matched.
 pub fn wait_for_kernel_to_match_eval(bed: &Testbed, namespace: &str, name: &str, timeout: Duration) -> Expected {
     let setup = EvalSetup::of(bed);
@@ -306,7 +366,8 @@ pub fn wait_for_kernel_to_match_eval(bed: &Testbed, namespace: &str, name: &str,
     loop {
         let last = match expected_weights(bed.handle(), &setup, namespace, name) {
             Ok(expected) => {
-                let mismatches = kernel_mismatches(&bed.ipvs(), &expected);
+                let mut mismatches = kernel_mismatches(&bed.ipvs(), &expected);
+                mismatches.extend(pod_info_mismatches(bed.handle(), namespace, name));
                 if mismatches.is_empty() && !expected.weights.is_empty() {
                     return expected;
                 }

@@ -907,6 +907,44 @@ subjects: [{kind: ServiceAccount, name: op, namespace: ops}]
         assert_eq!(unused.len(), 1, "only nodes get is unused: {unused:?}");
     }
 
+    /// deploy/'s roles as written: agents read PodInfoSlices instead of pods
+    /// and write none; the controller applies (creating) and deletes them.
+    #[test]
+    fn deploy_lets_the_controller_publish_pod_info_slices_and_the_agent_only_read_them() {
+        let rbac = Rbac::parse(&deploy_rbac_yaml()).unwrap();
+        let agent = ServiceAccount::new("ipvs-operator", "ipvs-operator-agent");
+        let controller = ServiceAccount::new("ipvs-operator", "ipvs-operator-controller");
+        let slices = |verb: &str, namespace: &str, name: &str| {
+            Attributes::resource(verb, "codesink.net", "podinfoslices", namespace, name)
+        };
+        for verb in ["list", "watch"] {
+            for account in [&agent, &controller] {
+                assert!(rbac.allows(account, &slices(verb, "", "")), "{account:?} may not {verb} podinfoslices");
+            }
+        }
+        for denied in [
+            slices("get", "shop", "web-0"),
+            slices("create", "shop", ""),
+            slices("patch", "shop", "web-0"),
+            slices("update", "shop", "web-0"),
+            slices("delete", "shop", "web-0"),
+            Attributes::resource("list", "", "pods", "", ""),
+            Attributes::resource("watch", "", "pods", "", ""),
+            Attributes::resource("get", "", "pods", "shop", "web-1"),
+        ] {
+            assert!(!rbac.allows(&agent, &denied), "the agent may {denied}");
+        }
+        for allowed in [slices("create", "shop", ""), slices("patch", "shop", "web-0"), slices("delete", "shop", "web-1")] {
+            assert!(rbac.allows(&controller, &allowed), "the controller may not {allowed}");
+        }
+        for denied in [slices("update", "shop", "web-0"), slices("deletecollection", "shop", ""), slices("get", "shop", "a")] {
+            assert!(!rbac.allows(&controller, &denied), "the controller may {denied}");
+        }
+        // An apply that creates its slice (201) is authorized as `create` too.
+        let created = record("patch", "codesink.net", "podinfoslices", "shop", "web-0", 201);
+        assert_eq!(check_requests(&deploy_rbac_yaml(), "ipvs-operator/ipvs-operator-controller", &[created]), Ok(()));
+    }
+
     #[test]
     fn an_account_nothing_is_bound_to_is_an_error() {
         let err = check_requests(RBAC, "ops/nobody", &[]).unwrap_err();

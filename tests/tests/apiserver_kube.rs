@@ -743,3 +743,85 @@ async fn events_and_leases() {
     let err = leases.replace("lock", &PostParams::default(), &renewed).await.expect_err("stale renew");
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 409), "{err:?}");
 }
+
+/// What the controller reads of a pod (host/src/cluster/pods.rs): labels,
+/// creation, and the Ready condition's transition time while Ready.
+fn pod_meta(pod: &Pod) -> ipvs_operator::snapshot::PodMeta {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let ready = conditions.and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    ipvs_operator::snapshot::PodMeta {
+        labels: Arc::new(pod.labels().clone()),
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        ready_since: ready.filter(|c| c.status == "True").and_then(|c| c.last_transition_time.as_ref()).map(|t| t.0),
+    }
+}
+
+/// PodInfoSlices as ipvs-operator's controller writes them (its own
+/// `pod_info`, `plan_slices` and `slice_object`; server-side apply as
+/// `ipvs-operator`, forced) and as its agents read them (a watch of the
+/// labelled ones): they read back as written, an unchanged apply writes
+/// nothing, and deleting the WeightedService collects them.
+#[tokio::test]
+async fn pod_info_slices_are_applied_watched_and_collected_with_their_weighted_service() {
+    use ipvs_operator::crd::PodInfoSlice;
+    use ipvs_operator::pod_info::{plan_slices, pod_info, slice_object};
+
+    let s = server().await;
+    s.handle().load_manifests(APP).expect("manifests");
+    let client = s.client().expect("client");
+    let api: Api<WeightedService> = Api::namespaced(client.clone(), "default");
+    let mut ws = WeightedService::new("canary", WeightedServiceSpec::default());
+    ws.spec.service.selector = Some(BTreeMap::from([("app".into(), "web".into())]));
+    let port = ServicePort { port: 80, target_port: Some(IntOrString::String("www".into())), ..Default::default() };
+    ws.spec.service.ports = Some(vec![port]);
+    let ws = api.create(&PostParams::default(), &ws).await.expect("create ws");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pods = eventually("two Ready pods", || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?.items;
+            (list.len() == 2 && list.iter().all(|p| pod_meta(p).ready_since.is_some())).then_some(list)
+        }
+    })
+    .await;
+    let infos: Vec<_> = pods.iter().map(|p| pod_info(&p.name_any(), &pod_meta(p))).collect();
+    let plan = plan_slices("canary", &[], infos.clone());
+    assert_eq!(plan.writes.len(), 1, "{plan:?}");
+
+    // The agent's watch: PodInfoSlices with the owner label, all namespaces.
+    let config = watcher::Config::default().labels("codesink.net/weighted-service");
+    let mut seen = watcher::watcher(Api::<PodInfoSlice>::all(client.clone()), config).applied_objects().boxed();
+    let slices: Api<PodInfoSlice> = Api::namespaced(client.clone(), "default");
+    let apply = PatchParams::apply("ipvs-operator").force();
+    let (name, published) = plan.writes[0].clone();
+    let object = slice_object(&ws, &name, published.clone());
+    let written = slices.patch(&name, &apply, &Patch::Apply(&object)).await.expect("the apply creates");
+    assert_eq!(written.spec.pods, published);
+    let watched = tokio::time::timeout(WAIT, seen.try_next()).await.expect("the watch delivers");
+    let watched = watched.expect("no error").expect("an object");
+    assert_eq!((watched.name_any(), &watched.spec.pods), (name.clone(), &published));
+    assert_eq!(watched.labels().get("codesink.net/weighted-service").map(String::as_str), Some("canary"));
+    let owner = &watched.owner_references()[0];
+    let uid = ws.uid().unwrap_or_default();
+    assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("WeightedService", uid.as_str(), Some(true)));
+    for pod in &pods {
+        let info = published.iter().find(|i| i.name == pod.name_any()).expect("every pod published");
+        assert!(info.ready_since.is_some() && info.created.is_some(), "{info:?}");
+    }
+
+    // Read back, the slice is what the controller would publish: no write
+    // planned; applied again anyway, nothing changes.
+    let stored = slices.get(&name).await.expect("the slice");
+    assert!(plan_slices("canary", &[(name.clone(), stored.spec.pods.clone())], infos).is_empty(), "{stored:?}");
+    let again = slices.patch(&name, &apply, &Patch::Apply(&object)).await.expect("the same apply");
+    assert_eq!(again.resource_version(), stored.resource_version());
+
+    // Deleting the WeightedService collects its slices.
+    api.delete("canary", &DeleteParams::default()).await.expect("delete ws");
+    eventually("the slice collected", || {
+        let slices = slices.clone();
+        let name = name.clone();
+        async move { slices.get_opt(&name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}

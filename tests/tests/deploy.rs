@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ipvs_operator::crd::WeightedService;
+use ipvs_operator::crd::{PodInfoSlice, WeightedService};
 use ipvs_operator_tests::apiserver::RequestRecord;
 use ipvs_operator_tests::rbac::{self, Attributes, Rbac, ServiceAccount};
 use ipvs_operator_tests::project_binary;
@@ -248,6 +248,7 @@ fn deploy_renders_into_typed_objects_in_one_namespace() {
     for expected in [
         "Namespace/-/ipvs-operator",
         "CustomResourceDefinition/-/weightedservices.codesink.net",
+        "CustomResourceDefinition/-/podinfoslices.codesink.net",
         "ServiceAccount/ipvs-operator/ipvs-operator-controller",
         "ServiceAccount/ipvs-operator/ipvs-operator-agent",
         "ConfigMap/ipvs-operator/ipvs-operator-policies",
@@ -257,14 +258,20 @@ fn deploy_renders_into_typed_objects_in_one_namespace() {
         assert!(objects.all.iter().any(|o| o == expected), "{expected} missing from {:#?}", objects.all);
     }
 
-    // The CRD is deploy/crd.yaml as generated from the Rust types (kustomize
-    // only adds labels).
-    let crd = one(&objects.crds, "CustomResourceDefinition");
-    assert_eq!(
-        serde_json::to_value(&crd.spec).unwrap(),
-        serde_json::to_value(WeightedService::crd().spec).unwrap(),
-        "the rendered CRD is not the one the Rust types generate: run `make crd`"
-    );
+    // The CRDs are deploy/crd.yaml as generated from the Rust types (kustomize
+    // only adds labels, and orders them by name).
+    let generated = [WeightedService::crd(), PodInfoSlice::crd()];
+    assert_eq!(objects.crds.len(), generated.len(), "CustomResourceDefinitions: {:#?}", objects.all);
+    for generated in generated {
+        let name = generated.metadata.name.clone().unwrap_or_default();
+        let crd = objects.crds.iter().find(|c| c.metadata.name.as_deref() == Some(&name));
+        let crd = crd.unwrap_or_else(|| panic!("no CRD {name}"));
+        assert_eq!(
+            serde_json::to_value(&crd.spec).unwrap(),
+            serde_json::to_value(generated.spec).unwrap(),
+            "the rendered CRD {name} is not the one the Rust types generate: run `make crd`"
+        );
+    }
 
     // The policies ConfigMap is empty by default: the built-in policies need nothing.
     let policies = one(&objects.config_maps, "ConfigMap");
@@ -462,13 +469,23 @@ fn request(verb: &str, group: &str, resource: &str, namespace: &str, name: &str,
 
 /// What the controller requests (host/src/controller.rs, events.rs): watches
 /// of all namespaces (a list, then watches), the owned Service read and
-/// applied (created the first time), the status patched, Events created.
+/// applied (created the first time), the PodInfoSlices applied (created the
+/// first time) and deleted once emptied, the status patched, Events created.
 fn controller_requests() -> Vec<RequestRecord> {
     let mut out = Vec::new();
-    for (group, resource) in [("codesink.net", "weightedservices"), ("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "pods")] {
+    for (group, resource) in [
+        ("codesink.net", "weightedservices"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("", "pods"),
+        ("codesink.net", "podinfoslices"),
+    ] {
         out.push(request("list", group, resource, "", "", 200));
         out.push(request("watch", group, resource, "", "", 200));
     }
+    out.push(request("patch", "codesink.net", "podinfoslices", "default", "web-0", 201));
+    out.push(request("patch", "codesink.net", "podinfoslices", "default", "web-0", 200));
+    out.push(request("delete", "codesink.net", "podinfoslices", "default", "web-1", 200));
     out.push(request("get", "", "services", "default", "web", 404));
     out.push(request("patch", "", "services", "default", "web", 201));
     out.push(request("get", "", "services", "default", "web", 200));
@@ -484,13 +501,17 @@ fn controller_requests() -> Vec<RequestRecord> {
 }
 
 /// What the agent requests (host/src/cluster.rs, agent/, events.rs): watches of
-/// all namespaces and of its own Node (a field selector is still a list of
-/// nodes), and Events.
+/// all namespaces (PodInfoSlices, not pods) and of its own Node (a field
+/// selector is still a list of nodes), and Events.
 fn agent_requests() -> Vec<RequestRecord> {
     let mut out = Vec::new();
-    for (group, resource) in
-        [("codesink.net", "weightedservices"), ("", "services"), ("discovery.k8s.io", "endpointslices"), ("", "pods"), ("", "nodes")]
-    {
+    for (group, resource) in [
+        ("codesink.net", "weightedservices"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("codesink.net", "podinfoslices"),
+        ("", "nodes"),
+    ] {
         out.push(request("list", group, resource, "", "", 200));
         out.push(request("watch", group, resource, "", "", 200));
     }
@@ -509,8 +530,10 @@ fn rbac_covers_what_each_binary_requests_and_nothing_more() {
             panic!("{account} holds more than it uses:\n{}", unused.join("\n"));
         }
     }
-    // And the check can fail: the agent may not write Services or status,
-    // nor read Secrets; the controller may not touch Nodes.
+    // And the check can fail: the agent may not write Services, status or
+    // PodInfoSlices, nor read pods (the controller publishes what it needs of
+    // them) or Secrets; the controller may not touch Nodes, nor write
+    // PodInfoSlices but by apply and delete.
     let rbac = Rbac::parse(&yaml).unwrap();
     let agent: ServiceAccount = AGENT_SA.parse().unwrap();
     let controller: ServiceAccount = CONTROLLER_SA.parse().unwrap();
@@ -519,6 +542,11 @@ fn rbac_covers_what_each_binary_requests_and_nothing_more() {
         Attributes::resource("create", "", "services", "default", ""),
         Attributes::resource("patch", "codesink.net", "weightedservices/status", "default", "web"),
         Attributes::resource("get", "", "pods", "default", "web-1"),
+        Attributes::resource("list", "", "pods", "", ""),
+        Attributes::resource("watch", "", "pods", "", ""),
+        Attributes::resource("patch", "codesink.net", "podinfoslices", "default", "web-0"),
+        Attributes::resource("create", "codesink.net", "podinfoslices", "default", ""),
+        Attributes::resource("delete", "codesink.net", "podinfoslices", "default", "web-0"),
         Attributes::resource("list", "", "secrets", "", ""),
     ] {
         assert!(!rbac.allows(&agent, &denied), "the agent may {denied}");
@@ -527,6 +555,9 @@ fn rbac_covers_what_each_binary_requests_and_nothing_more() {
         Attributes::resource("list", "", "nodes", "", ""),
         Attributes::resource("delete", "", "services", "default", "web"),
         Attributes::resource("update", "codesink.net", "weightedservices", "default", "web"),
+        Attributes::resource("update", "codesink.net", "podinfoslices", "default", "web-0"),
+        Attributes::resource("deletecollection", "codesink.net", "podinfoslices", "default", ""),
+        Attributes::resource("patch", "codesink.net", "podinfoslices/status", "default", "web-0"),
         Attributes::resource("create", "coordination.k8s.io", "leases", "default", ""),
         Attributes::resource("update", "coordination.k8s.io", "leases", "kube-system", "kube-controller-manager"),
         Attributes::resource("delete", "coordination.k8s.io", "leases", NAMESPACE, "ipvs-operator-controller"),
@@ -662,9 +693,9 @@ spec:
   policy: {name: no-such-policy}
 "#;
 
-/// Polls `done` every 100 ms for up to 60 s.
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool, running: &Running) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+/// Polls `done` every 100 ms for up to `seconds`.
+async fn wait_for(what: &str, seconds: u64, mut done: impl FnMut() -> bool, running: &Running) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     while !done() {
         assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", running.log());
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -698,7 +729,8 @@ async fn the_binaries_recorded_requests_are_allowed_by_their_rbac() {
     let client = server.client().expect("a client");
     let weighted_services: kube::Api<WeightedService> = kube::Api::namespaced(client, "shop");
 
-    // The controller: until both statuses are written and an Event is out.
+    // The controller: until both statuses are written, an Event is out and
+    // both WeightedServices' PodInfoSlices are published (created by apply).
     handle.clear_requests();
     let controller = Running::start(&["controller", "--listen=127.0.0.1:0"], &kubeconfig, dir.join("controller.log"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -706,12 +738,32 @@ async fn the_binaries_recorded_requests_are_allowed_by_their_rbac() {
         let list = weighted_services.list(&Default::default()).await;
         let statuses = list.map(|l| l.items.iter().filter(|ws| ws.status.is_some()).count()).unwrap_or(0);
         let requests = handle.requests();
-        if statuses == 2 && has(&requests, "create", "events") && requests.iter().any(|r| r.resource == "services" && r.code == 201) {
+        let published =
+            requests.iter().filter(|r| r.resource == "podinfoslices" && r.verb == "patch" && r.code == 201).count();
+        if statuses == 2
+            && has(&requests, "create", "events")
+            && requests.iter().any(|r| r.resource == "services" && r.code == 201)
+            && published == 2
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "timed out waiting for the controller; log:\n{}", controller.log());
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // `broken` selects no pod any more (changed in the store, not through the
+    // API: no request of this test's is recorded): its slice is deleted.
+    let broken = &CLUSTER[CLUSTER.rfind("---").expect("the last document")..];
+    handle.load_manifests(&broken.replace("{app: web}", "{app: nothing}")).expect("`broken` reselected");
+    wait_for(
+        "the controller to delete the emptied PodInfoSlice",
+        60,
+        || {
+            let requests = handle.requests();
+            requests.iter().any(|r| r.resource == "podinfoslices" && r.verb == "delete" && r.name == "broken-0" && r.code == 200)
+        },
+        &controller,
+    )
+    .await;
     let controller_log = controller.log();
     controller.stop();
     // Only the controller ran: every request but this test's own lists (in
@@ -727,15 +779,24 @@ async fn the_binaries_recorded_requests_are_allowed_by_their_rbac() {
     let unused = rbac::unused_permissions(&yaml, CONTROLLER_SA, &requests).err().unwrap_or_default();
     assert!(unused.is_empty(), "the controller holds more than it used:\n{}", unused.join("\n"));
 
-    // The agent: until every watch is open and its Event about the missing policy is out.
+    // The agent: until every watch is open and it has sent an Event. Not about
+    // `broken`'s missing policy: the controller's status reports that, so no
+    // agent does. About a pod no PodInfoSlice names: with the controller
+    // stopped, a third replica is not published, and after 30 s the agent
+    // weights it as a pod without labels, and says so.
+    let deployment = &CLUSTER[..CLUSTER.find("---").expect("the first document")];
+    handle.load_manifests(&deployment.replace("replicas: 2", "replicas: 3")).expect("the Deployment scaled up");
     handle.clear_requests();
     let agent = Running::start(&["agent", "--listen=127.0.0.1:0"], &kubeconfig, dir.join("agent.log"));
     wait_for(
-        "the agent's watches and Event",
+        "the agent's watches and its Event about the unpublished pod",
+        120,
         || {
             let requests = handle.requests();
-            ["weightedservices", "services", "endpointslices", "pods", "nodes"].iter().all(|r| has(&requests, "watch", r))
+            let watched = ["weightedservices", "services", "endpointslices", "podinfoslices", "nodes"];
+            watched.iter().all(|r| has(&requests, "watch", r))
                 && has(&requests, "create", "events")
+                && handle.list("events", Some("shop")).iter().any(|e| e["reason"] == "PodInfoMissing")
         },
         &agent,
     )

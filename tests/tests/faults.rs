@@ -218,8 +218,8 @@ fn agent_count(bed: &Testbed, name: &str, labels: &str) -> f64 {
     bed.agent_metric(name, labels).unwrap_or(0.0)
 }
 
-/// The kinds the agent watches.
-const AGENT_KINDS: [&str; 5] = ["WeightedService", "Service", "EndpointSlice", "Pod", "Node"];
+/// The kinds the agent watches (not pods: the PodInfoSlices the controller publishes of them).
+const AGENT_KINDS: [&str; 5] = ["WeightedService", "Service", "EndpointSlice", "PodInfoSlice", "Node"];
 
 /// The agent's complete lists, by kind.
 fn agent_lists(bed: &Testbed) -> Vec<f64> {
@@ -264,7 +264,7 @@ fn api_server_faults_lose_nothing() {
     // A cut watch ends the stream (kube-rs logs the broken one) and the agent
     // watches again from where it was: every watch of the agent came back.
     let (watches_cut, lists_cut) = (agent_watches(&bed), agent_lists(&bed));
-    for resource in ["weightedservices", "services", "endpointslices", "pods", "nodes"] {
+    for resource in ["weightedservices", "services", "endpointslices", "podinfoslices", "nodes"] {
         let (before, after) = (watches_before.get(resource).copied().unwrap_or(0), watches_cut.get(resource).copied().unwrap_or(0));
         assert!(after > before, "the agent's {resource} watch was cut but never watched again");
     }
@@ -643,11 +643,11 @@ fn the_agent_killed_mid_pass_and_restarted_converges() {
     wait_until(TIMEOUT, "the last restarted agent to be ready", || bed.agent_ready().then_some(()));
 
     // With nothing changing, a SIGKILLed agent restarted while the API server
-    // fails its first lists (of pods, then of EndpointSlices, then of
+    // fails its first lists (of PodInfoSlices, then of EndpointSlices, then of
     // WeightedServices) must not move a single weight: it writes nothing until
     // it knows everything, and then only what differs.
     let settled = kernel_weights(&bed);
-    for resource in ["pods", "endpointslices", "weightedservices"] {
+    for resource in ["podinfoslices", "endpointslices", "weightedservices"] {
         bed.kill("agent");
         bed.handle().add_fail_rule(FailRule { count: 3, code: 503, resource: Some(resource.into()), verb: Some("list".into()) });
         bed.start_agent();

@@ -147,3 +147,33 @@ async fn kubectl_get_apply_delete_and_watch() {
     }
     let _ = std::fs::remove_dir_all(cache);
 }
+
+/// The PodInfoSlice kind as kubectl finds it: discovery, and its CRD's
+/// printer columns (the WeightedService column's path escapes the dot of the
+/// label key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_lists_pod_info_slices_with_their_printer_columns() {
+    let bin = ipvs_operator_tests::kubectl::path();
+    let server = TestApiServer::start(Config::default()).await.expect("server");
+    let cache = std::env::temp_dir().join(format!("ipvs-operator-kubectl-{}-{}", std::process::id(), server.addr().port()));
+    let k = Kubectl { bin, server: server.url().to_string(), cache: cache.clone() };
+    server
+        .handle()
+        .load_manifests(
+            "apiVersion: codesink.net/v1alpha1\nkind: PodInfoSlice\n\
+             metadata: {name: web-0, namespace: default, labels: {codesink.net/weighted-service: web}}\n\
+             spec: {pods: [{name: web-a, labels: {env: prod}, created: '2026-01-01T00:00:00Z'}]}\n",
+        )
+        .expect("a PodInfoSlice");
+    let (table, pod) = tokio::task::spawn_blocking(move || {
+        let pod = k.run(&["get", "podinfoslice", "web-0", "-o", "jsonpath={.spec.pods[0].name}"], None);
+        (k.run(&["get", "podinfoslices"], None), pod)
+    })
+    .await
+    .expect("kubectl thread");
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows[0], ["NAME", "WEIGHTEDSERVICE", "AGE"], "{table}");
+    assert_eq!(rows[1][..2], ["web-0", "web"], "{table}");
+    assert_eq!(pod, "web-a");
+    let _ = std::fs::remove_dir_all(&cache);
+}

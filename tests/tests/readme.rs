@@ -131,6 +131,7 @@ fn every_reason_the_troubleshooting_tables_explain_is_one_the_code_uses() {
         include_str!("../../host/src/controller.rs"),
         include_str!("../../host/src/status.rs"),
         include_str!("../../host/src/agent/mod.rs"),
+        include_str!("../../host/src/agent/evaluate.rs"),
         include_str!("../../host/src/events.rs"),
     ]
     .join("\n");

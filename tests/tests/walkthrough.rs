@@ -304,6 +304,7 @@ async fn a_new_user_follows_the_readme() {
     for object in [
         "namespace/ipvs-operator created",
         "customresourcedefinition.apiextensions.k8s.io/weightedservices.codesink.net created",
+        "customresourcedefinition.apiextensions.k8s.io/podinfoslices.codesink.net created",
         "resourcequota/ipvs-operator-critical-pods created",
         "configmap/ipvs-operator-policies created",
         "deployment.apps/ipvs-operator-controller created",

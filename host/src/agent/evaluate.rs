@@ -7,7 +7,7 @@
 //! Both come from the cluster's state, not from what this process did before:
 //! an agent restarted after a weight change restores weight 1 just the same.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,25 @@ use crate::snapshot::{NodeInfo, PodMeta, ReadySince, Snapshot};
 /// (a timeout under load may pass).
 const FAILED_RETRY: Duration = Duration::from_secs(30);
 
+/// An endpoint whose pod no PodInfoSlice names for this long (the controller
+/// is down or behind) is weighted as a pod without labels, with an Event,
+/// rather than freezing the WeightedService's weights.
+pub(super) const UNKNOWN_POD_GRACE: Duration = Duration::from_secs(30);
+
+/// A policy failure on this node is reported (an Event) once it has lasted
+/// this long while the controller's status does not show the same failure:
+/// the controller, evaluating the same module, writes its status a moment
+/// after the agents fail.
+const NODE_FAILURE_GRACE: Duration = Duration::from_secs(30);
+
+/// Whether the controller reports the policy of `ws` failing for `reason`
+/// (its `PolicyReady` condition, as the agent's trimmed copy keeps it).
+fn controller_reports(ws: &WeightedService, reason: &str) -> bool {
+    ws.status.iter().flat_map(|s| &s.conditions).any(|c| {
+        c.type_ == crate::status::POLICY_READY && c.status == "False" && c.reason == reason
+    })
+}
+
 /// What the agent knows about one labelled Service.
 pub(super) struct WsState {
     /// The controlling WeightedService's uid; empty when nothing controls it.
@@ -43,14 +62,22 @@ pub(super) struct WsState {
     pub(super) due: Option<Instant>,
     /// The last good weights, by endpoint address: what stays when the policy fails.
     weights: Option<HashMap<IpAddr, u16>>,
-    /// The last policy error, not to repeat its Event.
+    /// The last policy error, not to repeat its log line or Event.
     error: Option<String>,
+    /// Since when the policy has failed with that error.
+    failing_since: Option<Instant>,
+    /// Whether an Event about that error was sent.
+    error_reported: bool,
     /// Where the weights go, from the current snapshot.
     pub(super) plan: Option<Arc<ServicePlan>>,
     /// The plan has been written once; later writes for it repair drift.
     pub(super) plan_applied: bool,
     /// The reference Events about it attach to.
     pub(super) reference: ObjectReference,
+    /// Since when an endpoint's pod has been unknown (no PodInfoSlice names it).
+    unknown_since: Option<Instant>,
+    /// Whether the Event about pods weighted without labels was sent.
+    unknown_reported: bool,
 }
 
 /// What controls a labelled Service, as the caches have it now.
@@ -176,14 +203,23 @@ impl Evaluator {
                 self.plans_changed += 1;
                 tracing::info!(service = %key, "WeightedService gone or replaced: planning again from the cluster");
             }
-            let slices = self.stores.slices.slices_of(&key.namespace, &key.name);
             match source {
                 Source::Weighted(ws, service) => {
+                    let Some(slices) = self.stores.slices_of(&ws) else {
+                        // Its slices' watch has not listed yet: keep the last plan, look again soon.
+                        if let Some(state) = self.states.get_mut(&key) {
+                            state.due = Some(instant + Duration::from_millis(200));
+                        }
+                        continue;
+                    };
                     if self.refresh(&key, &ws, &service, &slices, &node, now, instant) {
                         evaluated += 1;
                     }
                 }
-                Source::Orphan(service) => self.refresh_orphan(&key, &service, &slices, &node, now),
+                Source::Orphan(service) => {
+                    let slices = self.stores.slices.slices_of(&key.namespace, &key.name);
+                    self.refresh_orphan(&key, &service, &slices, &node, now);
+                }
                 Source::Nothing => {}
             }
         }
@@ -227,11 +263,21 @@ impl Evaluator {
         let uid = ws.metadata.uid.clone().unwrap_or_default();
         let state = self.states.entry(key.clone()).or_insert_with(|| WsState::new(uid, ws.object_ref(&())));
         let stores = &self.stores;
+        // After the grace period, unknown pods count as pods without labels.
+        let lenient = state.unknown_since.is_some_and(|since| instant.duration_since(since) >= UNKNOWN_POD_GRACE);
+        let unknown = std::cell::RefCell::new(Vec::new());
         let snapshot = match Snapshot::from_cluster(
             ws,
             service,
             slices.iter().map(|s| s.as_ref()),
-            |ns, name| stores.pod(ns, name),
+            |ns, name| {
+                stores.pod(ns, &key.name, name).or_else(|| {
+                    lenient.then(|| {
+                        unknown.borrow_mut().push(format!("{ns}/{name}"));
+                        PodMeta::default()
+                    })
+                })
+            },
             Some(node.clone()),
             now,
             &mut self.ready_since,
@@ -240,10 +286,32 @@ impl Evaluator {
             Err(incomplete) => {
                 // Evaluating now could give wrong weights: keep the last plan, look again soon.
                 tracing::debug!(weighted_service = %key, %incomplete, "snapshot incomplete");
-                state.due = Some(instant + Duration::from_millis(200));
+                let since = *state.unknown_since.get_or_insert(instant);
+                let again = if instant.duration_since(since) < Duration::from_secs(2) { 200 } else { 1000 };
+                state.due = Some((instant + Duration::from_millis(again)).min(since + UNKNOWN_POD_GRACE));
                 return false;
             }
         };
+        let unknown = unknown.into_inner();
+        if unknown.is_empty() {
+            state.unknown_since = None;
+            state.unknown_reported = false;
+        } else if !state.unknown_reported {
+            state.unknown_reported = true;
+            tracing::warn!(weighted_service = %key, pods = ?unknown, "pods unknown for 30 s: weighted as pods without labels");
+            self.events.send(Notice {
+                reference: state.reference.clone(),
+                type_: EventType::Warning,
+                reason: "PodInfoMissing".into(),
+                note: format!(
+                    "on node {}: no PodInfoSlice has had pod {}{} for {} s (is the controller running?): weighted as pods without labels",
+                    self.node_name,
+                    unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                    if unknown.len() > 5 { format!(" and {} more", unknown.len() - 5) } else { String::new() },
+                    UNKNOWN_POD_GRACE.as_secs()
+                ),
+            });
+        }
 
         // Never waits for a compile: a policy being compiled is `Loading`, and
         // the catalog's `Loaded` event brings this WeightedService back.
@@ -277,6 +345,8 @@ impl Evaluator {
                     if state.error.take().is_some() {
                         tracing::info!(weighted_service = %key, policy = policy.name(), "policy works again");
                     }
+                    state.failing_since = None;
+                    state.error_reported = false;
                 }
                 Err(PolicyError::Loading { .. }) => {
                     // Not the policy's failure: the weights in the kernel stay
@@ -289,13 +359,27 @@ impl Evaluator {
                     let text = error.to_string();
                     if state.error.as_deref() != Some(text.as_str()) {
                         tracing::warn!(weighted_service = %key, %error, "policy failed: the last good weights stay");
+                        state.error = Some(text.clone());
+                        state.failing_since = Some(instant);
+                        state.error_reported = false;
+                    }
+                    // An Event only for what is particular to this node: a
+                    // failure the controller reports too (in the status) is
+                    // the module's, reported once, by the controller. Its
+                    // status may lag: a failure is particular once it has
+                    // lasted NODE_FAILURE_GRACE without the status showing it.
+                    let lasted = state.failing_since.is_some_and(|since| instant.duration_since(since) >= NODE_FAILURE_GRACE);
+                    if lasted && !state.error_reported && !controller_reports(ws, reason_for(&error)) {
+                        state.error_reported = true;
                         self.events.send(Notice {
                             reference: state.reference.clone(),
                             type_: EventType::Warning,
                             reason: reason_for(&error).into(),
-                            note: format!("on node {}: {text}; the last good weights stay", self.node_name),
+                            note: format!("on node {} only: {text}; the last good weights stay", self.node_name),
                         });
-                        state.error = Some(text);
+                    } else if !lasted {
+                        let since = state.failing_since.unwrap_or(instant);
+                        state.due = Some(since + NODE_FAILURE_GRACE);
                     }
                 }
             }
@@ -306,34 +390,6 @@ impl Evaluator {
         });
         self.set_plan(key, plan);
         evaluated
-    }
-
-    /// Turn pod changes into the WeightedServices they can matter to: those of
-    /// the pod's namespace whose Service selector matches its labels (or that
-    /// have no selector). A pod that stops or starts matching also changes an
-    /// EndpointSlice, which names its WeightedService; rebuilding every
-    /// WeightedService of a busy namespace on each pod change was most of the
-    /// agent's work under churn.
-    pub(super) fn resolve_pods(&self, dirty: &mut Dirty) {
-        if dirty.pods.is_empty() {
-            return;
-        }
-        let pods = std::mem::take(&mut dirty.pods);
-        if dirty.all {
-            return;
-        }
-        for (key, state) in &self.states {
-            let Some(changed) = pods.get(&key.namespace) else { continue };
-            if dirty.keys.contains(key) || state.uid.is_empty() {
-                continue; // an orphan's plan does not depend on pods
-            }
-            let Some(ws) = self.stores.weighted_services.get(&ObjectRef::new(&key.name).within(&key.namespace)) else {
-                continue;
-            };
-            if changed.iter().any(|labels| selects(ws.spec.service.selector.as_ref(), labels)) {
-                dirty.keys.insert(key.clone());
-            }
-        }
     }
 
     /// Any labelled Services that the caches and the agent's states disagree
@@ -358,14 +414,14 @@ impl Evaluator {
         self.ready_since.retain(|address| present.contains(address));
     }
 
-    /// Every endpoint address the EndpointSlice cache has.
+    /// Every endpoint address the EndpointSlice caches have.
     pub(super) fn endpoint_addresses(&self) -> HashSet<IpAddr> {
-        self.stores.slices.with_all(|slices| {
-            slices
-                .flat_map(|s| s.endpoints.iter().flatten())
-                .filter_map(|e| e.addresses.first()?.parse().ok())
-                .collect()
-        })
+        let addresses = |slices: &mut dyn Iterator<Item = &EndpointSlice>| -> HashSet<IpAddr> {
+            slices.flat_map(|s| s.endpoints.iter().flatten()).filter_map(|e| e.addresses.first()?.parse().ok()).collect()
+        };
+        let mut all = self.stores.slices.with_all(addresses);
+        all.extend(self.stores.selectorless_slices.with_all(addresses));
+        all
     }
 
     /// Whether any plan has an IPv6 virtual service or destination.
@@ -383,13 +439,21 @@ impl Evaluator {
 
 impl WsState {
     fn new(uid: String, reference: ObjectReference) -> Self {
-        WsState { uid, input_hash: None, due: None, weights: None, error: None, plan: None, plan_applied: false, reference }
+        WsState {
+            uid,
+            input_hash: None,
+            due: None,
+            weights: None,
+            error: None,
+            plan: None,
+            plan_applied: false,
+            reference,
+            unknown_since: None,
+            unknown_reported: false,
+            failing_since: None,
+            error_reported: false,
+        }
     }
-}
-
-/// Whether a Service selector selects a pod with `labels` (no selector: any pod).
-fn selects(selector: Option<&BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
-    selector.filter(|s| !s.is_empty()).is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 #[cfg(test)]
@@ -457,12 +521,21 @@ mod tests {
     }
 
     #[test]
-    fn selectors_match_labels() {
-        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
-        let selector: BTreeMap<String, String> = labels.clone();
-        assert!(selects(Some(&selector), &labels));
-        assert!(selects(None, &labels));
-        assert!(selects(Some(&BTreeMap::new()), &labels));
-        assert!(!selects(Some(&[("app".to_string(), "db".to_string())].into()), &labels));
+    fn a_failure_the_controller_reports_is_not_the_nodes_to_report() {
+        let mut ws = (*weighted("u1")).clone();
+        assert!(!controller_reports(&ws, "PolicyPinMismatch"), "no status yet");
+        let condition = |status: &str, reason: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: crate::status::POLICY_READY.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH),
+            observed_generation: None,
+        };
+        ws.status = Some(crate::crd::WeightedServiceStatus { conditions: vec![condition("False", "PolicyPinMismatch")], ..Default::default() });
+        assert!(controller_reports(&ws, "PolicyPinMismatch"));
+        assert!(!controller_reports(&ws, "PolicyFailed"), "another failure: this node's");
+        ws.status = Some(crate::crd::WeightedServiceStatus { conditions: vec![condition("True", "Evaluated")], ..Default::default() });
+        assert!(!controller_reports(&ws, "PolicyPinMismatch"), "works for the controller: this node's");
     }
 }

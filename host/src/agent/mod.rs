@@ -238,7 +238,7 @@ pub async fn run(
         weighted_services = stores.weighted_services.len(),
         services = stores.services.len(),
         endpoint_slices = stores.slices.len(),
-        pods = stores.pods.len(),
+        pod_info_slices = stores.pod_infos.len(),
         "watch caches synced"
     );
     let worker = Worker::new(config, stores, catalog, metrics, health, events, Box::new(reader));

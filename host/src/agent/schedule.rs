@@ -4,7 +4,7 @@
 //! read of the whole table, compared with every plan, then netlink reads only
 //! for the Services that differ, in chunks between which changes go first.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -40,9 +40,6 @@ pub(super) struct Dirty {
     pub(super) all: bool,
     /// Rebuild and compare these.
     pub(super) keys: HashSet<WsKey>,
-    /// Labels of pods that changed, by namespace: the WeightedServices whose
-    /// selectors match them are rebuilt (see [`super::evaluate::Evaluator::resolve_pods`]).
-    pub(super) pods: HashMap<String, HashSet<BTreeMap<String, String>>>,
     /// Only compare these with the kernel (a chunk of the periodic sweep): their
     /// inputs did not change.
     pub(super) check: HashSet<WsKey>,
@@ -51,12 +48,11 @@ pub(super) struct Dirty {
 impl Dirty {
     pub(super) fn add(&mut self, change: Change) {
         match change {
-            Change::WeightedService(namespace, name) | Change::Service(namespace, name) | Change::Slices(namespace, name) => {
+            Change::WeightedService(namespace, name)
+            | Change::Service(namespace, name)
+            | Change::Slices(namespace, name)
+            | Change::PodInfo(namespace, name) => {
                 self.keys.insert(WsKey { namespace, name });
-            }
-            Change::Pod(namespace, labels) => {
-                // A burst of changes to pods of one Deployment carries the same labels.
-                self.pods.entry(namespace).or_default().insert(labels);
             }
             Change::Node | Change::All => self.all = true,
         }
@@ -78,7 +74,7 @@ impl Dirty {
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        !self.all && self.keys.is_empty() && self.pods.is_empty() && self.check.is_empty()
+        !self.all && self.keys.is_empty() && self.check.is_empty()
     }
 }
 
@@ -253,13 +249,11 @@ impl Worker {
             } else {
                 continue;
             };
-            let mut work = work;
             if work.all {
                 // This pass compares everything: the sweep under way is done with it.
                 sweep.clear();
                 reading = None;
             }
-            self.evaluator.resolve_pods(&mut work);
             let started = Instant::now();
             let report = self.pass(&work);
             self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
@@ -476,17 +470,13 @@ mod tests {
     }
 
     #[test]
-    fn dirty_tracks_keys_pods_and_everything() {
+    fn dirty_tracks_keys_and_everything() {
         let mut dirty = Dirty::default();
         assert!(dirty.is_empty());
         dirty.add(Change::Slices("shop".into(), "web".into()));
-        let labels: BTreeMap<String, String> = [("app".to_string(), "blog".to_string())].into();
-        dirty.add(Change::Pod("blog".into(), labels.clone()));
-        dirty.add(Change::Pod("blog".into(), labels.clone()));
+        dirty.add(Change::PodInfo("blog".into(), "web".into()));
         assert!(dirty.contains(&key("shop", "web")));
-        // Pods are resolved to WeightedServices by the evaluator, with the cache.
-        assert!(!dirty.contains(&key("blog", "anything")));
-        assert_eq!(dirty.pods["blog"], HashSet::from([labels]), "the same labels are kept once");
+        assert!(dirty.contains(&key("blog", "web")), "a PodInfoSlice names its WeightedService");
         assert!(!dirty.contains(&key("shop", "api")));
         assert!(!dirty.is_sweep_chunk());
         dirty.add(Change::All);

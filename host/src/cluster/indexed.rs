@@ -22,8 +22,9 @@ pub trait Index: Default + Send + Sync + 'static {
     /// Drop from a watched object what neither the cache nor the changes'
     /// consumers read.
     fn prepare(object: &mut Self::Object);
-    /// File `object`, replacing the version before.
-    fn insert(&mut self, object: Self::Object);
+    /// File `object`, replacing the version before. False when nothing the
+    /// cache keeps of it changed: the watch event is then not passed on.
+    fn insert(&mut self, object: Self::Object) -> bool;
     /// Forget `object`.
     fn remove(&mut self, object: &Self::Object);
     /// How many objects are filed.
@@ -85,7 +86,8 @@ impl<I: Index> Indexed<I> {
 
 /// The cache fed by `stream`, and the objects that changed (applied or deleted
 /// as `Some`, a completed relist as `None`), as [`super::reflect`] gives them
-/// for kinds cached in a reflector store.
+/// for kinds cached in a reflector store; an update that changes nothing the
+/// cache keeps (a pod's status, but not its readiness) is not passed on.
 pub fn reflect_indexed<I: Index>(
     stream: impl Stream<Item = watcher::Result<watcher::Event<I::Object>>> + Send + 'static,
     metrics: Arc<Metrics>,
@@ -106,7 +108,7 @@ pub fn reflect_indexed<I: Index>(
                     }
                     watcher::Event::InitApply(mut object) => {
                         I::prepare(&mut object);
-                        relist.get_or_insert_with(I::default).insert(object);
+                        let _ = relist.get_or_insert_with(I::default).insert(object);
                         None
                     }
                     watcher::Event::InitDone => {
@@ -120,8 +122,7 @@ pub fn reflect_indexed<I: Index>(
                     }
                     watcher::Event::Apply(mut object) => {
                         I::prepare(&mut object);
-                        index.insert(object.clone());
-                        Some(Some(object))
+                        index.insert(object.clone()).then_some(Some(object))
                     }
                     watcher::Event::Delete(mut object) => {
                         I::prepare(&mut object);

@@ -1,6 +1,7 @@
 //! The cluster as the agent and the controller see it: watch caches
-//! (reflectors) of WeightedServices, their Services, EndpointSlices, pod
-//! metadata and the agent's Node, and a stream of what changed.
+//! (reflectors) of WeightedServices, their Services, EndpointSlices, the
+//! PodInfoSlices the controller publishes (the agent does not watch pods) and
+//! the agent's Node, and a stream of what changed.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -16,18 +17,22 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 mod indexed;
+mod pod_infos;
 mod pods;
+mod selectorless;
 mod slices;
 pub use indexed::{Index, Indexed, WatchStopped};
+pub use pod_infos::{PodInfoCache, PodInfos, reflect_pod_infos};
 pub use pods::{FullPodCache, PodCache, PodObject, Pods, reflect_pods};
+pub use selectorless::SelectorlessSlices;
 pub use slices::{SliceCache, Slices, reflect_slices};
 
-use crate::crd::WeightedService;
+use crate::crd::{PodInfoSlice, WeightedService};
 use crate::metrics::{KindLabels, Metrics};
 use crate::snapshot::{PodMeta, ZONE_LABEL};
 
-/// The label the controller puts on the Services it owns; its value is the
-/// WeightedService's name. The agent watches only Services with it.
+/// The label the controller puts on the Services and PodInfoSlices it owns; its
+/// value is the WeightedService's name. The agent watches only objects with it.
 pub const OWNER_LABEL: &str = "codesink.net/weighted-service";
 
 /// The label that ties an EndpointSlice to its Service.
@@ -42,9 +47,8 @@ pub enum Change {
     Service(String, String),
     /// An EndpointSlice of the Service of that name.
     Slices(String, String),
-    /// A pod in that namespace, with its labels: what matters is which
-    /// WeightedServices' selectors match them.
-    Pod(String, std::collections::BTreeMap<String, String>),
+    /// A PodInfoSlice of the WeightedService of that name.
+    PodInfo(String, String),
     /// The agent's Node.
     Node,
     /// A watch (re)listed everything of a kind: look at everything again.
@@ -58,10 +62,14 @@ pub struct Stores {
     pub weighted_services: Store<WeightedService>,
     /// Services the controller owns (label [`OWNER_LABEL`]).
     pub services: Store<Service>,
-    /// EndpointSlices (label [`SERVICE_NAME_LABEL`]), by Service.
+    /// EndpointSlices of the Services the controller owns (label
+    /// [`OWNER_LABEL`], which the EndpointSlice controller copies from them), by Service.
     pub slices: SliceCache,
-    /// Pod metadata.
-    pub pods: PodCache,
+    /// EndpointSlices of WeightedServices without a selector (written by
+    /// their owners, without our label), by Service.
+    pub selectorless_slices: SelectorlessSlices,
+    /// What the controller published of the pods behind each WeightedService.
+    pub pod_infos: PodInfoCache,
     /// The agent's own Node, if watched.
     pub node: Option<Store<Node>>,
 }
@@ -73,7 +81,7 @@ impl Stores {
         self.weighted_services.wait_until_ready().await.map_err(stopped)?;
         self.services.wait_until_ready().await.map_err(stopped)?;
         self.slices.wait_until_ready().await.map_err(|_| WatchesStopped)?;
-        self.pods.wait_until_ready().await.map_err(|_| WatchesStopped)?;
+        self.pod_infos.wait_until_ready().await.map_err(|_| WatchesStopped)?;
         if let Some(node) = &self.node {
             node.wait_until_ready().await.map_err(stopped)?;
         }
@@ -88,9 +96,21 @@ impl Stores {
         is_controlled_by(&service, ws).then_some(service)
     }
 
-    /// Labels and creation time of a pod.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<PodMeta> {
-        self.pods.get(namespace, name)
+    /// The EndpointSlices of `ws`'s Service; `None` while a WeightedService
+    /// without a selector waits for the watch of its slices to list.
+    pub fn slices_of(&self, ws: &WeightedService) -> Option<Vec<Arc<EndpointSlice>>> {
+        let (namespace, name) = (ws.namespace().unwrap_or_default(), ws.name_any());
+        let mut slices = self.slices.slices_of(&namespace, &name);
+        if ws.spec.service.selector.as_ref().is_none_or(|s| s.is_empty()) {
+            slices.extend(self.selectorless_slices.slices_of(&namespace, &name)?);
+        }
+        Some(slices)
+    }
+
+    /// Labels, creation and ready-since time of a pod behind the
+    /// WeightedService `ws`, as the controller published them.
+    pub fn pod(&self, namespace: &str, ws: &str, name: &str) -> Option<PodMeta> {
+        self.pod_infos.get(namespace, ws, name)
     }
 
     /// The agent's Node: name, zone and labels.
@@ -107,6 +127,11 @@ impl Stores {
             labels,
         }
     }
+}
+
+/// Whether a Service selector selects a pod with `labels` (no selector: any pod).
+pub fn selects(selector: Option<&std::collections::BTreeMap<String, String>>, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    selector.filter(|s| !s.is_empty()).is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 /// A watch stopped before its first full list (the process is ending).
@@ -148,6 +173,14 @@ impl Fingerprints {
     }
 }
 
+/// How every watch here lists: from the API server's watch cache
+/// (`resourceVersion=0`), not with a consistent read from etcd. After an API
+/// server restart every agent relists at once; served from the cache, that
+/// costs etcd nothing. (The watcher's retries already back off with jitter.)
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default().any_semantic()
+}
+
 /// Start watching. Returns the caches and the future that drives the watches
 /// (it runs until the process ends); every change is passed to `changed`.
 pub fn watch(
@@ -157,7 +190,7 @@ pub fn watch(
     changed: impl Fn(Change) + Send + Sync + 'static,
 ) -> (Stores, impl std::future::Future<Output = ()> + Send) {
     let changed = Arc::new(changed);
-    let config = watcher::Config::default();
+    let config = watch_config();
 
     let (weighted_services, ws_stream) = reflect(
         "WeightedService",
@@ -170,11 +203,20 @@ pub fn watch(
         metrics.clone(),
     );
     let (slices, slice_stream) = reflect_slices(
-        watcher(Api::<EndpointSlice>::all(client.clone()), config.clone().labels(SERVICE_NAME_LABEL)),
+        watcher(Api::<EndpointSlice>::all(client.clone()), config.clone().labels(OWNER_LABEL)),
         metrics.clone(),
     );
-    let (pods, pod_stream) =
-        reflect_pods(watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), config.clone()), metrics.clone());
+    let selectorless_slices = SelectorlessSlices::default();
+    let (selectorless_names, names_rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let selectorless_watch = selectorless::drive(
+        client.clone(),
+        selectorless_slices.clone(),
+        names_rx,
+        metrics.clone(),
+        changed.clone(),
+    );
+    let (pod_infos, pod_info_stream) =
+        reflect_pod_infos(watcher(Api::<PodInfoSlice>::all(client.clone()), config.clone().labels(OWNER_LABEL)), metrics.clone());
     let node_watch = node_name.map(|name| {
         reflect(
             "Node",
@@ -184,21 +226,30 @@ pub fn watch(
     });
     let node = node_watch.as_ref().map(|(store, _)| store.clone());
 
-    let stores = Stores { weighted_services, services, slices, pods, node };
+    let stores = Stores { weighted_services, services, slices, selectorless_slices, pod_infos, node };
     let c = changed.clone();
     let ws_cache = stores.weighted_services.clone();
     let mut fingerprints = Fingerprints::default();
     let ws_changes = ws_stream.for_each(move |ws| {
-        match ws {
-            None => c(Change::All),
+        let changed = match ws {
+            None => {
+                c(Change::All);
+                true
+            }
             Some(ws) => {
                 let (namespace, name) = (ws.namespace().unwrap_or_default(), ws.name_any());
                 // Deleted when the cache no longer has it.
                 let present = ws_cache.get(&ObjectRef::new(&name).within(&namespace));
-                if fingerprints.changed((namespace.clone(), name.clone()), present.as_deref()) {
+                let changed = fingerprints.changed((namespace.clone(), name.clone()), present.as_deref());
+                if changed {
                     c(Change::WeightedService(namespace, name));
                 }
+                changed
             }
+        };
+        if changed {
+            let names = selectorless::selectorless_names(ws_cache.state().iter().map(|ws| ws.as_ref()));
+            selectorless_names.send_if_modified(|current| std::mem::replace(current, names.clone()) != names);
         }
         async {}
     });
@@ -209,22 +260,21 @@ pub fn watch(
     });
     let c = changed.clone();
     let slice_changes = slice_stream.for_each(move |slice| {
-        match slice {
-            None => c(Change::All),
-            Some(slice) => {
-                if let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) {
-                    c(Change::Slices(slice.namespace().unwrap_or_default(), service.clone()));
-                }
-            }
+        if let Some(change) = slice_change(slice) {
+            c(change);
         }
         async {}
     });
     let c = changed.clone();
-    let pod_changes = pod_stream.for_each(move |pod| {
-        c(pod.map_or(Change::All, |pod| {
-            let labels = pod.metadata.labels.unwrap_or_default();
-            Change::Pod(pod.metadata.namespace.unwrap_or_default(), labels)
-        }));
+    let pod_info_changes = pod_info_stream.for_each(move |slice| {
+        match slice {
+            None => c(Change::All),
+            Some(slice) => {
+                if let Some(ws) = slice.labels().get(OWNER_LABEL) {
+                    c(Change::PodInfo(slice.namespace().unwrap_or_default(), ws.clone()));
+                }
+            }
+        }
         async {}
     });
     let c = changed;
@@ -239,9 +289,16 @@ pub fn watch(
         }
     };
     let drive = async move {
-        futures::join!(ws_changes, svc_changes, slice_changes, pod_changes, node_changes);
+        futures::join!(ws_changes, svc_changes, slice_changes, pod_info_changes, node_changes, selectorless_watch);
     };
     (stores, drive)
+}
+
+/// What an EndpointSlice watch's change (`None`: a relist) means for the work loop.
+pub(crate) fn slice_change(slice: Option<EndpointSlice>) -> Option<Change> {
+    let Some(slice) = slice else { return Some(Change::All) };
+    let service = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some(Change::Slices(slice.namespace().unwrap_or_default(), service.clone()))
 }
 
 /// Dropping, before an object is cached, the fields the agent and the
@@ -332,11 +389,32 @@ impl Trim for Service {
 }
 
 impl Trim for WeightedService {
-    /// The agent reads the spec, never the status the controller writes (the
-    /// controller keeps its own cache). The uid is kept: it tells a
-    /// WeightedService from one re-created under the same name.
+    /// The agent reads the spec, and of the status the controller writes only
+    /// whether the policy works cluster-wide (`PolicyReady`'s status and
+    /// reason, the module's hash): a failure the controller reports already
+    /// is not reported again by every node. Shares and messages, which change
+    /// at every rollout step, are dropped (the controller keeps its own
+    /// cache). The uid is kept: it tells a WeightedService from one re-created
+    /// under the same name.
     fn trim(&mut self) {
-        self.status = None;
+        if let Some(status) = self.status.take() {
+            let conditions: Vec<_> = status
+                .conditions
+                .into_iter()
+                .filter(|c| c.type_ == crate::status::POLICY_READY)
+                .map(|c| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                    message: String::new(),
+                    last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                    ),
+                    observed_generation: None,
+                    ..c
+                })
+                .collect();
+            if !conditions.is_empty() || status.policy.is_some() {
+                self.status = Some(crate::crd::WeightedServiceStatus { policy: status.policy, conditions, ..Default::default() });
+            }
+        }
         self.metadata.resource_version = None;
         self.metadata.finalizers = None;
     }
@@ -418,7 +496,10 @@ mod tests {
             "apiVersion": "codesink.net/v1alpha1", "kind": "WeightedService",
             "metadata": {"name": "web", "namespace": "shop", "uid": "u-1", "resourceVersion": status_message},
             "spec": {"selector": {"app": "web"}, "weights": [{"weight": weight, "selector": {"env": "prod"}}]},
-            "status": {"message": status_message},
+            "status": {"message": status_message, "groups": [{"endpoints": 2, "share": 0.5}], "conditions": [{
+                "type": "PolicyReady", "status": "True", "reason": "Evaluated", "message": status_message,
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }]},
         }))
         .expect("a WeightedService");
         strip(&mut ws);
@@ -426,13 +507,27 @@ mod tests {
     }
 
     #[test]
+    fn selectors_match_labels() {
+        let labels: std::collections::BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let selector: std::collections::BTreeMap<String, String> = labels.clone();
+        assert!(selects(Some(&selector), &labels));
+        assert!(selects(None, &labels));
+        assert!(selects(Some(&std::collections::BTreeMap::new()), &labels));
+        assert!(!selects(Some(&[("app".to_string(), "db".to_string())].into()), &labels));
+    }
+
+    #[test]
     fn a_status_write_is_not_a_change_for_the_agent() {
         let mut seen = Fingerprints::default();
         let key = || ("shop".to_string(), "web".to_string());
         assert!(seen.changed(key(), Some(&ws(10, "1"))), "first seen");
-        assert!(!seen.changed(key(), Some(&ws(10, "2"))), "only the status and resourceVersion changed");
+        assert!(!seen.changed(key(), Some(&ws(10, "2"))), "only the status message and resourceVersion changed");
         assert!(seen.changed(key(), Some(&ws(20, "3"))), "the spec changed");
         assert!(seen.changed(key(), None::<&WeightedService>), "deleted");
         assert!(seen.changed(key(), Some(&ws(20, "4"))), "created again");
+        let mut failing = ws(20, "5");
+        failing.status.as_mut().expect("the PolicyReady condition is kept").conditions[0].status = "False".into();
+        assert!(seen.changed(key(), Some(&failing)), "the policy fails cluster-wide: the agent needs to know");
+        assert!(ws(20, "6").status.expect("kept").groups.is_empty(), "shares are dropped");
     }
 }

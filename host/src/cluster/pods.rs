@@ -119,11 +119,13 @@ impl<O: PodObject> Index for Pods<O> {
         pod.trim();
     }
 
-    fn insert(&mut self, pod: Self::Object) {
+    /// False when the pod's labels, creation and ready-since time are as
+    /// before: most pod updates (status, container restarts) change none.
+    fn insert(&mut self, pod: Self::Object) -> bool {
         let ready_since = pod.ready_since();
         let meta = pod.into_meta();
         let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else {
-            return;
+            return true;
         };
         let entry = Entry {
             labels: self.label_sets.share(meta.labels.unwrap_or_default()),
@@ -131,8 +133,16 @@ impl<O: PodObject> Index for Pods<O> {
             ready_since,
         };
         let pods = self.by_namespace.entry(namespace.into_boxed_str()).or_default();
-        if pods.insert(name.into_boxed_str(), entry).is_none() {
-            self.len += 1;
+        match pods.insert(name.into_boxed_str(), entry.clone()) {
+            None => {
+                self.len += 1;
+                true
+            }
+            Some(before) => {
+                !(Arc::ptr_eq(&before.labels, &entry.labels)
+                    && before.created == entry.created
+                    && before.ready_since == entry.ready_since)
+            }
         }
     }
 
@@ -185,6 +195,19 @@ impl<O: PodObject> Indexed<Pods<O>> {
             created: entry.created,
             ready_since: entry.ready_since,
         })
+    }
+
+    /// The pods of `namespace` for which `keep(labels)` is true, by name.
+    pub fn matching(&self, namespace: &str, keep: impl Fn(&Labels) -> bool) -> Vec<(String, PodMeta)> {
+        let pods = self.read();
+        let Some(in_namespace) = pods.by_namespace.get(namespace) else { return Vec::new() };
+        in_namespace
+            .iter()
+            .filter(|(_, entry)| keep(&entry.labels))
+            .map(|(name, entry)| {
+                (name.to_string(), PodMeta { labels: entry.labels.clone(), created: entry.created, ready_since: entry.ready_since })
+            })
+            .collect()
     }
 
     /// How many distinct label maps the cached pods have.
@@ -252,6 +275,25 @@ mod tests {
         assert_eq!(a.created, Some(Timestamp::UNIX_EPOCH));
         assert_eq!(cache.get("blog", "web-1").expect("blog's").labels.get("app").map(String::as_str), Some("blog"));
         assert_eq!(cache.label_sets(), 2);
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_kept_is_not_passed_on() {
+        let (cache, changes) = run(vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(pod("shop", "web-1", &[("app", "web")])),
+            watcher::Event::InitDone,
+            // A status update: the metadata kept is the same.
+            watcher::Event::Apply(pod("shop", "web-1", &[("app", "web")])),
+            watcher::Event::Apply(pod("shop", "web-1", &[("app", "web"), ("env", "canary")])),
+            watcher::Event::Apply(pod("shop", "web-2", &[("app", "web")])),
+            watcher::Event::Delete(pod("shop", "web-2", &[("app", "web")])),
+        ]);
+        assert_eq!(changes, [None, Some("web-1".into()), Some("web-2".into()), Some("web-2".into())]);
+        assert_eq!(cache.len(), 1);
+        let matching = cache.matching("shop", |labels| labels.get("env").is_some());
+        assert_eq!(matching.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["web-1"]);
+        assert!(cache.matching("blog", |_| true).is_empty());
     }
 
     #[test]

@@ -44,16 +44,17 @@ impl Index for Slices {
     /// was about 10 MiB. A slice without name, namespace or service-name label
     /// is not kept (the watch selects on the label, so the API server sends
     /// none such).
-    fn insert(&mut self, slice: EndpointSlice) {
+    fn insert(&mut self, slice: EndpointSlice) -> bool {
         self.remove(&slice);
         let (Some(namespace), Some(name), Some(service)) =
             (slice.metadata.namespace.as_deref(), slice.metadata.name.as_deref(), service_of(&slice))
         else {
-            return;
+            return true;
         };
         let (namespace, name, service): (Box<str>, Box<str>, Box<str>) = (namespace.into(), name.into(), service.into());
         self.service_of.insert((namespace.clone(), name.clone()), service.clone());
         self.by_service.entry((namespace, service)).or_default().insert(name, Arc::new(slice.clone()));
+        true
     }
 
     /// Forget `slice` (found by namespace and name, wherever it is filed).

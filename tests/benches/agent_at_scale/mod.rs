@@ -7,7 +7,9 @@
 //!
 //! `PREFIX_SERVICES` WeightedServices of `PREFIX_PODS` pods each in the test
 //! API server, their Services (as the controller creates them: owned,
-//! labelled), the kube-proxy emulator programming the virtual services and
+//! labelled) and the PodInfoSlices the controller publishes of their pods
+//! (made with its own functions, from the pods loaded: the agent watches no
+//! pods), the kube-proxy emulator programming the virtual services and
 //! destinations (scheduler wrr, as the README advises), and one
 //! `ipvs-operator agent` with its default drift interval (2 s).
 //!
@@ -28,9 +30,11 @@
 //!   edit is in the kernel, and its writes (only the edits' destinations);
 //! - (`PREFIX_CHURN_SECONDS` > 0) the controller: started on the whole
 //!   cluster (it applies every Service and writes every status: how long
-//!   that takes), then pods' `env` labels flipped every 100 ms across the
-//!   WeightedServices: the controller's status writes per second during the
-//!   churn (from the test API server's request log) against the changes made;
+//!   that takes; the PodInfoSlices it finds are already what it would
+//!   publish, so it writes none), then pods' `env` labels flipped every 100 ms
+//!   across the WeightedServices: the controller's status and PodInfoSlice
+//!   writes per second during the churn (from the test API server's request
+//!   log) against the changes made;
 //! - (`PREFIX_PERF=1` and a `perf` binary in the VM: `make bench-scale` adds the
 //!   host's) a profile of the agent (`perf record`, 99 Hz, DWARF call graphs)
 //!   during a second restart and during an idle window: where its time goes,
@@ -57,8 +61,9 @@
 //! count) against the latter.
 //!
 //! Pods have no network-namespace backends (weights need none), and the
-//! controller runs only in the churn phase (the Services it would create are
-//! loaded directly): the CPU is the agent's. Writes `target/bench/NAME.json`.
+//! controller runs only in the churn phase (the Services and PodInfoSlices it
+//! would write are loaded directly): the CPU is the agent's. Writes
+//! `target/bench/NAME.json`.
 //! `PREFIX_AGENT_LOG=1` prints the agent's log and `PREFIX_SMAPS=1` its largest
 //! mappings.
 
@@ -68,10 +73,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ipvs::{IpvsClient, ServiceKey, Write};
-use ipvs_operator::crd::WeightedService;
+use ipvs_operator::cluster::selects;
+use ipvs_operator::crd::{PodInfo, WeightedService};
+use ipvs_operator::pod_info::{plan_slices, pod_info, slice_object};
+use ipvs_operator::snapshot::PodMeta;
 use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks, status_kib};
 use ipvs_operator_tests::testbed::{Testbed, TestbedConfig, NODE_NAME};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
 use serde_json::{json, Value};
 
 /// A bench: its name (of the JSON file), the prefix of its environment
@@ -236,6 +246,47 @@ fn services_manifest(bed: &Testbed) -> String {
         })
         .collect();
     json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+}
+
+/// What the controller reads of a pod (its pod watch): labels, creation time,
+/// and since when it has been Ready (its Ready condition's transition time).
+fn pod_meta(pod: &Pod) -> PodMeta {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    let ready = conditions.and_then(|c| c.iter().find(|c| c.type_ == "Ready"));
+    PodMeta {
+        labels: std::sync::Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+        created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        ready_since: ready.filter(|c| c.status == "True").and_then(|c| c.last_transition_time.as_ref()).map(|t| t.0),
+    }
+}
+
+/// The PodInfoSlices the controller would publish for the WeightedServices
+/// (the agent reads its pods' labels from them, and watches no pods): made
+/// with the controller's own functions from the pods the API server holds,
+/// each WeightedService's selected pods in slices of at most 100, labelled
+/// and owned. The controller, started later, finds nothing to write in them.
+fn pod_info_slices_manifest(bed: &Testbed) -> Result<String> {
+    let mut pods: BTreeMap<String, Vec<(String, PodMeta)>> = BTreeMap::new();
+    for value in bed.handle().list("pods", None) {
+        let pod: Pod = serde_json::from_value(value).context("a pod of the API server")?;
+        pods.entry(pod.namespace().unwrap_or_default()).or_default().push((pod.name_any(), pod_meta(&pod)));
+    }
+    let mut items = Vec::new();
+    for value in bed.handle().list("weightedservices", None) {
+        let ws: WeightedService = serde_json::from_value(value).context("a WeightedService of the API server")?;
+        let selector = ws.spec.service.selector.as_ref().filter(|s| !s.is_empty());
+        let selected: Vec<PodInfo> = pods
+            .get(&ws.namespace().unwrap_or_default())
+            .into_iter()
+            .flatten()
+            .filter(|(_, meta)| selector.is_some() && selects(selector, &meta.labels))
+            .map(|(name, meta)| pod_info(name, meta))
+            .collect();
+        for (name, pods) in plan_slices(&ws.name_any(), &[], selected).writes {
+            items.push(serde_json::to_value(slice_object(&ws, &name, pods))?);
+        }
+    }
+    Ok(json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string())
 }
 
 /// What the kernel must show for WeightedService `i` in `phase`.
@@ -425,6 +476,12 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
     let started = Instant::now();
     bed.handle().load_manifests(&cluster(services, pods)).context("loading the WeightedServices and pods")?;
     bed.handle().load_manifests(&services_manifest(bed)).context("loading the Services")?;
+    bed.handle().load_manifests(&pod_info_slices_manifest(bed)?).context("loading the PodInfoSlices")?;
+    let published: usize =
+        bed.handle().list("podinfoslices", None).iter().map(|s| s["spec"]["pods"].as_array().map_or(0, Vec::len)).sum();
+    if published != endpoints {
+        bail!("the PodInfoSlices hold {published} pods, not {endpoints}");
+    }
     let vips: Vec<IpAddr> = (0..services)
         .map(|i| {
             let (ns, name) = ws_id(i);
@@ -438,7 +495,7 @@ fn run(bed: &mut Testbed, params: &Params, run_started: Instant, phase: &dyn Fn(
     if sliced != endpoints {
         bail!("the EndpointSlices hold {sliced} endpoints, not {endpoints}");
     }
-    phase(&format!("loaded {services} WeightedServices, Services and {endpoints} pods"), started);
+    phase(&format!("loaded {services} WeightedServices, Services, {endpoints} pods and their PodInfoSlices"), started);
 
     // kube-proxy programs the virtual services and destinations.
     let started = Instant::now();
@@ -971,6 +1028,12 @@ fn status_writes(bed: &Testbed) -> usize {
     bed.handle().requests().iter().filter(|r| is_status_write(r)).count()
 }
 
+/// The controller's writes of PodInfoSlices (applies and deletes).
+fn pod_info_writes(bed: &Testbed) -> usize {
+    let requests = bed.handle().requests();
+    requests.iter().filter(|r| r.resource == "podinfoslices" && matches!(r.verb.as_str(), "patch" | "delete")).count()
+}
+
 /// The controller on the whole cluster, then pod label churn: its status writes per second.
 fn controller_phase(bed: &mut Testbed, params: &Params, phase: &dyn Fn(&str, Instant)) -> Result<Value> {
     let started = Instant::now();
@@ -987,10 +1050,19 @@ fn controller_phase(bed: &mut Testbed, params: &Params, phase: &dyn Fn(&str, Ins
     })?;
     let initial_writes = last.0;
     let initial_seconds = last.1.duration_since(started).as_secs_f64();
+    // The PodInfoSlices loaded are what it publishes: it rewrites none.
+    let initial_pod_info_writes = pod_info_writes(bed);
+    if initial_pod_info_writes > 0 {
+        eprintln!(
+            "{}: the controller rewrote {initial_pod_info_writes} PodInfoSlices at start: the bench's disagree with its own",
+            params.name
+        );
+    }
     phase("the controller's first statuses", started);
 
     // Churn: every 100 ms one pod's `env` label flips (prod <-> canary).
     let before = status_writes(bed);
+    let pod_info_before = pod_info_writes(bed);
     let agent_writes_before = metric(bed, "ipvs_operator_netlink_writes_total", "kind=\"weight\"");
     let churn_started = Instant::now();
     let mut flipped: std::collections::HashSet<usize> = std::collections::HashSet::new();
@@ -1018,6 +1090,7 @@ fn controller_phase(bed: &mut Testbed, params: &Params, phase: &dyn Fn(&str, Ins
     }
     let churn_elapsed = churn_started.elapsed();
     let during = status_writes(bed) - before;
+    let pod_info_during = pod_info_writes(bed) - pod_info_before;
     // What the churn's last changes still cause.
     std::thread::sleep(Duration::from_secs(10));
     let after = status_writes(bed) - before;
@@ -1026,13 +1099,15 @@ fn controller_phase(bed: &mut Testbed, params: &Params, phase: &dyn Fn(&str, Ins
     let rate = during as f64 / churn_elapsed.as_secs_f64();
     phase("the controller under churn", churn_started);
     eprintln!(
-        "{}: controller: {initial_writes} status writes in {initial_seconds:.1} s at start; under churn ({:.1} label flips/s on {} WeightedServices) {rate:.2} status writes/s",
+        "{}: controller: {initial_writes} status writes in {initial_seconds:.1} s at start; under churn ({:.1} label flips/s on {} WeightedServices) {rate:.2} status writes/s, {:.2} PodInfoSlice writes/s",
         params.name,
         changes as f64 / churn_elapsed.as_secs_f64(),
-        touched.len()
+        touched.len(),
+        pod_info_during as f64 / churn_elapsed.as_secs_f64()
     );
     Ok(json!({
         "initialStatusWrites": initial_writes,
+        "initialPodInfoSliceWrites": initial_pod_info_writes,
         "initialSeconds": round(initial_seconds),
         "churnSeconds": round(churn_elapsed.as_secs_f64()),
         "churnChanges": changes,
@@ -1042,6 +1117,8 @@ fn controller_phase(bed: &mut Testbed, params: &Params, phase: &dyn Fn(&str, Ins
         "statusWritesPerSecond": round(rate),
         "statusWritesPerChange": round(during as f64 / changes.max(1) as f64),
         "statusWritesIncludingTail10s": after,
+        // Each flip changes one pod's labels: one slice rewritten (agents see it there).
+        "podInfoSliceWritesDuringChurn": pod_info_during,
         "agentWeightWritesDuringChurn": agent_writes,
     }))
 }

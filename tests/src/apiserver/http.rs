@@ -306,6 +306,15 @@ async fn dispatch(h: Handle, req: Request<Incoming>) -> Response<Body> {
         }
     };
     rec.code = resp.status().as_u16();
+    if !rec.resource.is_empty() {
+        let bytes = if watch { 0 } else { hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0) };
+        let items = resp.extensions().get::<ListItems>().map_or(0, |n| n.0);
+        h.count_traffic(&rec.user_agent, &rec.resource, |t| {
+            t.requests += 1;
+            t.response_bytes += bytes;
+            t.list_items += items;
+        });
+    }
     tracing::debug!(verb = %rec.verb, path = %rec.path, code = rec.code, "request");
     lock(&h.0.record).push(rec);
     resp
@@ -599,8 +608,14 @@ fn list(h: &Handle, t: &Target, query: &HashMap<String, String>, render: Render,
             None => Value::Null,
         },
     };
-    Ok(respond(200, content_type_for(render), serde_json::to_vec(&body).unwrap_or_default()))
+    let mut resp = respond(200, content_type_for(render), serde_json::to_vec(&body).unwrap_or_default());
+    resp.extensions_mut().insert(ListItems(items.len() as u64));
+    Ok(resp)
 }
+
+/// How many objects a list response holds, for the traffic log.
+#[derive(Clone, Copy)]
+struct ListItems(u64);
 
 /// An object as a non-Table rendering shows it.
 fn render_one(obj: &Value, render: Render) -> Value {
@@ -639,13 +654,15 @@ struct EventSink {
     tx: tokio::sync::mpsc::Sender<(tokio::time::Instant, Chunk)>,
     h: Handle,
     user_agent: String,
+    /// The resource watched, for the traffic log.
+    resource: String,
     /// When the last event goes out: no event overtakes another.
     last: tokio::time::Instant,
 }
 
 impl EventSink {
     /// Starts the forwarding task into `out`.
-    fn new(h: Handle, user_agent: &str, out: tokio::sync::mpsc::Sender<Chunk>) -> Self {
+    fn new(h: Handle, user_agent: &str, resource: &str, out: tokio::sync::mpsc::Sender<Chunk>) -> Self {
         // Room for a lagging stream's backlog; beyond it the producer waits, as
         // it waits for a slow client.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Chunk)>(1024);
@@ -660,11 +677,14 @@ impl EventSink {
                 }
             }
         });
-        Self { tx, h, user_agent: user_agent.to_string(), last: tokio::time::Instant::now() }
+        Self { tx, h, user_agent: user_agent.to_string(), resource: resource.to_string(), last: tokio::time::Instant::now() }
     }
 
     /// Sends a chunk at its time; `false` once the client is gone.
     async fn send(&mut self, chunk: Chunk) -> bool {
+        if let Ok(bytes) = &chunk {
+            self.h.count_traffic(&self.user_agent, &self.resource, |t| t.watch_bytes += bytes.len() as u64);
+        }
         let due = tokio::time::Instant::now() + self.h.0.watch_delay(&self.user_agent);
         self.last = self.last.max(due);
         self.tx.send((self.last, chunk)).await.is_ok()
@@ -672,6 +692,9 @@ impl EventSink {
 
     /// Sends an event line at its time; `false` once the client is gone.
     async fn event(&mut self, etype: &str, obj: &Value) -> bool {
+        if !matches!(etype, "BOOKMARK" | "ERROR") {
+            self.h.count_traffic(&self.user_agent, &self.resource, |t| t.watch_events += 1);
+        }
         self.send(Ok(event_line(etype, obj))).await
     }
 
@@ -716,7 +739,7 @@ fn start_watch(
     let h2 = h.clone();
     let t2 = t.clone();
     let mut encoder = EventEncoder { render, columns, include, headers_sent: false };
-    let mut sink = EventSink::new(h.clone(), user_agent, tx);
+    let mut sink = EventSink::new(h.clone(), user_agent, KINDS[t.kind].plural, tx);
     tokio::spawn(async move {
         if let Some(msg) = gone {
             let _ = sink.event("ERROR", &ApiError::gone(msg).to_status()).await;

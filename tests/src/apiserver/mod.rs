@@ -38,6 +38,7 @@ mod loader;
 mod openapi;
 pub mod patch;
 pub mod resources;
+pub mod traffic;
 mod schema;
 pub mod selector;
 mod service_validation;
@@ -65,8 +66,31 @@ pub use store::Grace;
 
 use store::{Key, Store};
 
-/// The operator's CustomResourceDefinition, as `make crd` generates it.
+/// The operator's CustomResourceDefinitions, as `make crd` generates them:
+/// deploy/crd.yaml, several YAML documents (WeightedService, PodInfoSlice);
+/// [`operator_crds`] gives them one by one.
 pub const OPERATOR_CRD: &str = include_str!("../../../deploy/crd.yaml");
+
+/// The operator's CustomResourceDefinitions ([`OPERATOR_CRD`]), each its own
+/// YAML document, in the file's order.
+pub fn operator_crds() -> Vec<String> {
+    yaml_documents(OPERATOR_CRD)
+}
+
+/// The documents of a multi-document YAML text, split on lines that are
+/// exactly `---` (as `ipvs-operator crd` separates them); empty ones dropped.
+pub fn yaml_documents(yaml: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in yaml.split_inclusive('\n') {
+        if line.trim_end_matches(['\r', '\n']) == "---" {
+            docs.push(String::new());
+        } else if let Some(doc) = docs.last_mut() {
+            doc.push_str(line);
+        }
+    }
+    docs.retain(|d| !d.trim().is_empty());
+    docs
+}
 
 /// An IPv4 range, `a.b.c.d/n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,11 +243,12 @@ pub struct Config {
     pub namespace_cleanup: Duration,
     /// The version `/version` reports.
     pub version: (u32, u32),
-    /// CustomResourceDefinitions (YAML documents) stored at start, as on a
-    /// cluster where they are installed (default: the operator's, from
-    /// deploy/crd.yaml). Custom resources are pruned, defaulted and validated
-    /// against their stored CRD; a test that installs the CRD itself (as
-    /// `kubectl apply -k deploy/` does) starts with none.
+    /// CustomResourceDefinitions (YAML, a string may hold several documents)
+    /// stored at start, as on a cluster where they are installed (default:
+    /// the operator's, from deploy/crd.yaml: [`operator_crds`]). Custom
+    /// resources are pruned, defaulted and validated against their stored
+    /// CRD; a test that installs the CRDs itself (as `kubectl apply -k
+    /// deploy/` does) starts with none.
     pub crds: Vec<String>,
     /// How many endpoints an EndpointSlice holds at most (default 100, the
     /// real controller's `--max-endpoints-per-slice`).
@@ -260,7 +285,7 @@ impl Default for Config {
             max_events: 10_000,
             namespace_cleanup: Duration::ZERO,
             version: (1, 37),
-            crds: vec![OPERATOR_CRD.to_string()],
+            crds: operator_crds(),
             max_endpoints_per_slice: 100,
             endpoint_slice_delay: Duration::from_millis(50),
             seed: None,
@@ -391,6 +416,7 @@ pub(crate) struct Shared {
     pub faults: Mutex<Faults>,
     pub lag: Mutex<LagState>,
     pub record: Mutex<Vec<RequestRecord>>,
+    pub traffic: Mutex<traffic::TrafficLog>,
     pub changed: tokio::sync::watch::Receiver<u64>,
     pub closer: tokio::sync::watch::Sender<(u64, CloseMode)>,
     pub url: String,
@@ -582,6 +608,26 @@ impl Handle {
     pub fn clear_requests(&self) {
         lock(&self.0.record).clear();
     }
+
+    /// What the server sent each client (by User-Agent) of each resource since
+    /// it started or [`reset_traffic`](Self::reset_traffic) was last called.
+    pub fn traffic(&self) -> traffic::TrafficLog {
+        lock(&self.0.traffic).clone()
+    }
+
+    /// Starts the traffic log afresh.
+    pub fn reset_traffic(&self) {
+        lock(&self.0.traffic).clear();
+    }
+
+    /// Adds to the traffic log of `user_agent` and `resource`.
+    pub(crate) fn count_traffic(&self, user_agent: &str, resource: &str, add: impl FnOnce(&mut traffic::Traffic)) {
+        let mut log = lock(&self.0.traffic);
+        match log.get_mut(&(user_agent.to_string(), resource.to_string())) {
+            Some(t) => add(t),
+            None => add(log.entry((user_agent.to_string(), resource.to_string())).or_default()),
+        }
+    }
 }
 
 /// A running test API server. Dropping it stops it.
@@ -620,6 +666,7 @@ impl TestApiServer {
             faults: Mutex::new(Faults::default()),
             lag: Mutex::new(LagState::new(seed)),
             record: Mutex::new(Vec::new()),
+            traffic: Mutex::new(traffic::TrafficLog::new()),
             changed: changed_rx,
             closer,
             url: format!("http://{}", SocketAddr::new(host, addr.port())),

@@ -62,6 +62,8 @@ const fn kind(
 /// Every kind served. Index into this table is a kind's id in the store.
 pub static KINDS: &[ResourceKind] = &[
     kind("codesink.net", "v1alpha1", "weightedservices", "weightedservice", "WeightedService", true, true, &["wsvc"]),
+    // What the controller publishes of each WeightedService's pods for the agents (no status).
+    kind("codesink.net", "v1alpha1", "podinfoslices", "podinfoslice", "PodInfoSlice", true, false, &[]),
     kind("", "v1", "services", "service", "Service", true, true, &["svc"]),
     kind("", "v1", "pods", "pod", "Pod", true, true, &["po"]),
     kind("", "v1", "nodes", "node", "Node", false, true, &["no"]),
@@ -207,6 +209,11 @@ mod test {
     fn lookups() {
         assert_eq!(find_by_kind("codesink.net/v1alpha1", "WeightedService"), Some(0));
         assert_eq!(KINDS[0].qualified_plural(), "weightedservices.codesink.net");
+        let slices = find_by_kind("codesink.net/v1alpha1", "PodInfoSlice").expect("PodInfoSlices are served");
+        assert_eq!(KINDS[slices].qualified_plural(), "podinfoslices.codesink.net");
+        assert!(KINDS[slices].namespaced && !KINDS[slices].status);
+        assert_eq!(find("codesink.net", "v1alpha1", "podinfoslices"), Some(slices));
+        assert!(!strategic_merge_patch(slices), "a custom resource takes no strategic merge patch");
         assert_eq!(KINDS[ids::pods()].api_version(), "v1");
         assert!(groups().contains(&("events.k8s.io", "v1")));
     }

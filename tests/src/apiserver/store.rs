@@ -252,7 +252,7 @@ impl Store {
                 tracing::warn!(error = %e, "could not create a configured namespace");
             }
         }
-        for doc in s.cfg.crds.clone() {
+        for doc in s.cfg.crds.iter().flat_map(|crds| super::yaml_documents(crds)).collect::<Vec<_>>() {
             let created = serde_yaml::from_str::<Value>(&doc)
                 .map_err(|e| ApiError::bad_request(format!("a configured CRD is not YAML: {e}")))
                 .and_then(|crd| s.create(ids::crds(), "", crd));
@@ -1309,6 +1309,86 @@ mod test {
         s.expire();
         assert!(s.events_since(&f, after_create).is_err());
         assert!(s.events_since(&f, s.rv).is_ok());
+    }
+
+    fn custom(plural: &str) -> KindId {
+        super::super::resources::find("codesink.net", "v1alpha1", plural).unwrap_or(usize::MAX)
+    }
+
+    /// A PodInfoSlice `web-0` as the controller publishes it for the WeightedService `web` (uid `owner`).
+    fn pod_info_slice(owner: &Value, pods: Value) -> Value {
+        json!({
+            "apiVersion": "codesink.net/v1alpha1", "kind": "PodInfoSlice",
+            "metadata": {
+                "name": "web-0", "namespace": "default", "labels": {"codesink.net/weighted-service": "web"},
+                "ownerReferences": [{"apiVersion": "codesink.net/v1alpha1", "kind": "WeightedService", "name": "web",
+                    "uid": owner, "controller": true, "blockOwnerDeletion": true}],
+            },
+            "spec": {"pods": pods},
+        })
+    }
+
+    /// `PATCH …/podinfoslices/NAME?fieldManager=MANAGER&force=…` with `application/apply-patch+yaml`.
+    fn apply_slice(s: &mut Store, manager: &str, force: bool, slice: &Value) -> Result<(Value, bool), ApiError> {
+        let body = serde_json::to_vec(slice).unwrap_or_default();
+        s.writer = Some(RequestWriter { manager: manager.into(), force });
+        let apply = "application/apply-patch+yaml";
+        let result = s.patch(custom("podinfoslices"), "default", "web-0", apply, &body, Sub::Main, Some(manager));
+        s.writer = None;
+        result
+    }
+
+    #[test]
+    fn pod_info_slices_are_applied_as_the_controller_does_and_collected_with_their_weighted_service() {
+        let mut s = store();
+        let ws = json!({"apiVersion": "codesink.net/v1alpha1", "kind": "WeightedService", "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}],
+                "weights": [{"weight": 1, "selector": {"env": "prod"}}]}});
+        let ws = s.create(custom("weightedservices"), "default", ws).expect("the WeightedService");
+        let owner = ws["metadata"]["uid"].clone();
+
+        // Created by the apply (the CRD in deploy/crd.yaml prunes what it does not know).
+        let pods = json!([
+            {"name": "web-a", "labels": {"env": "prod"}, "created": "2026-01-01T00:00:00Z",
+                "readySince": "2026-01-01T00:00:05Z"},
+            {"name": "web-b", "labels": {"env": "canary"}, "created": "2026-01-01T00:00:01Z", "ip": "10.0.0.1"},
+        ]);
+        let controller = |s: &mut Store, pods: Value| apply_slice(s, "ipvs-operator", true, &pod_info_slice(&owner, pods));
+        let (created, was_created) = controller(&mut s, pods).expect("the apply creates");
+        assert!(was_created);
+        assert_eq!(created["spec"]["pods"][0]["readySince"], "2026-01-01T00:00:05Z");
+        let pruned = json!({"name": "web-b", "labels": {"env": "canary"}, "created": "2026-01-01T00:00:01Z"});
+        assert_eq!(created["spec"]["pods"][1], pruned);
+        let managed = &created["metadata"]["managedFields"];
+        let entry = (managed[0]["manager"].as_str(), managed[0]["operation"].as_str());
+        assert_eq!(entry, (Some("ipvs-operator"), Some("Apply")), "{managed}");
+        assert!(created.get("status").is_none());
+
+        // Replaced as a whole (the list has no list type: atomic); the same apply again writes nothing.
+        let now = json!([{"name": "web-b", "labels": {"env": "prod"}, "created": "2026-01-01T00:00:01Z"}]);
+        let (updated, was_created) = controller(&mut s, now.clone()).expect("the apply updates");
+        assert!(!was_created);
+        assert_eq!(updated["spec"]["pods"], now);
+        let (again, _) = controller(&mut s, now.clone()).expect("the same apply");
+        assert_eq!(again["metadata"]["resourceVersion"], updated["metadata"]["resourceVersion"]);
+
+        // Another manager's apply of the pods conflicts unless forced; the
+        // controller's forced apply takes them back (as after a bench loaded them).
+        let theirs = json!([{"name": "web-c"}]);
+        let conflict = apply_slice(&mut s, "someone", false, &pod_info_slice(&owner, theirs.clone())).expect_err("a conflict");
+        assert_eq!(conflict.code, 409, "{conflict:?}");
+        apply_slice(&mut s, "someone", true, &pod_info_slice(&owner, theirs)).expect("a forced apply");
+        let (back, _) = controller(&mut s, now.clone()).expect("the controller's forced apply");
+        assert_eq!(back["spec"]["pods"], now);
+
+        // A pod without a name is invalid.
+        let invalid = controller(&mut s, json!([{"labels": {}}])).expect_err("invalid");
+        assert_eq!(invalid.code, 422, "{invalid:?}");
+
+        // Deleting the WeightedService collects its slices.
+        s.delete(custom("weightedservices"), "default", "web", DeleteOptions::default()).expect("deleting it");
+        s.reconcile();
+        assert!(s.get(custom("podinfoslices"), "default", "web-0").is_err(), "the slice is collected with its owner");
     }
 
     #[test]

@@ -468,12 +468,25 @@ fn parse_path(path: &str) -> Option<Vec<Step>> {
     let mut rest = p;
     while !rest.is_empty() {
         if let Some(r) = rest.strip_prefix('.') {
-            let end = r.find(['.', '[']).unwrap_or(r.len());
-            let name = &r[..end];
-            match name {
+            // A name runs to the next `.` or `[`; `\.` is a dot in it (a
+            // label key: `.metadata.labels.codesink\.net/weighted-service`).
+            let mut name = String::new();
+            let mut end = r.len();
+            let mut chars = r.char_indices();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => name.push(chars.next()?.1),
+                    '.' | '[' => {
+                        end = i;
+                        break;
+                    }
+                    c => name.push(c),
+                }
+            }
+            match name.as_str() {
                 "" => return None,
-                "*" => steps.push(Step::All),
-                n => steps.push(Step::Field(n.to_string())),
+                "*" if !r.starts_with('\\') => steps.push(Step::All),
+                _ => steps.push(Step::Field(name)),
             }
             rest = &r[end..];
         } else if let Some(r) = rest.strip_prefix("[?(") {
@@ -575,6 +588,12 @@ mod test {
         assert_eq!(get(".status.conditions[0].type"), [json!("PolicyReady")]);
         assert_eq!(get(".status.conditions[*].type"), [json!("PolicyReady"), json!("Ready")]);
         assert_eq!(get("{.status.n}"), [json!(3)]);
+        let slice = json!({"metadata": {"labels": {"codesink.net/weighted-service": "web", "a.b": {"c": 1}}}});
+        let get_slice = |p: &str| eval(&parse_path(p).expect(p), &slice);
+        assert_eq!(get_slice(r".metadata.labels.codesink\.net/weighted-service"), [json!("web")]);
+        assert_eq!(get_slice(r".metadata.labels.a\.b.c"), [json!(1)]);
+        assert!(get_slice(".metadata.labels.codesink.net/weighted-service").is_empty(), "unescaped, the dot separates");
+        assert!(parse_path(r".a\").is_none(), "a trailing backslash escapes nothing");
         assert!(get(".status.missing").is_empty());
         assert!(parse_path(".a[").is_none());
         let typed = |typ: &str, p: &str| cell(&Cell::Path(parse_path(p), typ.to_string()), &ws);

@@ -35,7 +35,8 @@ use ipvs_operator_tests::testbed::{
 };
 use serde_json::{json, Value};
 
-/// The CRD as `ipvs-operator crd` prints it: its printer columns drive the table.
+/// The CRDs as `ipvs-operator crd` prints them: the WeightedService one's
+/// printer columns drive the table.
 const CRD_YAML: &str = include_str!("../../../deploy/crd.yaml");
 
 /// Kinds the demo loads; anything else (an Ingress, say) is skipped with a notice.
@@ -678,7 +679,15 @@ fn elf_facts(elf: &[u8]) -> Option<(Option<String>, bool)> {
 
 /// `kubectl get weightedservices -A`, from the CRD's printer columns.
 fn get_table(items: &[Value]) -> Result<String> {
-    let crd: Value = serde_yaml::from_str(CRD_YAML).context("deploy/crd.yaml")?;
+    let crds = ipvs_operator_tests::apiserver::yaml_documents(CRD_YAML)
+        .iter()
+        .map(|doc| serde_yaml::from_str::<Value>(doc))
+        .collect::<Result<Vec<Value>, _>>()
+        .context("deploy/crd.yaml")?;
+    let crd = crds
+        .into_iter()
+        .find(|crd| crd["spec"]["names"]["kind"] == "WeightedService")
+        .context("deploy/crd.yaml has no WeightedService CRD")?;
     let version = crd["spec"]["versions"].as_array().and_then(|v| v.iter().find(|v| v["served"] == true)).cloned().unwrap_or(Value::Null);
     let columns = version["additionalPrinterColumns"].as_array().cloned().unwrap_or_default();
     let mut rows = vec![
@@ -768,6 +777,14 @@ mod tests {
         assert_eq!(json_path(&ws, ".status.serviceName"), Some(json!("example")));
         assert_eq!(json_path(&ws, ".status.conditions[?(@.type==\"Ready\")].status"), Some(json!("False")));
         assert_eq!(json_path(&ws, ".status.policy.name"), None);
+    }
+
+    #[test]
+    fn the_table_has_the_weighted_service_columns_of_deploy_crd() {
+        let ws = json!({"metadata": {"namespace": "default", "name": "example"}, "status": {"serviceName": "example"}});
+        let table = get_table(&[ws]).expect("the table");
+        let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+        assert_eq!(header, ["NAMESPACE", "NAME", "SERVICE", "POLICY", "READY", "AGE"], "{table}");
     }
 
     #[test]
