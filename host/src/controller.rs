@@ -186,14 +186,12 @@ struct PublishedSlices(Mutex<HashMap<ObjectRef<WeightedService>, Slices>>);
 
 impl PublishedSlices {
     /// The slices of `key` as they are: what was written last, until `cached`
-    /// (the cache's) shows the same (then the cache is the truth again, and
-    /// changes others make are seen and repaired).
+    /// (the cache's, sorted as written) shows the same (then the cache is the
+    /// truth again, and changes others make are seen and repaired).
     fn current(&self, key: &ObjectRef<WeightedService>, cached: Slices) -> Slices {
         let mut published = lock(&self.0);
         let Some(written) = published.get(key) else { return cached };
-        let mut sorted = cached.clone();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        if *written == sorted {
+        if *written == cached {
             published.remove(key);
             return cached;
         }

@@ -10,7 +10,6 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -23,7 +22,7 @@ mod selectorless;
 mod slices;
 pub use indexed::{Index, Indexed, WatchStopped};
 pub use pod_infos::{PodInfoCache, PodInfos, reflect_pod_infos};
-pub use pods::{FullPodCache, PodCache, PodObject, Pods, reflect_pods};
+pub use pods::{FullPodCache, Pods, reflect_pods};
 pub use selectorless::SelectorlessSlices;
 pub use slices::{SliceCache, Slices, reflect_slices};
 
@@ -302,8 +301,8 @@ pub(crate) fn slice_change(slice: Option<EndpointSlice>) -> Option<Change> {
 }
 
 /// Dropping, before an object is cached, the fields the agent and the
-/// controller never read. Every node runs an agent that caches every pod's
-/// metadata and every EndpointSlice: what a real cluster puts in them
+/// controller never read. Every node runs an agent that caches the
+/// EndpointSlices of our Services, and the controller caches every pod: what a real cluster puts in them
 /// (annotations, owner references, uids, hostnames) would be most of the
 /// agent's memory.
 pub trait Trim {
@@ -320,14 +319,7 @@ fn trim_bookkeeping(meta: &mut ObjectMeta) {
     meta.finalizers = None;
 }
 
-impl Trim for PartialObjectMeta<Pod> {
-    /// Only the name, labels and creation (and deletion) time are read.
-    fn trim(&mut self) {
-        trim_pod_meta(&mut self.metadata);
-    }
-}
-
-/// What neither pod cache reads of a pod's metadata.
+/// What the pod cache does not read of a pod's metadata.
 fn trim_pod_meta(meta: &mut ObjectMeta) {
     trim_bookkeeping(meta);
     meta.managed_fields = None;
@@ -336,7 +328,7 @@ fn trim_pod_meta(meta: &mut ObjectMeta) {
 }
 
 impl Trim for Pod {
-    /// The metadata [`PartialObjectMeta<Pod>`] keeps, and the Ready condition.
+    /// Labels, creation (and deletion) time, and the Ready condition.
     fn trim(&mut self) {
         trim_pod_meta(&mut self.metadata);
         self.spec = None;

@@ -20,19 +20,21 @@ use crate::crd::{PodInfo, PodInfoSlice};
 use crate::metrics::Metrics;
 use crate::snapshot::{LabelSets, PodMeta};
 
-/// A WeightedService: (namespace, name).
-type WsKey = (Box<str>, Box<str>);
-
 /// Every this many changes, label maps no pod has any more are dropped.
 const PRUNE_EVERY: u64 = 1024;
 
 /// One slice's pods, by name.
 type SlicePods = HashMap<Box<str>, PodMeta>;
 
-/// Slices by WeightedService, their pods by name.
+/// A WeightedService's slices, by name.
+type WsSlices = BTreeMap<Box<str>, SlicePods>;
+
+/// Slices by namespace and WeightedService (nested, so that a lookup by
+/// `&str`, once per endpoint in the agent's snapshots, allocates nothing),
+/// their pods by name.
 #[derive(Debug, Default)]
 pub struct PodInfos {
-    by_ws: HashMap<WsKey, BTreeMap<Box<str>, SlicePods>>,
+    by_ws: HashMap<Box<str>, HashMap<Box<str>, WsSlices>>,
     /// The WeightedService each slice (namespace, slice name) is filed under.
     ws_of: HashMap<(Box<str>, Box<str>), Box<str>>,
     label_sets: LabelSets,
@@ -69,7 +71,7 @@ impl Index for PodInfos {
             })
             .collect();
         self.ws_of.insert((namespace.clone(), name.clone()), ws.clone());
-        self.by_ws.entry((namespace, ws)).or_default().insert(name, pods);
+        self.by_ws.entry(namespace).or_default().entry(ws).or_default().insert(name, pods);
         true
     }
 
@@ -80,12 +82,15 @@ impl Index for PodInfos {
         let Some(ws) = self.ws_of.remove(&(namespace.into(), name.into())) else {
             return;
         };
-        let key: WsKey = (namespace.into(), ws);
-        if let Some(slices) = self.by_ws.get_mut(&key) {
+        let Some(in_namespace) = self.by_ws.get_mut(namespace) else { return };
+        if let Some(slices) = in_namespace.get_mut(&ws) {
             slices.remove(name);
             if slices.is_empty() {
-                self.by_ws.remove(&key);
+                in_namespace.remove(&ws);
             }
+        }
+        if in_namespace.is_empty() {
+            self.by_ws.remove(namespace);
         }
     }
 
@@ -117,15 +122,14 @@ impl Indexed<PodInfos> {
     /// What the slices of WeightedService `ws` in `namespace` say of pod `pod`.
     pub fn get(&self, namespace: &str, ws: &str, pod: &str) -> Option<PodMeta> {
         let infos = self.read();
-        let slices = infos.by_ws.get(&(Box::from(namespace), Box::from(ws)))?;
-        slices.values().find_map(|pods| pods.get(pod)).cloned()
+        infos.by_ws.get(namespace)?.get(ws)?.values().find_map(|pods| pods.get(pod)).cloned()
     }
 
-    /// The slices of WeightedService `ws` in `namespace`, by name, with their pods
-    /// (sorted by name) as the controller wrote them.
+    /// The slices of WeightedService `ws` in `namespace`, sorted by name, with
+    /// their pods (sorted by name) as the controller wrote them.
     pub fn slices_of(&self, namespace: &str, ws: &str) -> Vec<(String, Vec<PodInfo>)> {
         let infos = self.read();
-        let Some(slices) = infos.by_ws.get(&(Box::from(namespace), Box::from(ws))) else {
+        let Some(slices) = infos.by_ws.get(namespace).and_then(|n| n.get(ws)) else {
             return Vec::new();
         };
         slices

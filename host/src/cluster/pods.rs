@@ -1,26 +1,18 @@
-//! The pod cache: for each pod, its labels, creation time and (where the
-//! watch carries it) since when it has been Ready, and nothing else.
+//! The controller's pod cache: for each pod, its labels, creation time and
+//! since when it has been Ready, and nothing else. (Agents do not watch pods:
+//! the controller publishes this much of the pods behind WeightedServices in
+//! PodInfoSlices, [`super::PodInfoCache`].)
 //!
-//! Every agent caches the metadata of every pod in the cluster (a WeightedService
-//! may select any of them), so this is the largest part of its memory. A
-//! reflector store of `PartialObjectMeta<Pod>` costs about 1.5 KiB per pod even
-//! trimmed (an `ObjectMeta` of mostly empty fields, a label map per pod, the
-//! store's own keys). Here the pods of one ReplicaSet share one label map
-//! (they have the same labels), and a pod costs its name, a pointer and two times.
-//!
-//! The agent watches pod metadata only ([`PodCache`]); the controller, one
-//! process, watches whole pods ([`FullPodCache`]) for their Ready condition's
-//! transition time, which every restart and every reader agrees on.
+//! A reflector store of whole pods costs several KiB per pod even trimmed.
+//! Here the pods of one ReplicaSet share one label map (they have the same
+//! labels), and a pod costs its name, a pointer and two times.
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::PartialObjectMeta;
 use kube::runtime::watcher;
 
 use super::indexed::{reflect_indexed, Index, Indexed};
@@ -31,52 +23,11 @@ use crate::snapshot::{LabelSets, Labels, PodMeta};
 /// Every this many changes, label maps no pod has any more are dropped.
 const PRUNE_EVERY: u64 = 4096;
 
-/// What a pod watch delivers: a pod's metadata, or the whole pod.
-pub trait PodObject: Trim + Clone + Send + Sync + 'static {
-    /// Its metadata.
-    fn meta(&self) -> &ObjectMeta;
-    /// Its metadata, taken.
-    fn into_meta(self) -> ObjectMeta;
-    /// Since when the pod has been Ready (its Ready condition's
-    /// `lastTransitionTime`), if the object says.
-    fn ready_since(&self) -> Option<Timestamp>;
-}
-
-impl PodObject for PartialObjectMeta<Pod> {
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn into_meta(self) -> ObjectMeta {
-        self.metadata
-    }
-
-    /// Metadata has no conditions.
-    fn ready_since(&self) -> Option<Timestamp> {
-        None
-    }
-}
-
-impl PodObject for Pod {
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn into_meta(self) -> ObjectMeta {
-        self.metadata
-    }
-
-    fn ready_since(&self) -> Option<Timestamp> {
-        let ready = self
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .find(|c| c.type_ == "Ready")?;
-        (ready.status == "True").then_some(())?;
-        ready.last_transition_time.as_ref().map(|t| t.0)
-    }
+/// Since when `pod` has been Ready (its Ready condition's `lastTransitionTime`).
+fn ready_since(pod: &Pod) -> Option<Timestamp> {
+    let ready = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
+    (ready.status == "True").then_some(())?;
+    ready.last_transition_time.as_ref().map(|t| t.0)
 }
 
 /// One pod, as cached.
@@ -87,32 +38,18 @@ struct Entry {
     ready_since: Option<Timestamp>,
 }
 
-/// Pods by namespace and name, and the label maps they share; `O` is what
-/// the watch delivers.
-#[derive(Debug)]
-pub struct Pods<O = PartialObjectMeta<Pod>> {
+/// Pods by namespace and name, and the label maps they share.
+#[derive(Debug, Default)]
+pub struct Pods {
     by_namespace: HashMap<Box<str>, HashMap<Box<str>, Entry>>,
     len: usize,
     label_sets: LabelSets,
     /// Watch events since the cache was made, for pruning `label_sets`.
     changes: u64,
-    object: PhantomData<fn() -> O>,
 }
 
-impl<O> Default for Pods<O> {
-    fn default() -> Self {
-        Pods {
-            by_namespace: HashMap::new(),
-            len: 0,
-            label_sets: LabelSets::default(),
-            changes: 0,
-            object: PhantomData,
-        }
-    }
-}
-
-impl<O: PodObject> Index for Pods<O> {
-    type Object = O;
+impl Index for Pods {
+    type Object = Pod;
     const KIND: &'static str = "Pod";
 
     fn prepare(pod: &mut Self::Object) {
@@ -122,8 +59,8 @@ impl<O: PodObject> Index for Pods<O> {
     /// False when the pod's labels, creation and ready-since time are as
     /// before: most pod updates (status, container restarts) change none.
     fn insert(&mut self, pod: Self::Object) -> bool {
-        let ready_since = pod.ready_since();
-        let meta = pod.into_meta();
+        let ready_since = ready_since(&pod);
+        let meta = pod.metadata;
         let (Some(namespace), Some(name)) = (meta.namespace, meta.name) else {
             return true;
         };
@@ -147,7 +84,7 @@ impl<O: PodObject> Index for Pods<O> {
     }
 
     fn remove(&mut self, pod: &Self::Object) {
-        let meta = pod.meta();
+        let meta = &pod.metadata;
         let (Some(namespace), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref())
         else {
             return;
@@ -179,13 +116,10 @@ impl<O: PodObject> Index for Pods<O> {
     }
 }
 
-/// Read access to the pod metadata cache (the agent's). Cheap to clone.
-pub type PodCache = Indexed<Pods>;
+/// Read access to the controller's pod cache. Cheap to clone.
+pub type FullPodCache = Indexed<Pods>;
 
-/// Read access to the cache of whole pods (the controller's). Cheap to clone.
-pub type FullPodCache = Indexed<Pods<Pod>>;
-
-impl<O: PodObject> Indexed<Pods<O>> {
+impl Indexed<Pods> {
     /// Labels, creation time and (from whole pods) ready-since time of a pod.
     pub fn get(&self, namespace: &str, name: &str) -> Option<PodMeta> {
         let pods = self.read();
@@ -217,10 +151,10 @@ impl<O: PodObject> Indexed<Pods<O>> {
 }
 
 /// The pod cache fed by `stream`, and the pods that changed (see [`reflect_indexed`]).
-pub fn reflect_pods<O: PodObject>(
-    stream: impl Stream<Item = watcher::Result<watcher::Event<O>>> + Send + 'static,
+pub fn reflect_pods(
+    stream: impl Stream<Item = watcher::Result<watcher::Event<Pod>>> + Send + 'static,
     metrics: Arc<Metrics>,
-) -> (Indexed<Pods<O>>, impl Stream<Item = Option<O>> + Send) {
+) -> (FullPodCache, impl Stream<Item = Option<Pod>> + Send) {
     reflect_indexed(stream, metrics)
 }
 
@@ -230,9 +164,8 @@ mod tests {
     use futures::StreamExt;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-    fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Pod> {
-        PartialObjectMeta {
-            types: None,
+    fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
+        Pod {
             metadata: ObjectMeta {
                 namespace: Some(namespace.into()),
                 name: Some(name.into()),
@@ -241,11 +174,11 @@ mod tests {
                 uid: Some("0a6c2c1e-uid".into()),
                 ..ObjectMeta::default()
             },
-            _phantom: Default::default(),
+            ..Pod::default()
         }
     }
 
-    fn run(events: Vec<watcher::Event<PartialObjectMeta<Pod>>>) -> (PodCache, Vec<Option<String>>) {
+    fn run(events: Vec<watcher::Event<Pod>>) -> (FullPodCache, Vec<Option<String>>) {
         let metrics = Arc::new(Metrics::new());
         let (cache, changes) = reflect_pods(futures::stream::iter(events.into_iter().map(Ok)), metrics);
         let changes: Vec<Option<String>> =
@@ -316,7 +249,7 @@ mod tests {
     fn not_ready_before_the_first_list() {
         let metrics = Arc::new(Metrics::new());
         let (cache, changes) = reflect_pods(
-            futures::stream::iter(vec![Ok(watcher::Event::<PartialObjectMeta<Pod>>::Init)]),
+            futures::stream::iter(vec![Ok(watcher::Event::<Pod>::Init)]),
             metrics,
         );
         futures::executor::block_on(changes.collect::<Vec<_>>());
