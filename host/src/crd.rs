@@ -167,27 +167,99 @@ pub const PODS_PER_SLICE: usize = 100;
     printcolumn(name = "WeightedService", type_ = "string", json_path = ".metadata.labels.codesink\\.net/weighted-service"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[serde(rename_all = "camelCase")]
 pub struct PodInfoSliceSpec {
+    /// The distinct label sets of the slice's pods, each written once: the
+    /// pods of a Deployment share theirs, and a slice is sent whole to every
+    /// node at each change of one pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_sets: Vec<BTreeMap<String, String>>,
     /// The pods, by name.
     #[serde(default)]
-    pub pods: Vec<PodInfo>,
+    pub pods: Vec<PodInfoEntry>,
 }
 
-/// One pod, as agents need it.
+/// One pod of a PodInfoSlice, as written.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct PodInfo {
+pub struct PodInfoEntry {
     /// The pod's name (EndpointSlices name it in `targetRef`).
     pub name: String,
-    /// Its labels.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    /// Its labels: an index into `labelSets` (absent: 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub label_set: u32,
     /// Its creation time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     /// Since when it has been Ready (its Ready condition's last transition); absent when not Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One pod, as agents need it: a [`PodInfoEntry`] with its labels resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    /// The pod's name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its creation time.
+    pub created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Since when it has been Ready; absent when not Ready.
+    pub ready_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+/// A [`PodInfoEntry`] whose `labelSet` names no entry of `labelSets`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("pod {pod} names label set {index}, and the slice has {sets}")]
+pub struct UnknownLabelSet {
+    /// The pod.
+    pub pod: String,
+    /// The index it names.
+    pub index: u32,
+    /// How many label sets the slice has.
+    pub sets: usize,
+}
+
+impl PodInfoSliceSpec {
+    /// The spec holding `pods`, in their order, each distinct label set written once.
+    pub fn from_pods(pods: Vec<PodInfo>) -> Self {
+        let mut label_sets: Vec<BTreeMap<String, String>> = Vec::new();
+        let mut index: BTreeMap<BTreeMap<String, String>, u32> = BTreeMap::new();
+        let pods = pods
+            .into_iter()
+            .map(|pod| {
+                let label_set = *index.entry(pod.labels).or_insert_with_key(|labels| {
+                    label_sets.push(labels.clone());
+                    (label_sets.len() - 1) as u32
+                });
+                PodInfoEntry { name: pod.name, label_set, created: pod.created, ready_since: pod.ready_since }
+            })
+            .collect();
+        Self { label_sets, pods }
+    }
+
+    /// The pods with their labels; an entry naming a label set the slice
+    /// lacks (a hand-edited slice) is an error, and the others still come.
+    pub fn pods(&self) -> impl Iterator<Item = Result<PodInfo, UnknownLabelSet>> + '_ {
+        self.pods.iter().map(|pod| {
+            let labels = self.label_sets.get(pod.label_set as usize).ok_or_else(|| UnknownLabelSet {
+                pod: pod.name.clone(),
+                index: pod.label_set,
+                sets: self.label_sets.len(),
+            })?;
+            Ok(PodInfo {
+                name: pod.name.clone(),
+                labels: labels.clone(),
+                created: pod.created.clone(),
+                ready_since: pod.ready_since.clone(),
+            })
+        })
+    }
 }
 
 impl WeightedService {
@@ -252,6 +324,26 @@ fn free_json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(name: &str, env: &str) -> PodInfo {
+        PodInfo { name: name.into(), labels: [("env".to_string(), env.to_string())].into(), ..PodInfo::default() }
+    }
+
+    #[test]
+    fn a_pod_info_slice_writes_each_label_set_once() {
+        let pods = vec![info("a", "prod"), info("b", "canary"), info("c", "prod"), PodInfo { name: "d".into(), ..PodInfo::default() }];
+        let spec = PodInfoSliceSpec::from_pods(pods.clone());
+        assert_eq!(spec.label_sets.len(), 3, "prod, canary, none");
+        let json = serde_json::to_value(&spec).expect("serializes");
+        assert_eq!(json["pods"][0], serde_json::json!({"name": "a"}), "set 0 is left out");
+        assert_eq!(json["pods"][1]["labelSet"], 1);
+        assert_eq!(spec.pods().collect::<Result<Vec<_>, _>>(), Ok(pods), "read back as written");
+        let mut bad = spec;
+        bad.pods[2].label_set = 9;
+        let read: Vec<_> = bad.pods().collect();
+        assert_eq!(read[2], Err(UnknownLabelSet { pod: "c".into(), index: 9, sets: 3 }));
+        assert!(read[3].is_ok(), "the others still come");
+    }
 
     /// The WeightedService of the original project's README, verbatim.
     const SEED_README: &str = r#"

@@ -123,7 +123,7 @@ pub fn slice_object(ws: &WeightedService, name: &str, pods: Vec<PodInfo>) -> Pod
             owner_references: Some(vec![owner]),
             ..ObjectMeta::default()
         },
-        spec: PodInfoSliceSpec { pods },
+        spec: PodInfoSliceSpec::from_pods(pods),
     }
 }
 

@@ -45,9 +45,11 @@ fn pod_info_slices_are_ours_and_namespaced() {
     assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_none(), "no status: the controller writes all of it");
     let schema = serde_json::to_value(version.schema.as_ref().unwrap()).unwrap();
     let pod = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["pods"]["items"]["properties"];
-    for field in ["name", "labels", "created", "readySince"] {
+    for field in ["name", "labelSet", "created", "readySince"] {
         assert!(pod.get(field).is_some(), "{field} in {pod}");
     }
+    let label_sets = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["labelSets"];
+    assert_eq!(label_sets["items"]["additionalProperties"]["type"], "string", "{label_sets}");
 }
 
 #[test]

@@ -1,13 +1,13 @@
 //! What the agents cost the API server (issue 19): the real controller and
 //! three agents (node-1..3) against the test API server (a test double) with
-//! `APILOAD_SERVICES` WeightedServices (default 1,000; `make bench-apiload`
-//! runs 200) of 10 pods each and `APILOAD_OTHER_PODS` pods no WeightedService
-//! selects (default 40,000; `make bench-apiload`: 8,000),
+//! `APILOAD_SERVICES` WeightedServices (default 1,000) of 10 pods each and
+//! `APILOAD_OTHER_PODS` pods no WeightedService selects (default 40,000),
 //! whose pods are then churned: for `APILOAD_PHASE_SECONDS` (default 30) only
 //! the pods no WeightedService selects (the irrelevant churn), then as long
 //! only those behind WeightedServices (the relevant churn). Each second: 100
-//! status updates (a pod's Ready condition flips), 10 label changes, 2 pod
-//! deletions (their Deployments create replacements: 2 creates). Where the
+//! status updates (half flip a pod's Ready condition, half restart its
+//! container, which changes neither readiness nor labels), 10 label changes,
+//! 2 pod deletions (their Deployments create replacements: 2 creates). Where the
 //! test API server cannot keep that pace (its built-in controllers), the
 //! phase runs longer and its rates are per second of the phase as it ran.
 //!
@@ -146,12 +146,18 @@ fn churn(h: &Handle, prefix: &str, seconds: u64, rng: &mut Lcg) -> Result<()> {
         anyhow::ensure!(!pods.is_empty(), "no pods in {prefix}*");
         for i in 0..STATUS_UPDATES {
             let (ns, name) = &pods[rng.below(pods.len())];
-            // Ready flips: not ready, then ready again a moment later (the next pick may be it).
-            let pod = h.get("pods", ns, name);
-            let ready = pod.as_ref().and_then(|p| p["status"]["conditions"].as_array().cloned()).is_some_and(|cs| {
-                cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-            });
-            let _ = h.update_pod(ns, name, &PodUpdate { ready: Some(!ready || i % 2 == 1), ..Default::default() });
+            let update = if i % 2 == 0 {
+                // A Ready flip: ready again when it is picked next.
+                let pod = h.get("pods", ns, name);
+                let ready = pod.as_ref().and_then(|p| p["status"]["conditions"].as_array().cloned()).is_some_and(|cs| {
+                    cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+                PodUpdate { ready: Some(!ready), ..Default::default() }
+            } else {
+                // A container restart: a status write that changes neither readiness nor labels.
+                PodUpdate { restarted: true, ..Default::default() }
+            };
+            let _ = h.update_pod(ns, name, &update);
         }
         for _ in 0..LABEL_CHANGES {
             let (ns, name) = &pods[rng.below(pods.len())];
@@ -339,7 +345,7 @@ fn main() -> Result<()> {
         "otherPods": other_pods,
         "agents": NODES.len(),
         "phaseSeconds": phase,
-        "churnPerSecond": {"statusUpdates": STATUS_UPDATES, "labelChanges": LABEL_CHANGES, "deletions": DELETIONS, "creates": DELETIONS},
+        "churnPerSecond": {"statusUpdates": STATUS_UPDATES, "readyFlips": STATUS_UPDATES / 2, "containerRestarts": STATUS_UPDATES / 2, "labelChanges": LABEL_CHANGES, "deletions": DELETIONS, "creates": DELETIONS},
         "phases": phases,
         "relist": relists,
         "irrelevantBytesRatio": (irrelevant_ratio * 10000.0).round() / 10000.0,

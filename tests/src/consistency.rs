@@ -320,10 +320,14 @@ pub fn pod_info_mismatches(handle: &Handle, namespace: &str, name: &str) -> Vec<
         .list("podinfoslices", Some(namespace))
         .iter()
         .filter(|s| s["metadata"]["labels"]["codesink.net/weighted-service"] == name)
-        .flat_map(|s| s["spec"]["pods"].as_array().cloned().unwrap_or_default())
-        .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
+        .flat_map(pod_info_entries)
         .collect();
     let mut out = Vec::new();
+    for (pod, entry) in &published {
+        if entry.get("labels").is_none() {
+            out.push(format!("pod {namespace}/{pod}: its PodInfoSlice entry names a label set the slice lacks: {entry}"));
+        }
+    }
     for pod in handle.list("pods", Some(namespace)) {
         let labels = &pod["metadata"]["labels"];
         if !selector.iter().all(|(k, v)| &labels[k] == v) {
@@ -353,6 +357,24 @@ pub fn pod_info_mismatches(handle: &Handle, namespace: &str, name: &str) -> Vec<
         }
     }
     out
+}
+
+/// The pod entries of a PodInfoSlice as JSON, by pod name, each with its
+/// label set resolved into `labels` (left out where the slice lacks the set
+/// the entry names).
+pub fn pod_info_entries(slice: &Value) -> Vec<(String, Value)> {
+    let sets = slice["spec"]["labelSets"].as_array().cloned().unwrap_or_default();
+    let entries = slice["spec"]["pods"].as_array().cloned().unwrap_or_default();
+    entries
+        .into_iter()
+        .map(|mut entry| {
+            let index = entry["labelSet"].as_u64().unwrap_or(0) as usize;
+            if let (Some(labels), Some(fields)) = (sets.get(index), entry.as_object_mut()) {
+                fields.insert("labels".into(), labels.clone());
+            }
+            (entry["name"].as_str().unwrap_or_default().to_string(), entry)
+        })
+        .collect()
 }
 
 /// Wait until the kernel of `bed`'s node holds what `ipvs-operator eval`

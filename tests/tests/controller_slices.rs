@@ -142,8 +142,7 @@ fn pod_info_slices(h: &Handle) -> Vec<Value> {
 fn published_pods(h: &Handle) -> std::collections::BTreeMap<String, Value> {
     pod_info_slices(h)
         .iter()
-        .flat_map(|s| s["spec"]["pods"].as_array().cloned().unwrap_or_default())
-        .map(|p| (p["name"].as_str().unwrap_or_default().to_string(), p))
+        .flat_map(ipvs_operator_tests::consistency::pod_info_entries)
         .collect()
 }
 

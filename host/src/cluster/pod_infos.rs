@@ -57,17 +57,23 @@ impl Index for PodInfos {
             return true;
         };
         let (namespace, name, ws): (Box<str>, Box<str>, Box<str>) = (namespace.into(), name.into(), ws.into());
+        let sets: Vec<_> = slice.spec.label_sets.into_iter().map(|labels| self.label_sets.share(labels)).collect();
         let pods = slice
             .spec
             .pods
             .into_iter()
-            .map(|pod| {
-                let meta = PodMeta {
-                    labels: self.label_sets.share(pod.labels),
-                    created: pod.created.map(|t| t.0),
-                    ready_since: pod.ready_since.map(|t| t.0),
+            .filter_map(|pod| {
+                // A pod left out is unknown: the agent weights it without labels after a while, with an Event.
+                let Some(labels) = sets.get(pod.label_set as usize) else {
+                    tracing::warn!(
+                        namespace = %namespace, slice = %name, pod = %pod.name, label_set = pod.label_set, sets = sets.len(),
+                        "a PodInfoSlice entry names a label set the slice lacks; the pod is left out"
+                    );
+                    return None;
                 };
-                (pod.name.into_boxed_str(), meta)
+                let meta =
+                    PodMeta { labels: labels.clone(), created: pod.created.map(|t| t.0), ready_since: pod.ready_since.map(|t| t.0) };
+                Some((pod.name.into_boxed_str(), meta))
             })
             .collect();
         self.ws_of.insert((namespace.clone(), name.clone()), ws.clone());
@@ -174,9 +180,8 @@ mod tests {
                 labels: Some([(OWNER_LABEL.to_string(), ws.to_string())].into()),
                 ..ObjectMeta::default()
             },
-            spec: crate::crd::PodInfoSliceSpec {
-                pods: pods
-                    .iter()
+            spec: crate::crd::PodInfoSliceSpec::from_pods(
+                pods.iter()
                     .map(|(pod, env)| PodInfo {
                         name: pod.to_string(),
                         labels: [("env".to_string(), env.to_string())].into(),
@@ -184,7 +189,7 @@ mod tests {
                         ready_since: None,
                     })
                     .collect(),
-            },
+            ),
         }
     }
 
@@ -193,6 +198,15 @@ mod tests {
         let (cache, changes) = reflect_pod_infos(futures::stream::iter(events.into_iter().map(Ok)), metrics);
         let changes = futures::executor::block_on(changes.map(|c| c.and_then(|s| s.metadata.name)).collect());
         (cache, changes)
+    }
+
+    #[test]
+    fn an_entry_naming_a_missing_label_set_leaves_only_that_pod_out() {
+        let mut bad = slice("shop", "web-0", "web", &[("web-a", "prod"), ("web-b", "canary")]);
+        bad.spec.pods[1].label_set = 7;
+        let (cache, _) = run(vec![watcher::Event::Init, watcher::Event::InitApply(bad), watcher::Event::InitDone]);
+        assert!(cache.get("shop", "web", "web-b").is_none(), "no labels to give it");
+        assert_eq!(cache.get("shop", "web", "web-a").expect("web-a").labels.get("env").map(String::as_str), Some("prod"));
     }
 
     #[test]

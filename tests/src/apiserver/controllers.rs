@@ -725,18 +725,13 @@ impl Store {
     }
 
     fn allocate_pod_ip(&mut self) -> String {
-        let used: BTreeSet<String> = self.objects[ids::pods()]
-            .values()
-            .filter_map(|p| p.pointer("/status/podIP").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect();
         let cidr = self.cfg.pod_cidr;
         let size = cidr.size().saturating_sub(11).max(1);
         for _ in 0..size {
             let off = 10 + self.next_pod_ip % size;
             self.next_pod_ip = self.next_pod_ip.wrapping_add(1);
             let ip = Ipv4Addr::from(cidr.base + off).to_string();
-            if !used.contains(&ip) {
+            if self.pod_placement.pods_with_ip(&ip) == 0 {
                 return ip;
             }
         }
@@ -762,7 +757,6 @@ impl Store {
         if deployments.is_empty() {
             return;
         }
-        let pods = self.in_ns(ids::pods(), ns);
         for d in deployments {
             let Some(uid) = s(&d, "/metadata/uid").map(str::to_string) else { continue };
             let name = s(&d, "/metadata/name").unwrap_or_default().to_string();
@@ -772,18 +766,25 @@ impl Store {
             // A pod relabeled out of the selector is released (its owner
             // reference removed) and replaced, as a ReplicaSet does.
             let selector = d.pointer("/spec/selector/matchLabels").and_then(Value::as_object).cloned().unwrap_or_default();
-            let (mine, released): (Vec<&Value>, Vec<&Value>) =
-                pods.iter().filter(|p| owned_by(p, &uid)).partition(|p| selector_matches(&selector, p));
+            // Only the pods to release are copied: this runs at every write
+            // to the namespace, and copying all its pods cost more than the write.
+            let released: Vec<Value> = self
+                .iter_ns(ids::pods(), ns)
+                .filter(|p| owned_by(p, &uid) && !selector_matches(&selector, p))
+                .cloned()
+                .collect();
             for p in released {
                 let mut next = p.clone();
                 if let Some(Value::Array(refs)) = next.pointer_mut("/metadata/ownerReferences") {
                     refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
                 }
-                let pname = s(p, "/metadata/name").unwrap_or_default().to_string();
+                let pname = s(&p, "/metadata/name").unwrap_or_default().to_string();
                 if let Err(e) = self.update(ids::pods(), ns, &pname, next, Sub::Main) {
                     tracing::debug!(error = %e, "deployment controller: releasing a pod");
                 }
             }
+            let mine: Vec<&Value> =
+                self.iter_ns(ids::pods(), ns).filter(|p| owned_by(p, &uid) && selector_matches(&selector, p)).collect();
             let template = d.pointer("/spec/template").cloned().unwrap_or_else(|| json!({}));
             let hash = template_hash(&template);
             let replicas = d.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(1) as usize;
@@ -792,17 +793,18 @@ impl Store {
                 live.iter().partition(|p| s(p, "/metadata/labels/pod-template-hash") == Some(hash.as_str()));
             let mut doomed: Vec<String> =
                 stale.iter().filter_map(|p| s(p, "/metadata/name")).map(str::to_string).collect();
-            if current.len() > replicas {
+            let current_count = current.len();
+            if current_count > replicas {
                 let mut extra: Vec<&&&Value> = current.iter().collect();
                 extra.sort_by_key(|p| std::cmp::Reverse(s(p, "/metadata/creationTimestamp").unwrap_or_default().to_string()));
-                doomed.extend(extra.iter().take(current.len() - replicas).filter_map(|p| s(p, "/metadata/name")).map(str::to_string));
+                doomed.extend(extra.iter().take(current_count - replicas).filter_map(|p| s(p, "/metadata/name")).map(str::to_string));
             }
             for pod in doomed {
                 if let Err(e) = self.delete(ids::pods(), ns, &pod, DeleteOptions::default()) {
                     tracing::debug!(error = %e, "deployment controller: deleting a pod");
                 }
             }
-            for _ in current.len()..replicas {
+            for _ in current_count..replicas {
                 let mut pod = json!({
                     "apiVersion": "v1", "kind": "Pod",
                     "metadata": template.get("metadata").cloned().unwrap_or_else(|| json!({})),
@@ -827,7 +829,7 @@ impl Store {
     }
 
     fn update_deployment_status(&mut self, ns: &str, name: &str, uid: &str, hash: &str) {
-        let pods: Vec<Value> = self.in_ns(ids::pods(), ns).into_iter().filter(|p| owned_by(p, uid) && !terminating(p)).collect();
+        let pods: Vec<&Value> = self.iter_ns(ids::pods(), ns).filter(|p| owned_by(p, uid) && !terminating(p)).collect();
         let Ok(d) = self.get(ids::deployments(), ns, name) else { return };
         let ready = pods.iter().filter(|p| pod_ready(p)).count();
         let updated = pods.iter().filter(|p| s(p, "/metadata/labels/pod-template-hash") == Some(hash)).count();
@@ -1023,13 +1025,11 @@ impl Store {
             && let Some(d) = owner
             && let Some(list) = annotation(d, ANNOTATION_POD_IPS)
         {
-            let used: BTreeSet<&str> = self.objects[ids::pods()]
-                .values()
-                .filter(|p| s(p, "/metadata/uid") != s(pod, "/metadata/uid"))
-                .filter_map(|p| s(p, "/status/podIP"))
-                .collect();
+            // Taken by another pod: this pod's own address does not count.
+            let own = s(pod, "/status/podIP");
+            let taken = |ip: &str| self.pod_placement.pods_with_ip(ip) > usize::from(own == Some(ip));
             let nodes: Vec<&str> = annotation(d, ANNOTATION_POD_NODES).map(|n| n.split(',').map(str::trim).collect()).unwrap_or_default();
-            if let Some((i, free)) = list.split(',').map(str::trim).enumerate().find(|(_, c)| !c.is_empty() && !used.contains(c)) {
+            if let Some((i, free)) = list.split(',').map(str::trim).enumerate().find(|(_, c)| !c.is_empty() && !taken(c)) {
                 ip = Some(free.to_string());
                 if node.is_none() {
                     node = nodes.get(i).filter(|n| !n.is_empty()).map(|n| n.to_string());
@@ -1038,16 +1038,11 @@ impl Store {
         }
         if node.is_none() {
             // Least-loaded node first, as a spreading scheduler would.
-            let mut load: BTreeMap<String, usize> =
-                self.objects[ids::nodes()].values().filter_map(|n| s(n, "/metadata/name")).map(|n| (n.to_string(), 0)).collect();
-            for p in self.objects[ids::pods()].values() {
-                if let Some(n) = s(p, "/spec/nodeName")
-                    && let Some(c) = load.get_mut(n)
-                {
-                    *c += 1;
-                }
-            }
-            node = load.into_iter().min_by_key(|(n, c)| (*c, n.clone())).map(|(n, _)| n);
+            node = self.objects[ids::nodes()]
+                .values()
+                .filter_map(|n| s(n, "/metadata/name"))
+                .min_by_key(|n| (self.pod_placement.pods_on(n), *n))
+                .map(str::to_string);
         }
         (ip, node)
     }
@@ -1312,12 +1307,32 @@ impl Store {
         }
         if let Some(ready) = u.ready {
             let v = if ready { "True" } else { "False" };
-            let t = now();
             let conds = status.get("conditions").and_then(Value::as_array).cloned().unwrap_or_default();
-            let mut out: Vec<Value> = conds.into_iter().filter(|c| !matches!(c.get("type").and_then(Value::as_str), Some("Ready" | "ContainersReady"))).collect();
-            out.push(json!({"type": "ContainersReady", "status": v, "lastTransitionTime": t}));
-            out.push(json!({"type": "Ready", "status": v, "lastTransitionTime": t}));
+            // A condition whose status stays keeps its transition time, as the kubelet writes it.
+            let since = |kind: &str| {
+                conds
+                    .iter()
+                    .find(|c| c.get("type").and_then(Value::as_str) == Some(kind) && c.get("status").and_then(Value::as_str) == Some(v))
+                    .and_then(|c| c.get("lastTransitionTime").cloned())
+                    .unwrap_or_else(|| json!(now()))
+            };
+            let (containers, pod_ready) = (since("ContainersReady"), since("Ready"));
+            let mut out: Vec<Value> = conds.iter().filter(|c| !matches!(c.get("type").and_then(Value::as_str), Some("Ready" | "ContainersReady"))).cloned().collect();
+            out.push(json!({"type": "ContainersReady", "status": v, "lastTransitionTime": containers}));
+            out.push(json!({"type": "Ready", "status": v, "lastTransitionTime": pod_ready}));
             status["conditions"] = Value::Array(out);
+        }
+        if u.restarted {
+            let names: Vec<Value> = pod.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten().filter_map(|c| c.get("name").cloned()).collect();
+            let before: Vec<Value> = status.get("containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
+            let restarts = |name: &Value| {
+                before.iter().find(|c| c.get("name") == Some(name)).and_then(|c| c.get("restartCount")).and_then(Value::as_u64).unwrap_or(0)
+            };
+            let ready = status.get("conditions").and_then(Value::as_array).into_iter().flatten().any(|c| c.get("type").and_then(Value::as_str) == Some("Ready") && c.get("status").and_then(Value::as_str) == Some("True"));
+            status["containerStatuses"] = names
+                .iter()
+                .map(|n| json!({"name": n, "ready": ready, "restartCount": restarts(n) + 1, "started": true, "state": {"running": {"startedAt": now()}}}))
+                .collect();
         }
         if status != pod.get("status").cloned().unwrap_or_else(|| json!({})) {
             pod["status"] = status;
@@ -1729,5 +1744,89 @@ mod test {
             assert_eq!(covered(&st, 100), ips(0..250));
         }
         assert!((8..=32).contains(&split), "{split} of 40 syncs split");
+    }
+
+    /// The pod placement index against a count of the pods themselves.
+    fn placement_matches_the_pods(st: &Store) {
+        let pods: Vec<&Value> = st.objects[ids::pods()].values().collect();
+        for p in &pods {
+            if let Some(ip) = s(p, "/status/podIP") {
+                let n = pods.iter().filter(|q| s(q, "/status/podIP") == Some(ip)).count();
+                assert_eq!(st.pod_placement.pods_with_ip(ip), n, "{ip}");
+            }
+            if let Some(node) = s(p, "/spec/nodeName") {
+                let n = pods.iter().filter(|q| s(q, "/spec/nodeName") == Some(node)).count();
+                assert_eq!(st.pod_placement.pods_on(node), n, "{node}");
+            }
+        }
+    }
+
+    #[test]
+    fn pods_are_spread_and_addressed_from_an_index_kept_with_every_write() {
+        let node = |i: u8| super::super::NodeConfig::new(format!("node-{i}"), std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)));
+        let mut st = store(Config { seed: Some(7), nodes: (1..=3).map(node).collect(), ..Config::default() });
+        let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "batch"},
+            "spec": {"replicas": 30, "selector": {"matchLabels": {"app": "batch"}},
+                "template": {"metadata": {"labels": {"app": "batch"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}});
+        st.create(ids::deployments(), "default", d).expect("deployment");
+        st.reconcile();
+        placement_matches_the_pods(&st);
+        let nodes: Vec<String> = st.objects[ids::nodes()].values().filter_map(|n| s(n, "/metadata/name")).map(str::to_string).collect();
+        let counts: Vec<usize> = nodes.iter().map(|n| st.pod_placement.pods_on(n)).collect();
+        assert_eq!(counts.iter().sum::<usize>(), 30, "{nodes:?}");
+        assert!(counts.iter().max().zip(counts.iter().min()).is_some_and(|(a, b)| a - b <= 1), "spread evenly: {counts:?}");
+        let ips: BTreeSet<String> = st.iter_ns(ids::pods(), "default").filter_map(|p| s(p, "/status/podIP")).map(str::to_string).collect();
+        assert_eq!(ips.len(), 30, "every pod its own address");
+
+        // Deleted pods free their node and address; replacements and status writes keep the index.
+        let names: Vec<String> = st.iter_ns(ids::pods(), "default").take(10).filter_map(|p| s(p, "/metadata/name")).map(str::to_string).collect();
+        for name in &names {
+            st.delete(ids::pods(), "default", name, DeleteOptions::default()).expect("delete");
+            st.reconcile();
+            placement_matches_the_pods(&st);
+        }
+        let pod = names.last().cloned().unwrap_or_default();
+        let any = st.iter_ns(ids::pods(), "default").filter_map(|p| s(p, "/metadata/name")).next().map(str::to_string).unwrap_or(pod);
+        st.update_pod("default", &any, &super::super::PodUpdate { ready: Some(false), ..Default::default() }).expect("status");
+        st.reconcile();
+        placement_matches_the_pods(&st);
+        assert_eq!(st.objects[ids::pods()].values().filter(|p| !terminating(p)).count(), 30);
+    }
+
+    #[test]
+    fn a_ready_condition_keeps_its_transition_time_until_its_status_changes() {
+        let mut st = seeded(3);
+        web(&mut st, 0..1);
+        let pod = pod_name(0);
+        let ready_since = |st: &Store| {
+            let p = st.get(ids::pods(), "default", &pod).expect("pod");
+            let cs = p["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let ready = cs.into_iter().find(|c| c["type"] == "Ready").expect("a Ready condition");
+            (ready["status"].as_str().map(str::to_string), ready["lastTransitionTime"].clone())
+        };
+        let mut first = ready_since(&st);
+        first.1 = json!("2020-01-01T00:00:00Z");
+        // An old transition, so that a new one could not have the same second.
+        let mut p = st.get(ids::pods(), "default", &pod).expect("pod");
+        for c in p["status"]["conditions"].as_array_mut().into_iter().flatten() {
+            c["lastTransitionTime"] = first.1.clone();
+        }
+        st.update(ids::pods(), "default", &pod, p, Sub::Status).expect("status");
+        let rv = |st: &Store| st.get(ids::pods(), "default", &pod).expect("pod")["metadata"]["resourceVersion"].clone();
+        let before = rv(&st);
+        st.update_pod("default", &pod, &super::super::PodUpdate { ready: Some(true), ..Default::default() }).expect("update");
+        assert_eq!(ready_since(&st), first, "still Ready: the same transition");
+        assert_eq!(rv(&st), before, "nothing changed: nothing written");
+
+        st.update_pod("default", &pod, &super::super::PodUpdate { restarted: true, ..Default::default() }).expect("restart");
+        let p = st.get(ids::pods(), "default", &pod).expect("pod");
+        assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 1);
+        assert_eq!(ready_since(&st), first, "a restart is not a readiness change");
+        assert_ne!(rv(&st), before, "a status write");
+
+        st.update_pod("default", &pod, &super::super::PodUpdate { ready: Some(false), ..Default::default() }).expect("flip");
+        let flipped = ready_since(&st);
+        assert_eq!(flipped.0.as_deref(), Some("False"));
+        assert_ne!(flipped.1, first.1, "a new transition");
     }
 }

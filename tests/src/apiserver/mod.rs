@@ -307,9 +307,13 @@ pub struct PodUpdate {
     /// New `spec.nodeName` (and hostIP).
     #[serde(default)]
     pub node: Option<String>,
-    /// Ready condition.
+    /// Ready condition (its `lastTransitionTime` moves only when its status does, as a kubelet writes it).
     #[serde(default)]
     pub ready: Option<bool>,
+    /// The pod's containers restarted: each `containerStatuses[].restartCount`
+    /// goes up by one (a status write that changes neither readiness nor labels).
+    #[serde(default)]
+    pub restarted: bool,
     /// New labels (replacing all).
     #[serde(default)]
     pub labels: Option<BTreeMap<String, String>>,
