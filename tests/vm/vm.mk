@@ -15,7 +15,8 @@ vm-binaries:
 
 ## test-kernel: the kernel tests, inside the VM: the ipvs crate's, the
 ## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs), and the end-to-end
-## tests of the controller and agent (tests/tests/e2e.rs), of dual-stack
+## tests of the controller and agent (tests/tests/e2e.rs), of standalone
+## mode's pieces (tests/tests/standalone_kernel.rs), of dual-stack
 ## Services (tests/tests/e2e_ipv6.rs), of every Service topology and the
 ## agent's state across restarts (tests/tests/e2e_topology.rs), and of the policies
 ## (tests/tests/e2e_policies.rs), and the fault suite, shortened
@@ -24,6 +25,7 @@ test-kernel: setup vm-binaries
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs --features kernel-tests --test kernel --test kernel_no_module
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test kube_proxy_kernel
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test standalone_kernel
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_ipv6
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_topology
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_policies

@@ -56,6 +56,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod message;
+mod owned;
 pub mod nlas;
 mod sockopt;
 mod table;
@@ -66,6 +67,7 @@ pub use client::{Counters, DEFAULT_TIMEOUT, IpvsClient};
 pub use diff::{DesiredService, Plan, plan};
 pub use error::{IpvsError, Operation, Result};
 pub use message::{IpvsAttr, IpvsCmd, IpvsMessage};
+pub use owned::{OwnedPlan, OwnedService, plan_owned};
 pub use sockopt::{SockoptService, SockoptTable};
 pub use table::render_ipvsadm;
 pub use types::{

@@ -12,10 +12,10 @@ pub const MAX_WEIGHT: u32 = u16::MAX as u32;
 
 /// One change to the IPVS table.
 ///
-/// The agent only ever produces [`Write::EditService`] (via
+/// Behind kube-proxy the agent only produces [`Write::EditService`] (via
 /// [`Write::set_scheduler`]) and [`Write::EditDestination`] (via
-/// [`Write::set_weight`]); adding and deleting are for tests and the
-/// kube-proxy emulator.
+/// [`Write::set_weight`]); adding and deleting are for the virtual services
+/// it owns ([`crate::plan_owned`]), tests and the kube-proxy emulator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     /// `IPVS_CMD_NEW_SERVICE`.

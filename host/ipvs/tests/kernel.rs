@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use ipvs::{
     AddressFamily, DesiredService, Destination, ForwardMethod, IpvsClient, IpvsError, Protocol, Service,
-    ServiceEntry, ServiceKey, SockoptTable, TunnelType, Write, plan, render_ipvsadm,
+    ServiceEntry, ServiceKey, SockoptTable, TunnelType, Write, plan, render_ipvsadm, OwnedPlan, OwnedService, plan_owned,
 };
 use support::{NetNs, link, load_ip_vs, project_binary};
 
@@ -586,4 +586,62 @@ fn the_cli_lists_what_ipvsadm_lists() {
     let udp = services.iter().find(|s| s["protocol"] == "UDP").expect("the UDP service");
     assert_eq!(udp["family"], "ipv6");
     assert_eq!(udp["destinations"][0]["forward"], "route");
+}
+
+#[test]
+fn an_owned_table_is_made_whole_from_nothing_and_a_second_pass_writes_nothing() {
+    load_ip_vs();
+    let ns = NetNs::new("k-owned");
+    let mut client = client_in(&ns);
+    // Someone else's service: never touched.
+    let theirs = ServiceKey::tcp(addr("10.13.9.9:443"));
+    assert!(client.apply(&[Write::AddService(Service::new(theirs, "rr"))]).iter().all(Result::is_ok));
+
+    let tcp = ServiceKey::tcp(addr("10.13.0.1:80"));
+    let udp = ServiceKey::udp(addr("10.13.0.1:53"));
+    let v6 = ServiceKey::tcp(addr("[fd00:13::1]:80"));
+    let mut sticky = Service::new(tcp, "wrr");
+    sticky.flags = ipvs::constants::IP_VS_SVC_F_PERSISTENT;
+    sticky.timeout = 10_800;
+    let owned = |key: ServiceKey, service: Service, destinations: &[(&str, u16)]| {
+        assert_eq!(service.key, key);
+        OwnedService { service, destinations: destinations.iter().map(|(a, w)| (addr(a), *w)).collect() }
+    };
+    let mut desired = vec![
+        owned(tcp, sticky.clone(), &[("10.13.1.1:8080", 90), ("10.13.1.2:8080", 10)]),
+        owned(udp, Service::new(udp, "wrr"), &[("10.13.1.1:53", 1), ("10.13.1.2:53", 1)]),
+        owned(v6, Service::new(v6, "sh"), &[("[fd00:13:1::1]:8080", 3)]),
+    ];
+    let ours = |k: &ServiceKey| *k != theirs;
+    let never = |_: &ServiceKey, _: SocketAddr| false;
+    let first = plan_owned(&desired, &client.dump().unwrap(), ours, never);
+    assert_eq!(first.writes.len(), 8, "{first:?}");
+    assert!(client.apply(&first.writes).iter().all(Result::is_ok));
+    // The kernel's own additions (the hashed flag) are no difference.
+    let second = plan_owned(&desired, &client.dump().unwrap(), ours, never);
+    assert_eq!(second, OwnedPlan::default());
+    let rules = saved_rules(&ns);
+    assert!(rules.iter().any(|r| r.starts_with("-A -t 10.13.0.1:80 -s wrr -p 10800")), "{rules:?}");
+    assert!(rules.iter().any(|r| r.contains("-t 10.13.0.1:80 -r 10.13.1.1:8080 -m -w 90")), "{rules:?}");
+
+    // A TCP destination removed without connections, and a UDP one: both go
+    // at once (nothing holds them); a weight changes; affinity is dropped.
+    desired[0] = owned(tcp, Service::new(tcp, "wrr"), &[("10.13.1.1:8080", 50)]);
+    desired[1].destinations.remove(&addr("10.13.1.2:53"));
+    let third = plan_owned(&desired, &client.dump().unwrap(), ours, never);
+    assert!(third.draining.is_empty(), "{third:?}");
+    assert!(client.apply(&third.writes).iter().all(Result::is_ok));
+    let dump = client.dump().unwrap();
+    let of = |key: ServiceKey| dump.iter().find(|e| e.service.key == key).expect("still there").clone();
+    let left: Vec<(SocketAddr, u32)> = of(tcp).destinations.iter().map(|d| (d.socket_addr(), d.weight)).collect();
+    assert_eq!(left, [(addr("10.13.1.1:8080"), 50)]);
+    assert_eq!((of(tcp).service.timeout, of(tcp).service.flags & ipvs::constants::IP_VS_SVC_F_PERSISTENT), (0, 0), "affinity dropped");
+    assert_eq!(of(udp).destinations.len(), 1);
+    assert_eq!(plan_owned(&desired, &dump, ours, never), OwnedPlan::default());
+
+    // Nothing wanted: every owned service goes, theirs stays.
+    let last = plan_owned(&[], &client.dump().unwrap(), ours, never);
+    assert!(client.apply(&last.writes).iter().all(Result::is_ok));
+    let left: Vec<ServiceKey> = client.dump().unwrap().iter().map(|e| e.service.key).collect();
+    assert_eq!(left, [theirs]);
 }

@@ -29,9 +29,11 @@
 
 pub mod confirm;
 pub mod drift;
+pub mod interface;
 pub mod node_addresses;
 pub mod plan;
 pub mod procfs;
+pub mod standalone;
 mod evaluate;
 mod kernel;
 mod schedule;
