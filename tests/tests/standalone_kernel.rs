@@ -1,13 +1,16 @@
 //! Standalone mode (`spec.proxy: ipvs-operator`) against the real kernel, in
 //! the test VM (`make test-kernel`): the dummy interface that holds
 //! standalone Services' addresses, made, adopted, corrected and removed over
-//! rtnetlink, as `ip` (a tool nobody here wrote) sees it.
+//! rtnetlink, as `ip` (a tool nobody here wrote) sees it, and real
+//! connections through an owned virtual service at an address on it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::process::Command;
 
+use ipvs::{IpvsClient, OwnedService, Service as VirtualService, ServiceKey, plan_owned};
 use ipvs_operator::agent::interface::{AddressChanges, INTERFACE, Interface, connect};
+use traffic::netns::{NetNs, link, project_binary};
 
 /// `ip ARGS…`'s output; panics when it fails.
 fn ip(args: &[&str]) -> String {
@@ -62,4 +65,68 @@ async fn the_dummy_interface_holds_exactly_the_wanted_addresses_and_is_adopted_a
     let gone = Command::new("ip").args(["link", "show", INTERFACE]).output().expect("running ip");
     assert!(!gone.status.success(), "the interface is gone");
     assert!(Interface::existing(connect().expect("rtnetlink"), INTERFACE).await.expect("looked up").is_none());
+}
+
+/// `traffic-client` in `ns`: `connections` TCP connections to `target`; the share each backend answered.
+fn shares(ns: &NetNs, target: &str, connections: usize) -> BTreeMap<String, f64> {
+    let client = project_binary("traffic-client");
+    let n = connections.to_string();
+    let json = ns.exec(&[client.to_str().expect("a UTF-8 path"), "--connect", target, "--connections", &n, "--concurrency", "4"]);
+    let report: serde_json::Value = serde_json::from_str(&json).expect("the client's JSON");
+    assert_eq!(report["errors"], 0, "{report}");
+    let counts = report["counts"].as_object().expect("counts");
+    counts.iter().map(|(name, c)| (name.clone(), c.as_f64().unwrap_or(0.0) / connections as f64)).collect()
+}
+
+#[tokio::test]
+async fn connections_to_an_address_on_the_down_dummy_interface_follow_the_owned_weights() {
+    // A client "pod" and two backend "pods" routed through a node that holds
+    // the VIP on ipvs-op0 (made by us, left down, as kube-ipvs0 is).
+    let node = NetNs::new("sk-node");
+    let client = NetNs::new("sk-client");
+    link(&client, "eth0", "10.40.0.2/24", &node, "to-client", "10.40.0.1/24");
+    client.exec(&["ip", "route", "add", "default", "via", "10.40.0.1"]);
+    node.sysctls(&[("net.ipv4.ip_forward", "1")]);
+    let server = project_binary("traffic-server");
+    let mut backends = Vec::new();
+    for i in 1..=2 {
+        let mut be = NetNs::new(&format!("sk-b{i}"));
+        link(&be, "eth0", &format!("10.41.{i}.2/24"), &node, &format!("to-b{i}"), &format!("10.41.{i}.1/24"));
+        be.exec(&["ip", "route", "add", "default", "via", &format!("10.41.{i}.1")]);
+        let name = format!("backend-{i}");
+        let line = be.spawn_until_line(&[server.to_str().expect("a UTF-8 path"), "--listen", "0.0.0.0:8080", "--name", &name]);
+        assert!(line.starts_with("listening"), "{line}");
+        backends.push(be);
+    }
+    let handle = node.enter(connect).expect("rtnetlink in the node");
+    let interface = Interface::ensure(handle, INTERFACE).await.expect("made");
+    interface.sync(&set(&["10.96.0.10"])).await.expect("the VIP");
+    let link = node.exec(&["ip", "link", "show", INTERFACE]);
+    assert!(link.contains("state DOWN"), "left down: {link}");
+
+    let vip = ServiceKey::tcp("10.96.0.10:80".parse().expect("an address"));
+    let want = |weights: &[(&str, u16)]| OwnedService {
+        service: VirtualService::new(vip, "wrr"),
+        destinations: weights.iter().map(|(a, w)| (a.parse().expect("an address"), *w)).collect(),
+    };
+    let mut ipvs = node.enter(IpvsClient::new).expect("IPVS in the node");
+    let mut converge = |desired: &[OwnedService]| {
+        let plan = plan_owned(desired, &ipvs.dump().expect("dump"), |k| *k == vip, |_, _| false);
+        assert!(ipvs.apply(&plan.writes).iter().all(Result::is_ok), "{plan:?}");
+    };
+    converge(&[want(&[("10.41.1.2:8080", 3), ("10.41.2.2:8080", 1)])]);
+
+    // From a pod on another path (forwarded) and from the node itself (host network).
+    for (who, ns) in [("a pod", &client), ("the node", &node)] {
+        let split = shares(ns, "10.96.0.10:80", 400);
+        let one = split.get("backend-1").copied().unwrap_or(0.0);
+        assert!((one - 0.75).abs() <= 0.06, "from {who}: backend-1 has {one:.2} of {split:?}, weights 3:1");
+    }
+
+    // Backend 2 removed (idle: deleted at once); every connection goes to backend 1.
+    converge(&[want(&[("10.41.1.2:8080", 3)])]);
+    assert_eq!(shares(&client, "10.96.0.10:80", 50).get("backend-1").copied(), Some(1.0));
+    converge(&[]);
+    interface.delete().await.expect("deleted");
+    drop(backends);
 }
