@@ -84,43 +84,56 @@ async fn connections_to_an_address_on_the_down_dummy_interface_follow_the_owned_
     // the VIP on ipvs-op0 (made by us, left down, as kube-ipvs0 is).
     let node = NetNs::new("sk-node");
     let client = NetNs::new("sk-client");
+    node.no_dad();
+    client.no_dad();
     link(&client, "eth0", "10.40.0.2/24", &node, "to-client", "10.40.0.1/24");
     client.exec(&["ip", "route", "add", "default", "via", "10.40.0.1"]);
-    node.sysctls(&[("net.ipv4.ip_forward", "1")]);
+    client.exec(&["ip", "addr", "add", "fd00:40::2/64", "dev", "eth0", "nodad"]);
+    node.exec(&["ip", "addr", "add", "fd00:40::1/64", "dev", "to-client", "nodad"]);
+    client.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:40::1"]);
+    node.sysctls(&[("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")]);
     let server = project_binary("traffic-server");
     let mut backends = Vec::new();
     for i in 1..=2 {
         let mut be = NetNs::new(&format!("sk-b{i}"));
         link(&be, "eth0", &format!("10.41.{i}.2/24"), &node, &format!("to-b{i}"), &format!("10.41.{i}.1/24"));
         be.exec(&["ip", "route", "add", "default", "via", &format!("10.41.{i}.1")]);
+        be.exec(&["ip", "addr", "add", &format!("fd00:41:{i}::2/64"), "dev", "eth0", "nodad"]);
+        node.exec(&["ip", "addr", "add", &format!("fd00:41:{i}::1/64"), "dev", &format!("to-b{i}"), "nodad"]);
+        be.exec(&["ip", "-6", "route", "add", "default", "via", &format!("fd00:41:{i}::1")]);
         let name = format!("backend-{i}");
-        let line = be.spawn_until_line(&[server.to_str().expect("a UTF-8 path"), "--listen", "0.0.0.0:8080", "--name", &name]);
+        let line = be.spawn_until_line(&[server.to_str().expect("a UTF-8 path"), "--listen", "[::]:8080", "--name", &name]);
         assert!(line.starts_with("listening"), "{line}");
         backends.push(be);
     }
     let handle = node.enter(connect).expect("rtnetlink in the node");
     let interface = Interface::ensure(handle, INTERFACE).await.expect("made");
-    interface.sync(&set(&["10.96.0.10"])).await.expect("the VIP");
+    interface.sync(&set(&["10.96.0.10", "fd00:96::10"])).await.expect("the VIPs");
     let link = node.exec(&["ip", "link", "show", INTERFACE]);
     assert!(link.contains("state DOWN"), "left down: {link}");
 
     let vip = ServiceKey::tcp("10.96.0.10:80".parse().expect("an address"));
-    let want = |weights: &[(&str, u16)]| OwnedService {
-        service: VirtualService::new(vip, "wrr"),
+    let vip6 = ServiceKey::tcp("[fd00:96::10]:80".parse().expect("an address"));
+    let owned = |key: ServiceKey, weights: &[(&str, u16)]| OwnedService {
+        service: VirtualService::new(key, "wrr"),
         destinations: weights.iter().map(|(a, w)| (a.parse().expect("an address"), *w)).collect(),
     };
+    let want = |weights: &[(&str, u16)]| owned(vip, weights);
+    let v6 = owned(vip6, &[("[fd00:41:1::2]:8080", 3), ("[fd00:41:2::2]:8080", 1)]);
     let mut ipvs = node.enter(IpvsClient::new).expect("IPVS in the node");
     let mut converge = |desired: &[OwnedService]| {
-        let plan = plan_owned(desired, &ipvs.dump().expect("dump"), |k| *k == vip, |_, _| false);
+        let plan = plan_owned(desired, &ipvs.dump().expect("dump"), |k| *k == vip || *k == vip6, |_, _| false);
         assert!(ipvs.apply(&plan.writes).iter().all(Result::is_ok), "{plan:?}");
     };
-    converge(&[want(&[("10.41.1.2:8080", 3), ("10.41.2.2:8080", 1)])]);
+    converge(&[want(&[("10.41.1.2:8080", 3), ("10.41.2.2:8080", 1)]), v6.clone()]);
 
-    // From a pod on another path (forwarded) and from the node itself (host network).
+    // From a pod on another path (forwarded) and from the node itself (host network), both families.
     for (who, ns) in [("a pod", &client), ("the node", &node)] {
-        let split = shares(ns, "10.96.0.10:80", 400);
-        let one = split.get("backend-1").copied().unwrap_or(0.0);
-        assert!((one - 0.75).abs() <= 0.06, "from {who}: backend-1 has {one:.2} of {split:?}, weights 3:1");
+        for target in ["10.96.0.10:80", "[fd00:96::10]:80"] {
+            let split = shares(ns, target, 400);
+            let one = split.get("backend-1").copied().unwrap_or(0.0);
+            assert!((one - 0.75).abs() <= 0.06, "from {who} to {target}: backend-1 has {one:.2} of {split:?}, weights 3:1");
+        }
     }
 
     // Backend 2 removed (idle: deleted at once); every connection goes to backend 1.
