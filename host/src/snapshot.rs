@@ -333,6 +333,8 @@ impl ReadySince {
 #[derive(Debug, Default)]
 pub struct LabelSets {
     seen: std::collections::HashSet<Arc<Labels>>,
+    /// Changes noted since the last prune (see [`LabelSets::changed`]).
+    changes: u64,
 }
 
 impl LabelSets {
@@ -349,6 +351,16 @@ impl LabelSets {
     /// Forget the maps no one else holds any more.
     pub fn prune(&mut self) {
         self.seen.retain(|labels| Arc::strong_count(labels) > 1);
+        self.changes = 0;
+    }
+
+    /// Notes one change of the cache that holds these maps, and prunes
+    /// after every `every` of them (pruning visits every map).
+    pub fn changed(&mut self, every: u64) {
+        self.changes += 1;
+        if self.changes >= every {
+            self.prune();
+        }
     }
 
     /// How many distinct maps are kept.

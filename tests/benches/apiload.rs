@@ -41,7 +41,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
 mod process;
-use process::{Process, sample};
+use process::{Process, env_number, sample};
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 /// The baseline watch's User-Agent.
@@ -57,12 +57,6 @@ const DELETIONS: usize = 2;
 /// The goal: irrelevant churn costs an agent under this share of the bytes it costs the baseline.
 const IRRELEVANT_GOAL: f64 = 0.01;
 
-fn env_number(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(text) => text.parse().with_context(|| format!("{name}={text} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
 
 /// The cluster: a Deployment and a WeightedService per service, 20 to a
 /// namespace; the background pods in namespaces of their own.

@@ -37,17 +37,11 @@ use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks, status_ki
 use ipvs_operator_tests::project_binary;
 
 mod process;
-use process::{Process, sample};
+use process::{Process, env_number, sample};
 
 /// The agent's memory target (issue 7).
 const AGENT_RSS_TARGET_MIB: f64 = 64.0;
 
-fn env_number(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(text) => text.parse().with_context(|| format!("{name}={text} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
 
 /// The cluster: one Deployment and one WeightedService per service, 20 to a
 /// namespace (the test API server's built-in controllers work per namespace,

@@ -19,16 +19,8 @@ use ipvs_operator_tests::policy_dir::{ConfigMapDir, with_custom_section};
 use ipvs_operator_tests::procstat::{clock_ticks_per_second, cpu_ticks};
 
 mod process;
-use process::{Process, sample};
+use process::{Process, env_number, sample};
 
-fn env_number(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(text) => text
-            .parse()
-            .with_context(|| format!("{name}={text} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
 
 /// Bytes process `pid` has read (`rchar` of `/proc/PID/io`).
 fn read_chars(pid: u32) -> Result<u64> {

@@ -116,10 +116,6 @@ impl Interface {
         let mut out = Vec::new();
         let mut messages = self.handle.address().get().set_link_index_filter(self.index).execute();
         while let Some(message) = messages.try_next().await.map_err(|e| self.error("listing addresses".into(), e))? {
-            // The filter is applied in user space by rtnetlink; keep to the interface anyway.
-            if message.header.index != self.index {
-                continue;
-            }
             let address = message.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,

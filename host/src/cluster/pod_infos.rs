@@ -38,7 +38,6 @@ pub struct PodInfos {
     /// The WeightedService each slice (namespace, slice name) is filed under.
     ws_of: HashMap<(Box<str>, Box<str>), Box<str>>,
     label_sets: LabelSets,
-    changes: u64,
 }
 
 impl Index for PodInfos {
@@ -105,10 +104,7 @@ impl Index for PodInfos {
     }
 
     fn changed(&mut self) {
-        self.changes += 1;
-        if self.changes.is_multiple_of(PRUNE_EVERY) {
-            self.label_sets.prune();
-        }
+        self.label_sets.changed(PRUNE_EVERY);
     }
 
     fn relisted(&mut self) {

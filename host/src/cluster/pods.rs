@@ -44,8 +44,6 @@ pub struct Pods {
     by_namespace: HashMap<Box<str>, HashMap<Box<str>, Entry>>,
     len: usize,
     label_sets: LabelSets,
-    /// Watch events since the cache was made, for pruning `label_sets`.
-    changes: u64,
 }
 
 impl Index for Pods {
@@ -104,10 +102,7 @@ impl Index for Pods {
     }
 
     fn changed(&mut self) {
-        self.changes += 1;
-        if self.changes.is_multiple_of(PRUNE_EVERY) {
-            self.label_sets.prune();
-        }
+        self.label_sets.changed(PRUNE_EVERY);
     }
 
     fn relisted(&mut self) {

@@ -10,6 +10,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ipvs_operator_tests::project_binary;
 
+/// The number in environment variable `name`, or `default` when it is unset.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match std::env::var(name) {
+        Ok(text) => text.parse().with_context(|| format!("{name}={text} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
 /// A free port on loopback (bound, read, released).
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
