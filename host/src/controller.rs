@@ -4,7 +4,7 @@
 //! writes `status`. Two controllers running at once (during a rollout) do no
 //! harm: the apply is idempotent and an unchanged status is not written.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use crate::cluster::{
     is_controlled_by, reflect_pod_infos, watch_config, reflect_pods, reflect_slices, selects, strip, FullPodCache, PodInfoCache, SliceCache,
     OWNER_LABEL, SERVICE_NAME_LABEL,
 };
-use crate::crd::{PodInfo, PodInfoSlice, PolicyStatus, WeightedService, WeightedServiceStatus};
+use crate::crd::{PodInfo, PodInfoSlice, PolicyStatus, Proxy, WeightedService, WeightedServiceStatus, PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
 use crate::pod_info::Slices;
 use crate::events::{EventSink, Notice};
 use crate::metrics::{Health, Metrics};
@@ -806,17 +806,21 @@ async fn apply_service(ctx: &Context, ws: &WeightedService) -> Result<(ServiceOu
     let Some(owner) = ws.controller_owner_ref(&()) else {
         return Ok((ServiceOutcome::Failed { name, message: "the WeightedService has no uid yet".into() }, None));
     };
+    let mut labels: BTreeMap<String, String> = [
+        (OWNER_LABEL.to_string(), name.clone()),
+        ("app.kubernetes.io/managed-by".to_string(), "ipvs-operator".to_string()),
+    ]
+    .into();
+    // kube-proxy skips a Service that names another proxy; applying without
+    // the label (switching back) removes it, since this field manager owned it.
+    if ws.proxy() == Proxy::IpvsOperator {
+        labels.insert(SERVICE_PROXY_NAME_LABEL.to_string(), PROXY_NAME.to_string());
+    }
     let desired = Service {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: ws.namespace(),
-            labels: Some(
-                [
-                    (OWNER_LABEL.to_string(), name.clone()),
-                    ("app.kubernetes.io/managed-by".to_string(), "ipvs-operator".to_string()),
-                ]
-                .into(),
-            ),
+            labels: Some(labels),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },

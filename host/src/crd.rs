@@ -67,7 +67,34 @@ pub struct WeightedServiceSpec {
     /// The policy that computes the weights (default: `label-selector`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyRef>,
+
+    /// Who serves the Service's traffic: `kube-proxy` (the default: kube-proxy
+    /// in IPVS mode makes the virtual services, ipvs-operator sets their
+    /// weights) or `ipvs-operator` (its agents serve the Service themselves,
+    /// and kube-proxy, in any mode, leaves it alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<Proxy>,
 }
+
+/// `spec.proxy`: who makes the Service's virtual services.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Proxy {
+    /// kube-proxy, in IPVS mode, makes them; the agent sets weights and the scheduler.
+    #[default]
+    #[serde(rename = "kube-proxy")]
+    KubeProxy,
+    /// The agent makes them (standalone mode), on a cluster whose kube-proxy is
+    /// in any mode, or has none.
+    #[serde(rename = "ipvs-operator")]
+    IpvsOperator,
+}
+
+/// The label kube-proxy (every mode) and common replacements read: a Service
+/// that carries one is served by the proxy it names, not by them.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// [`SERVICE_PROXY_NAME_LABEL`]'s value on Services the agents serve themselves.
+pub const PROXY_NAME: &str = "ipvs-operator";
 
 /// One entry of `spec.weights`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
@@ -294,6 +321,11 @@ impl WeightedService {
     pub fn policy_sha256(&self) -> Option<&str> {
         self.spec.policy.as_ref().and_then(|p| p.sha256.as_deref())
     }
+
+    /// `spec.proxy`, or `kube-proxy` when absent.
+    pub fn proxy(&self) -> Proxy {
+        self.spec.proxy.unwrap_or_default()
+    }
 }
 
 /// The CustomResourceDefinitions as deploy/crd.yaml has them: WeightedService,
@@ -416,5 +448,16 @@ spec:
         let config: serde_json::Value = serde_json::from_str(&ws.policy_config()).unwrap();
         assert_eq!(config["canary"]["env"], "canary");
         assert_eq!(config["allowAllZero"], true);
+    }
+
+    #[test]
+    fn proxy_is_kube_proxy_unless_the_agents_are_named() {
+        let ws: WeightedService = serde_yaml::from_str(SEED_README).unwrap();
+        assert_eq!((ws.proxy(), ws.spec.proxy), (Proxy::KubeProxy, None));
+        let ws: WeightedService = serde_yaml::from_str(&(SEED_README.to_string() + "  proxy: ipvs-operator\n")).unwrap();
+        assert_eq!(ws.proxy(), Proxy::IpvsOperator);
+        assert_eq!(serde_json::to_value(&ws).unwrap()["spec"]["proxy"], "ipvs-operator");
+        let bad: Result<WeightedService, _> = serde_yaml::from_str(&(SEED_README.to_string() + "  proxy: cilium\n"));
+        assert!(bad.is_err(), "an unknown proxy is refused, not taken for kube-proxy");
     }
 }

@@ -49,8 +49,9 @@ enum Command {
     /// ServiceAccount.
     Controller(ControllerArgs),
     /// Run the node agent: evaluates policies for this node and writes IPVS
-    /// weights and schedulers beside kube-proxy (a DaemonSet, hostNetwork,
-    /// NET_ADMIN).
+    /// weights and schedulers beside kube-proxy, and serves the Services of
+    /// WeightedServices with `spec.proxy: ipvs-operator` itself (a DaemonSet,
+    /// hostNetwork, NET_ADMIN).
     ///
     /// Talks to the API server of the kubeconfig (KUBECONFIG) or, in a pod, of its
     /// ServiceAccount.
@@ -153,6 +154,16 @@ struct AgentArgs {
     /// Where to serve /metrics, /healthz and /readyz (the agent runs on the host network).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9494")]
     listen: SocketAddr,
+    /// Services served by the agent itself (`spec.proxy: ipvs-operator`): a
+    /// removed endpoint's destination stays at weight 0 until its TCP
+    /// connections end, or this long (UDP and SCTP ones go at once).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// A Service switched back to `spec.proxy: kube-proxy` is still served by
+    /// the agent until kube-proxy (IPVS mode) has its addresses on kube-ipvs0,
+    /// or this long: kube-proxy in other modes catches its traffic by then.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    handover_timeout: Duration,
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -413,6 +424,8 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let config = AgentConfig {
         node_name: args.node_name,
         drift_interval: args.drift_interval,
+        drain_timeout: args.drain_timeout,
+        handover_timeout: args.handover_timeout,
         table_reader: args.table_reader,
         node_port_addresses: args.nodeport_addresses,
         ..AgentConfig::default()

@@ -78,6 +78,10 @@ pub struct TestbedConfig {
     /// How often the API server sends watch bookmarks (by default the test
     /// API server's 5 s; a real one sends one about every minute).
     pub bookmark_interval: Option<Duration>,
+    /// More flags for the agent (e.g. `--handover-timeout`).
+    pub agent_flags: Vec<String>,
+    /// More flags for the kube-proxy emulator (e.g. `--ipvs-exclude-cidrs`).
+    pub proxy_flags: Vec<String>,
 }
 
 impl Default for TestbedConfig {
@@ -92,6 +96,8 @@ impl Default for TestbedConfig {
             table_reader: None,
             policy_flags: Vec::new(),
             bookmark_interval: None,
+            agent_flags: Vec::new(),
+            proxy_flags: Vec::new(),
         }
     }
 }
@@ -279,6 +285,7 @@ impl Testbed {
             "--dummy-interface".into(),
             "kube-ipvs0".into(),
         ]);
+        args.extend(self.config.proxy_flags.iter().cloned());
         self.spawn("kube-proxy", true, "kube-proxy-emulator", &args);
     }
 
@@ -329,6 +336,7 @@ impl Testbed {
             args.extend(["--table-reader".into(), reader.clone()]);
         }
         args.extend(self.policy_args());
+        args.extend(self.config.agent_flags.iter().cloned());
         self.spawn("agent", true, "ipvs-operator", &args);
     }
 

@@ -2,15 +2,22 @@
 //! the test VM (`make test-kernel`): the dummy interface that holds
 //! standalone Services' addresses, made, adopted, corrected and removed over
 //! rtnetlink, as `ip` (a tool nobody here wrote) sees it, and real
-//! connections through an owned virtual service at an address on it.
+//! connections through an owned virtual service at an address on it; then the
+//! real controller and agent serving a WeightedService's Service with no
+//! kube-proxy at all, across an agent restart and its deletion, and handing
+//! it over to kube-proxy (the emulator, IPVS mode) without a failed connection.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ipvs::{IpvsClient, OwnedService, Service as VirtualService, ServiceKey, plan_owned};
 use ipvs_operator::agent::interface::{AddressChanges, INTERFACE, Interface, connect};
+use ipvs_operator_tests::testbed::{NODE_IP, Testbed, TestbedConfig, pod_manifest, wait_until};
 use traffic::netns::{NetNs, link, project_binary};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `ip ARGS…`'s output; panics when it fails.
 fn ip(args: &[&str]) -> String {
@@ -142,4 +149,183 @@ async fn connections_to_an_address_on_the_down_dummy_interface_follow_the_owned_
     converge(&[]);
     interface.delete().await.expect("deleted");
     drop(backends);
+}
+
+/// Three pods behind `web` (prod 3, canary 1), served by the agents
+/// themselves; `{extra}` adds to the spec.
+fn served(extra: &str) -> String {
+    let mut yaml = String::new();
+    for (name, env, n) in [("prod-a", "prod", 11), ("prod-b", "prod", 12), ("canary-a", "canary", 13)] {
+        yaml += &pod_manifest(name, &[("app", "web"), ("env", env)], "node-1", &format!("10.244.0.{n}"));
+    }
+    yaml + &format!(
+        r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {{name: web, namespace: default}}
+spec:
+  proxy: ipvs-operator
+  clusterIP: 10.96.100.10
+  selector: {{app: web}}
+  weights:
+  - {{weight: 3, selector: {{env: prod}}}}
+  - {{weight: 1, selector: {{env: canary}}}}
+{extra}
+"#
+    )
+}
+
+/// Pod name by pod IP, in `default`.
+fn pods_by_ip(bed: &Testbed) -> BTreeMap<IpAddr, String> {
+    bed.handle()
+        .list("pods", Some("default"))
+        .iter()
+        .filter_map(|p| Some((p["status"]["podIP"].as_str()?.parse().ok()?, p["metadata"]["name"].as_str()?.to_string())))
+        .collect()
+}
+
+/// The scheduler, flags and weights by pod of the node's virtual service at `vip`.
+fn virtual_service(bed: &Testbed, key: ServiceKey) -> Option<(String, u32, BTreeMap<String, u32>)> {
+    let entry = bed.ipvs().into_iter().find(|e| e.service.key == key)?;
+    let by_ip = pods_by_ip(bed);
+    let weights = entry
+        .destinations
+        .iter()
+        .map(|d| (by_ip.get(&d.socket_addr().ip()).cloned().unwrap_or_else(|| d.socket_addr().to_string()), d.weight))
+        .collect();
+    Some((entry.service.scheduler, entry.service.timeout, weights))
+}
+
+fn wait_for_weights(bed: &Testbed, key: ServiceKey, want: &[(&str, u32)]) {
+    let want: BTreeMap<String, u32> = want.iter().map(|(p, w)| (p.to_string(), *w)).collect();
+    wait_until(TIMEOUT, &format!("{key} at {want:?}"), || {
+        let (_, _, weights) = virtual_service(bed, key)?;
+        (weights == want).then_some(())
+    });
+}
+
+/// The addresses on `interface` in the node (empty when it does not exist).
+fn node_addresses_on(bed: &Testbed, interface: &str) -> Option<BTreeSet<String>> {
+    let out = bed.node.exec_output(&["ip", "-o", "addr", "show", "dev", interface]);
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                words.find(|w| *w == "inet" || *w == "inet6")?;
+                words.next().map(str::to_string)
+            })
+            .collect()
+    })
+}
+
+fn assert_split(what: &str, counts: &BTreeMap<String, usize>) {
+    let total: usize = counts.values().sum();
+    for (pod, want) in [("prod-a", 3.0 / 7.0), ("prod-b", 3.0 / 7.0), ("canary-a", 1.0 / 7.0)] {
+        let got = counts.get(pod).copied().unwrap_or(0) as f64 / total as f64;
+        assert!((got - want).abs() <= 0.05, "{what}: {pod} got {got:.3}, expected {want:.3} ({counts:?})");
+    }
+}
+
+/// The agent's writes of `kind` so far (0 before the first).
+fn agent_writes(bed: &Testbed, kind: &str) -> f64 {
+    bed.agent_metric("ipvs_operator_netlink_writes_total", &format!("kind=\"{kind}\"")).unwrap_or(0.0)
+}
+
+fn patch_proxy(bed: &Testbed, proxy: &str) {
+    use ipvs_operator::crd::WeightedService;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<WeightedService> = Api::namespaced(bed.client(), "default");
+    let patch = serde_json::json!({"spec": {"proxy": proxy}});
+    bed.block_on(api.patch("web", &PatchParams::default(), &Patch::Merge(&patch))).expect("patching the WeightedService");
+}
+
+#[test]
+fn with_no_kube_proxy_the_agent_serves_the_cluster_ip_and_node_port_adopts_after_a_restart_and_cleans_up() {
+    let mut bed = Testbed::new(TestbedConfig::default());
+    bed.load(&served("  type: NodePort\n  ports: [{protocol: TCP, port: 80, targetPort: www, nodePort: 30080}]"));
+    bed.start_controller();
+    bed.start_agent();
+    let vip = ServiceKey::tcp("10.96.100.10:80".parse().expect("an address"));
+    let node_port = ServiceKey::tcp(SocketAddr::new(IpAddr::V4(NODE_IP), 30080));
+    let split = [("canary-a", 1), ("prod-a", 3), ("prod-b", 3)];
+    wait_for_weights(&bed, vip, &split);
+    wait_for_weights(&bed, node_port, &split);
+    let service = bed.get("services", "default", "web").expect("the Service");
+    assert_eq!(service["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"], "ipvs-operator");
+    assert_eq!(node_addresses_on(&bed, INTERFACE), Some(["10.96.100.10/32".to_string()].into()));
+    let (scheduler, timeout, _) = virtual_service(&bed, vip).expect("the virtual service");
+    assert_eq!((scheduler.as_str(), timeout), ("wrr", 0), "wrr by default, no persistence");
+    assert_split("ClusterIP", &bed.connect(SocketAddr::from(([10, 96, 100, 10], 80)), 700));
+    assert_split("NodePort", &bed.connect(SocketAddr::new(IpAddr::V4(NODE_IP), 30080), 700));
+
+    // A restarted agent adopts what is there: it writes nothing.
+    bed.kill("agent");
+    bed.start_agent();
+    wait_until(TIMEOUT, "the restarted agent ready", || bed.agent_ready().then_some(()));
+    std::thread::sleep(Duration::from_secs(3));
+    for kind in ["virtual_service", "destination", "weight", "scheduler", "address"] {
+        assert_eq!(agent_writes(&bed, kind), 0.0, "{kind} written after a restart: {}", bed.log("agent"));
+    }
+
+    // A ready pod gone: its destination drains at weight 0 (the connections
+    // above are still in the table), the others stay.
+    bed.handle().delete_pod("default", "prod-b", ipvs_operator_tests::apiserver::Grace::Immediate).expect("deleted");
+    // (The pod is gone from the API: its destination shows by address.)
+    wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("10.244.0.12:8080", 0)]);
+
+    // The WeightedService deleted: nothing of it is left on the node.
+    use ipvs_operator::crd::WeightedService;
+    let api: kube::Api<WeightedService> = kube::Api::namespaced(bed.client(), "default");
+    bed.block_on(api.delete("web", &Default::default())).expect("deleted");
+    wait_until(TIMEOUT, "nothing left", || {
+        (node_addresses_on(&bed, INTERFACE).is_none() && bed.ipvs().is_empty()).then_some(())
+    });
+    assert_eq!(bed.ipvsadm().lines().filter(|l| l.starts_with("TCP") || l.starts_with("UDP")).count(), 0, "{}", bed.ipvsadm());
+}
+
+#[test]
+fn switched_back_to_kube_proxy_a_service_is_handed_over_without_a_failed_connection() {
+    // kube-proxy in IPVS mode beside it, leaving the range of standalone
+    // ClusterIPs alone (--ipvs-exclude-cidrs), as the docs tell users to.
+    let mut bed = Testbed::new(TestbedConfig {
+        proxy_scheduler: "wrr".into(),
+        proxy_flags: vec!["--ipvs-exclude-cidrs".into(), "10.96.100.0/24".into()],
+        ..TestbedConfig::default()
+    });
+    bed.load(&served("  ports: [{protocol: TCP, port: 80, targetPort: www}]"));
+    bed.start_all();
+    let vip = ServiceKey::tcp("10.96.100.10:80".parse().expect("an address"));
+    wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("prod-b", 3)]);
+    assert!(!node_addresses_on(&bed, "kube-ipvs0").unwrap_or_default().contains("10.96.100.10/32"), "kube-proxy skips it");
+    assert_split("served by the agent", &bed.connect(SocketAddr::from(([10, 96, 100, 10], 80)), 700));
+
+    // kube-proxy sees the Service without the label before its EndpointSlices
+    // (the EndpointSlice controller copies the label over after): for that
+    // moment it has no endpoints and drains every destination, as real
+    // kube-proxy does. New connections fail until its next sync, and no longer.
+    patch_proxy(&bed, "kube-proxy");
+    let started = Instant::now();
+    let mut failures: Vec<(Duration, String)> = Vec::new();
+    let mut connections = 0;
+    let mut handed_over: Option<Instant> = None;
+    while handed_over.is_none_or(|at| at.elapsed() < Duration::from_secs(2)) {
+        assert!(started.elapsed() < TIMEOUT, "not handed over: {}", bed.logs());
+        let (counts, errors) = bed.connect_counting_errors(SocketAddr::from(([10, 96, 100, 10], 80)), 2);
+        connections += counts.values().sum::<usize>() + errors.len();
+        failures.extend(errors.into_iter().map(|e| (started.elapsed(), e)));
+        if handed_over.is_none() && node_addresses_on(&bed, INTERFACE).is_none() {
+            handed_over = Some(Instant::now());
+        }
+    }
+    let window = match (failures.first(), failures.last()) {
+        (Some((first, _)), Some((last, _))) => *last - *first,
+        _ => Duration::ZERO,
+    };
+    eprintln!("handover: {} of {connections} connections failed, within {window:?}", failures.len());
+    assert!(window < Duration::from_secs(2), "connections failed for {window:?}, longer than one kube-proxy sync: {failures:?}");
+    assert!(node_addresses_on(&bed, "kube-ipvs0").unwrap_or_default().contains("10.96.100.10/32"), "kube-proxy has it");
+    // kube-proxy's now, weighted by the agent as any other.
+    wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("prod-b", 3)]);
+    assert_split("served by kube-proxy", &bed.connect(SocketAddr::from(([10, 96, 100, 10], 80)), 700));
 }

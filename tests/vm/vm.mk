@@ -16,7 +16,8 @@ vm-binaries:
 ## test-kernel: the kernel tests, inside the VM: the ipvs crate's, the
 ## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs), and the end-to-end
 ## tests of the controller and agent (tests/tests/e2e.rs), of standalone
-## mode's pieces (tests/tests/standalone_kernel.rs), of dual-stack
+## mode (tests/tests/standalone_kernel.rs: its pieces, and the agent serving
+## a Service with no kube-proxy and handing it over to one), of dual-stack
 ## Services (tests/tests/e2e_ipv6.rs), of every Service topology and the
 ## agent's state across restarts (tests/tests/e2e_topology.rs), and of the policies
 ## (tests/tests/e2e_policies.rs), and the fault suite, shortened

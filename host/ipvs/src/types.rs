@@ -152,6 +152,14 @@ impl ServiceKey {
         Self::new(Protocol::Sctp, address)
     }
 
+    /// The virtual address (none for a firewall-mark service).
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Self::Address { address, .. } => Some(*address),
+            Self::Fwmark { .. } => None,
+        }
+    }
+
     /// A firewall-mark service key.
     pub fn fwmark(family: AddressFamily, mark: u32) -> Self {
         Self::Fwmark { family, mark }

@@ -162,7 +162,7 @@ impl Evaluator {
     }
 
     /// The plans, with their keys.
-    pub(super) fn plans(&self) -> impl Iterator<Item = (&WsKey, &ServicePlan)> {
+    pub(super) fn plans(&self) -> impl Iterator<Item = (&WsKey, &ServicePlan)> + Clone {
         self.states.iter().filter_map(|(k, s)| Some((k, s.plan.as_deref()?)))
     }
 

@@ -448,6 +448,7 @@ mod tests {
                     external: Arc::default(),
                 }],
                 restoring: false,
+                standalone: None,
             }),
             applied: false,
         };

@@ -26,6 +26,9 @@
 //! The parts: [`schedule`] decides what to do when, [`evaluate`] turns the
 //! caches into plans (evaluating policies), [`plan`] and [`drift`] are the pure
 //! comparison of plans with the kernel, and [`kernel`] reads and writes IPVS.
+//! Services labelled for the agent to serve itself (`spec.proxy:
+//! ipvs-operator`) go to [`serving`] instead, which makes their addresses
+//! ([`interface`]) and virtual services ([`standalone`]) whole.
 
 pub mod confirm;
 pub mod drift;
@@ -33,11 +36,13 @@ pub mod interface;
 pub mod node_addresses;
 pub mod plan;
 pub mod procfs;
+pub mod serving;
 pub mod standalone;
 mod evaluate;
 mod kernel;
 mod schedule;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +59,7 @@ use evaluate::Evaluator;
 use kernel::{InScope, Kernel};
 use node_addresses::Cidr;
 use schedule::{Dirty, Sweeper};
+use serving::Serving;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -75,6 +81,12 @@ pub struct AgentConfig {
     pub node_port_addresses: Vec<Cidr>,
     /// How long a fresh read of EndpointSlices (before raising a weight of 0) may take.
     pub confirm_timeout: Duration,
+    /// In a Service the agent serves itself, a removed endpoint's destination
+    /// drains at weight 0 until its connections end, or this long.
+    pub drain_timeout: Duration,
+    /// A Service switched back to kube-proxy is still served here until
+    /// kube-proxy has its addresses on `kube-ipvs0`, or this long.
+    pub handover_timeout: Duration,
 }
 
 impl Default for AgentConfig {
@@ -87,6 +99,8 @@ impl Default for AgentConfig {
             debounce: Duration::from_millis(5),
             node_port_addresses: Vec::new(),
             confirm_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(120),
+            handover_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -128,6 +142,12 @@ pub struct Worker {
     events: EventSink,
     evaluator: Evaluator,
     kernel: Kernel,
+    serving: Serving,
+    /// The plans' generation the served Services were last synced at.
+    served_plans: Option<u64>,
+    /// A sweep began: the served Services are compared whole with the kernel
+    /// (the sweep's comparison only sees weights and schedulers).
+    serving_due: bool,
     sweeper: Sweeper,
 }
 
@@ -146,7 +166,8 @@ impl Worker {
         let evaluator = Evaluator::new(config.node_name.clone(), stores, catalog, metrics.clone(), events.clone());
         let kernel = Kernel::new(metrics.clone(), reader, config.node_port_addresses.clone());
         let sweeper = Sweeper::new(config.table_reader);
-        Worker { config, metrics, health, events, evaluator, kernel, sweeper }
+        let serving = Serving::new(metrics.clone(), config.drain_timeout, config.handover_timeout);
+        Worker { config, metrics, health, events, evaluator, kernel, serving, served_plans: None, serving_due: true, sweeper }
     }
 
     /// One pass: rebuild what changed, then compare what is in scope with the kernel.
@@ -156,20 +177,48 @@ impl Worker {
             self.evaluator.plans_changed += 1;
         }
         report.evaluated = self.evaluator.rebuild(dirty, Timestamp::now(), Instant::now());
-        let in_scope: Vec<InScope> = self
+        let (served, in_scope): (Vec<InScope>, Vec<InScope>) = self
             .evaluator
             .states
             .iter()
             .filter(|(k, _)| dirty.in_scope(k))
             .filter_map(|(k, s)| Some(InScope { key: k.clone(), plan: s.plan.clone()?, applied: s.plan_applied }))
-            .collect();
-        let Some(outcome) = self.kernel.sync(&in_scope, dirty.is_sweep_chunk()) else {
-            return report;
+            .partition(|s| s.plan.standalone.is_some());
+        let mut failed = HashMap::new();
+        // The Services served here, whole, when one of them or the set of plans changed.
+        let generation = Some(self.evaluator.plans_changed);
+        if (!served.is_empty() || dirty.all || self.serving_due || self.served_plans != generation)
+            && self.serving.needed(self.evaluator.plans())
+        {
+            match self.serving.sync(self.evaluator.plans(), &self.kernel.node_addresses) {
+                Ok(outcome) => {
+                    self.served_plans = generation;
+                    self.serving_due = false;
+                    report.writes += outcome.writes;
+                    report.errors += outcome.errors;
+                    failed.extend(outcome.failed);
+                    for scope in &served {
+                        if !failed.contains_key(&scope.key)
+                            && let Some(state) = self.evaluator.states.get_mut(&scope.key)
+                        {
+                            state.plan_applied = true;
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "serving Services here: tried again at the next pass"),
+            }
+        }
+        let kernel_synced = match self.kernel.sync(&in_scope, dirty.is_sweep_chunk()) {
+            Some(outcome) => {
+                report.writes += outcome.writes;
+                report.errors += outcome.errors;
+                report.missing = outcome.missing;
+                failed.extend(outcome.failed);
+                true
+            }
+            None => false,
         };
-        report.writes = outcome.writes;
-        report.errors = outcome.errors;
-        report.missing = outcome.missing;
-        for (key, error) in &outcome.failed {
+        for (key, error) in &failed {
             if let Some(reference) = self.evaluator.reference(key) {
                 self.events.send(Notice {
                     reference,
@@ -179,8 +228,8 @@ impl Worker {
                 });
             }
         }
-        for scope in &in_scope {
-            if !outcome.failed.contains_key(&scope.key)
+        for scope in in_scope.iter().filter(|_| kernel_synced) {
+            if !failed.contains_key(&scope.key)
                 && let Some(state) = self.evaluator.states.get_mut(&scope.key)
             {
                 state.plan_applied = true;

@@ -1,7 +1,8 @@
 //! The node's own addresses, as kube-proxy's IPVS mode picks them for
 //! NodePort virtual services: every address of every local interface but
 //! loopback, IPv6 link-local and those on kube-proxy's dummy interface
-//! (`kube-ipvs0`, which holds the ClusterIPs), narrowed by
+//! (`kube-ipvs0`, which holds the ClusterIPs) and on the agent's own
+//! (`ipvs-op0`, which holds those of the Services it serves), narrowed by
 //! `--nodeport-addresses` when that is given. A virtual service on a
 //! Service's NodePort counts as that NodePort only at one of these.
 
@@ -58,7 +59,7 @@ impl Cidr {
 pub fn node_port_addresses(interfaces: &[(String, IpAddr)], only: &[Cidr]) -> HashSet<IpAddr> {
     interfaces
         .iter()
-        .filter(|(name, _)| name != KUBE_PROXY_DUMMY)
+        .filter(|(name, _)| name != KUBE_PROXY_DUMMY && name != super::standalone::INTERFACE)
         .map(|(_, address)| *address)
         .filter(|a| !a.is_loopback())
         .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.is_unicast_link_local()))

@@ -12,7 +12,7 @@
 //! node port, never by the port alone: another Service's ClusterIP may use the
 //! same number.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -33,6 +33,16 @@ pub struct ServicePlan {
     /// controls: only destinations with another non-zero weight are changed,
     /// since a 0 there is kube-proxy draining an endpoint.
     pub restoring: bool,
+    /// The Service is labelled for ipvs-operator to serve (standalone mode):
+    /// the agent makes its virtual services and destinations itself.
+    pub standalone: Option<Standalone>,
+}
+
+/// What the agent needs, beyond the weights, to serve a Service itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Standalone {
+    /// `sessionAffinity: ClientIP`'s timeout in seconds: persistence.
+    pub persistence: Option<u32>,
 }
 
 /// One Service port: its virtual services and the weights of their destinations.
@@ -69,6 +79,11 @@ pub struct Weights {
     pub ipv4: BTreeMap<SocketAddr, u16>,
     /// Behind IPv6 virtual services.
     pub ipv6: BTreeMap<SocketAddr, u16>,
+    /// Ready destinations (of either family) the policy has not weighted
+    /// (not evaluated yet on this node, or new since its last good decision).
+    /// Behind kube-proxy they are left alone; in a Service the agent serves
+    /// itself they keep the kernel's weight, or get kube-proxy's 1 when new.
+    pub pending: BTreeSet<SocketAddr>,
 }
 
 impl Weights {
@@ -137,6 +152,11 @@ impl ServicePlan {
         let reach = |local: bool| if local { Reach::Local { fallback } } else { Reach::Cluster };
         let (internal_reach, external_reach) = (reach(internal_local), reach(external_local));
         let node = snapshot.node.as_ref();
+        let standalone = super::standalone::serves(service)
+            .then(|| Standalone { persistence: super::standalone::affinity_seconds(service) });
+        // Serving it, the agent is the proxy: with no ready endpoint it uses
+        // the serving and terminating ones, as kube-proxy does.
+        let fallback_to_terminating = standalone.is_some();
         let ports = spec
             .ports
             .iter()
@@ -145,9 +165,28 @@ impl ServicePlan {
                 let protocol = protocol(sp.protocol.as_deref()).ok()?;
                 let port = u16::try_from(sp.port).ok()?;
                 let node_port = sp.node_port.filter(|_| has_node_ports).and_then(|p| u16::try_from(p).ok());
-                let weights_for = |reach: Reach| Weights {
-                    ipv4: weights(snapshot, protocol, port, true, reach, node, &weight_of),
-                    ipv6: weights(snapshot, protocol, port, false, reach, node, &weight_of),
+                let weights_for = |reach: Reach| {
+                    let mut pending = BTreeSet::new();
+                    let mut of = |ipv4| {
+                        let ready = weights(snapshot, protocol, port, ipv4, reach, node, &weight_of);
+                        if ready.is_empty() && fallback_to_terminating {
+                            return terminating(snapshot, protocol, port, ipv4, reach, node);
+                        }
+                        let mut weighted = BTreeMap::new();
+                        for (destination, weight) in ready {
+                            match weight {
+                                Some(weight) => {
+                                    weighted.insert(destination, weight);
+                                }
+                                None => {
+                                    pending.insert(destination);
+                                }
+                            }
+                        }
+                        weighted
+                    };
+                    let (ipv4, ipv6) = (of(true), of(false));
+                    Weights { ipv4, ipv6, pending }
                 };
                 let internal = Arc::new(weights_for(internal_reach));
                 let external = if external_reach == internal_reach {
@@ -166,7 +205,7 @@ impl ServicePlan {
                 })
             })
             .collect();
-        ServicePlan { scheduler: scheduler.map(String::from), ports, restoring: false }
+        ServicePlan { scheduler: scheduler.map(String::from), ports, restoring: false, standalone }
     }
 
     /// The plan that puts kube-proxy's weight 1 back on `service`'s ready
@@ -177,7 +216,8 @@ impl ServicePlan {
 }
 
 /// The weights of one family's destinations of one Service port that
-/// kube-proxy puts behind a virtual service reached as `reach`.
+/// kube-proxy puts behind a virtual service reached as `reach` (`None`:
+/// `weight_of` has none for it).
 fn weights(
     snapshot: &Snapshot,
     protocol: Protocol,
@@ -186,7 +226,7 @@ fn weights(
     reach: Reach,
     node: Option<&NodeInfo>,
     weight_of: &impl Fn(usize, &Endpoint) -> Option<u16>,
-) -> BTreeMap<SocketAddr, u16> {
+) -> BTreeMap<SocketAddr, Option<u16>> {
     let has_port = |e: &Endpoint| e.ports.iter().any(|p| p.service_port == port && p.protocol == protocol);
     // Ready endpoints of this port and family (kube-proxy's `IsReady`): the
     // serving-and-terminating ones it falls back to are left alone.
@@ -213,9 +253,38 @@ fn weights(
     };
     let mut out = BTreeMap::new();
     for (i, endpoint) in ready.iter().copied().filter(|(_, e)| used(e)) {
-        let Some(weight) = weight_of(i, endpoint) else { continue };
+        let weight = weight_of(i, endpoint);
         for ep in endpoint.ports.iter().filter(|p| p.service_port == port && p.protocol == protocol) {
             out.insert(SocketAddr::new(endpoint.address, ep.target_port), weight);
+        }
+    }
+    out
+}
+
+/// The serving and terminating endpoints kube-proxy falls back to when no
+/// endpoint is ready (the local ones under a `Local` policy), at weight 1:
+/// what the agent puts behind a virtual service it serves itself.
+fn terminating(
+    snapshot: &Snapshot,
+    protocol: Protocol,
+    port: u16,
+    ipv4: bool,
+    reach: Reach,
+    node: Option<&NodeInfo>,
+) -> BTreeMap<SocketAddr, u16> {
+    let local_only = match (reach, node) {
+        (Reach::Local { .. }, Some(node)) => Some(node.name.as_str()),
+        _ => None,
+    };
+    let mut out = BTreeMap::new();
+    for endpoint in snapshot.endpoints.iter().filter(|e| {
+        e.address.is_ipv4() == ipv4
+            && e.serving
+            && e.terminating
+            && local_only.is_none_or(|node| e.node_name.as_deref() == Some(node))
+    }) {
+        for ep in endpoint.ports.iter().filter(|p| p.service_port == port && p.protocol == protocol) {
+            out.insert(SocketAddr::new(endpoint.address, ep.target_port), 1);
         }
     }
     out
@@ -450,6 +519,32 @@ status:
         let snap = snapshot(vec![endpoint("10.244.1.5", true, false, &[(80, 8080)])]);
         let plan = ServicePlan::new(&service(NODE_PORT_SERVICE), &snap, Some("wrr"), |_, _| None);
         assert!(plan.ports[0].internal.ipv4.is_empty());
+    }
+
+    #[test]
+    fn endpoints_left_alone_are_pending_and_only_a_served_service_falls_back_to_terminating_ones() {
+        let snap = snapshot(vec![
+            endpoint("10.244.1.5", true, false, &[(80, 8080)]),
+            endpoint("10.244.1.6", false, true, &[(80, 8080)]),
+        ]);
+        let plan = ServicePlan::new(&service(NODE_PORT_SERVICE), &snap, Some("wrr"), |_, _| None);
+        assert_eq!(plan.ports[0].internal.pending, [addr("10.244.1.5:8080")].into(), "ready, not weighted");
+        assert_eq!(plan.standalone, None, "kube-proxy serves it");
+        // Only the terminating one left: behind kube-proxy it is left alone;
+        // served here it is used at weight 1, as kube-proxy would.
+        let terminating_only = snapshot(vec![endpoint("10.244.1.6", false, true, &[(80, 8080)])]);
+        let behind_kube_proxy = ServicePlan::new(&service(NODE_PORT_SERVICE), &terminating_only, Some("wrr"), |_, _| Some(5));
+        assert!(behind_kube_proxy.ports[0].internal.ipv4.is_empty());
+        let labelled = NODE_PORT_SERVICE.replace(
+            "metadata: {name: web, namespace: default}",
+            "metadata: {name: web, namespace: default, labels: {service.kubernetes.io/service-proxy-name: ipvs-operator}}",
+        );
+        assert_ne!(labelled, NODE_PORT_SERVICE);
+        let served = ServicePlan::new(&service(&labelled), &terminating_only, Some("wrr"), |_, _| Some(5));
+        assert_eq!(served.standalone, Some(Standalone { persistence: None }));
+        assert_eq!(served.ports[0].internal.ipv4, [(addr("10.244.1.6:8080"), 1)].into());
+        let both = ServicePlan::new(&service(&labelled), &snap, Some("wrr"), |_, _| Some(5));
+        assert_eq!(both.ports[0].internal.ipv4, [(addr("10.244.1.5:8080"), 5)].into(), "a ready one: terminating ones unused");
     }
 
     #[test]

@@ -324,6 +324,7 @@ impl Worker {
     /// a change have been missed, and the node's addresses are read again.
     fn begin_sweep(&mut self, dirty: &mut Dirty) -> Option<TableReading> {
         self.kernel.listed = None;
+        self.serving_due = true;
         self.sweeper.sweeps += 1;
         self.sweeper.counted = false;
         self.metrics.sweeps.inc();
