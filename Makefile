@@ -79,10 +79,14 @@ test-unit:
 ## DEMO_BINARY=shipped runs the binary we ship (`make musl-binary`, static
 ## musl, stripped) as the controller and agent instead of target/release's
 ## (glibc); the output and result.json say which ran. Either way they start
-## without a compiled-policy cache, as deployed.
+## without a compiled-policy cache, as deployed. DEMO_KUBE_PROXY=none runs no
+## kube-proxy at all (for WeightedServices with `proxy: ipvs-operator`, e.g.
+## DEMO=examples/standalone.yaml); the default, ipvs, runs the emulator of its
+## IPVS mode.
 DEMO ?= examples/original-example.yaml
 DEMO_CONNECTIONS ?= 5000
 DEMO_BINARY ?= release
+DEMO_KUBE_PROXY ?= ipvs
 demo: setup vm-binaries $(if $(filter shipped,$(DEMO_BINARY)),musl-binary)
 	@for f in $(DEMO); do test -f "$$f" || { echo "make demo: DEMO: $$f: no such file" >&2; exit 1; }; done
 	@case "$(DEMO_BINARY)" in release|shipped) ;; *) echo "make demo: DEMO_BINARY is release or shipped, not $(DEMO_BINARY)" >&2; exit 1 ;; esac
@@ -90,7 +94,7 @@ demo: setup vm-binaries $(if $(filter shipped,$(DEMO_BINARY)),musl-binary)
 	IPVS_VM_TIMEOUT=1200 $(VM_RUN) $(foreach f,$(DEMO),--add "$(abspath $(f))") --out "$(CURDIR)/target/demo" \
 	  $(if $(filter shipped,$(DEMO_BINARY)),--add "$(SHIPPED_BINARY)=$(TARGET_DIR)/release/ipvs-operator") \
 	  -- "$(TARGET_DIR)/release/ipvs-operator-demo" $(foreach f,$(DEMO),"$(abspath $(f))") \
-	  --connections $(DEMO_CONNECTIONS) --out "$(CURDIR)/target/demo" \
+	  --connections $(DEMO_CONNECTIONS) --kube-proxy $(DEMO_KUBE_PROXY) --out "$(CURDIR)/target/demo" \
 	  $(if $(filter shipped,$(DEMO_BINARY)),--operator-source "$(SHIPPED_BINARY)")
 
 ## crd: regenerate deploy/crd.yaml from the Rust types (a test checks they agree).

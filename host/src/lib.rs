@@ -9,6 +9,7 @@
 //! - [`pod_info`]: the PodInfoSlices the controller publishes for the agents;
 //! - [`agent`]: the node agent that writes IPVS weights;
 //! - [`leader`]: the controllers' leader election on a Lease;
+//! - [`node_setup`]: the kernel modules and sysctls a node needs for standalone mode;
 //! - [`events`], [`metrics`]: what they report.
 
 pub mod agent;
@@ -19,6 +20,7 @@ pub mod eval;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod node_setup;
 pub mod pod_info;
 pub mod policy;
 pub mod snapshot;

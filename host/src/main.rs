@@ -56,6 +56,18 @@ enum Command {
     /// Talks to the API server of the kubeconfig (KUBECONFIG) or, in a pod, of its
     /// ServiceAccount.
     Agent(AgentArgs),
+    /// Prepare this node for Services the agents serve themselves (`spec.proxy:
+    /// ipvs-operator`): load the kernel modules (ip_vs and its schedulers,
+    /// nf_conntrack, nf_tables, nft_chain_nat, nft_masq, dummy) with the kernel's
+    /// own loader from the host's module tree, and set the sysctls kube-proxy's
+    /// IPVS mode sets (net.ipv4.vs.conntrack, expire_nodest_conn,
+    /// expire_quiescent_template, ip_forward, strict ARP).
+    ///
+    /// Run once per node, before the agent: a privileged init container on the
+    /// host network with the host's /lib/modules mounted
+    /// (deploy/components/node-setup), so that the agent keeps only NET_ADMIN.
+    /// Prints one line per module and sysctl; exits 1 if any could not be done.
+    NodeSetup(NodeSetupArgs),
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN and the ip_vs module).
     #[command(subcommand)]
     Ipvs(cli_ipvs::IpvsCommand),
@@ -64,6 +76,16 @@ enum Command {
     /// with it. Exit status 1 with the reason on stderr when it does not compile.
     #[command(hide = true)]
     CompilePolicy(CompileArgs),
+}
+
+#[derive(Args)]
+struct NodeSetupArgs {
+    /// Where the host's module tree is (its `<kernel release>/modules.dep` is read).
+    #[arg(long, value_name = "DIR", default_value = "/lib/modules")]
+    modules_dir: PathBuf,
+    /// Change nothing: report what is missing (exit status 1 if anything is).
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Args)]
@@ -292,6 +314,59 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     ipvs_policy_sdk::time::Duration::parse(text).map(|d| std::time::Duration::from_millis(d.as_millis()))
 }
 
+/// `ipvs-operator node-setup`.
+fn node_setup(args: NodeSetupArgs) -> Result<()> {
+    use ipvs_operator::node_setup::{self as setup, Outcome};
+    // Prints one line; false when it failed.
+    let report = |what: &str, name: &str, outcome: Result<Outcome, setup::SetupError>| {
+        let (line, ok) = match outcome {
+            Ok(Outcome::Loaded(file)) => (format!("loaded from {}", file.display()), true),
+            Ok(Outcome::AlreadyThere) => ("already there".to_string(), true),
+            Ok(Outcome::Set { was }) => (format!("set (was {was})"), true),
+            Ok(Outcome::Unchanged) => ("already set".to_string(), true),
+            Err(error) => (format!("FAILED: {error}"), false),
+        };
+        println!("{what} {name}: {line}");
+        ok
+    };
+    let mut failed = 0;
+    if args.check {
+        for module in setup::MODULES {
+            if std::path::Path::new("/sys/module").join(module).exists() {
+                println!("module {module}: loaded");
+            } else {
+                failed += 1;
+                println!("module {module}: not loaded");
+            }
+        }
+        let missing = setup::missing_sysctls(std::path::Path::new("/proc/sys"));
+        for (name, value, is) in &missing {
+            println!("sysctl {name}: {is}, wanted {value}");
+        }
+        failed += missing.len();
+        if failed > 0 {
+            anyhow::bail!("{failed} of what standalone mode needs missing: run `ipvs-operator node-setup`");
+        }
+        println!("everything standalone mode needs is there");
+        return Ok(());
+    }
+    match setup::ModuleTree::open(&args.modules_dir) {
+        Ok(tree) => {
+            for (module, outcome) in setup::load_modules(&tree, setup::MODULES) {
+                failed += usize::from(!report("module", &module, outcome));
+            }
+        }
+        Err(error) => failed += usize::from(!report("modules", &args.modules_dir.display().to_string(), Err(error))),
+    }
+    for (name, outcome) in setup::set_sysctls(std::path::Path::new("/proc/sys"), setup::SYSCTLS) {
+        failed += usize::from(!report("sysctl", &name, outcome));
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of the node's settings could not be made (above)");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -299,6 +374,7 @@ fn main() -> ExitCode {
         Command::Crd => print_crd(),
         Command::Controller(args) => run_async(run_controller(args)),
         Command::Agent(args) => run_async(run_agent(args)),
+        Command::NodeSetup(args) => node_setup(args),
         Command::Ipvs(command) => cli_ipvs::run(command),
         Command::CompilePolicy(args) => return compile_policy(args),
     };

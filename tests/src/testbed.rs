@@ -321,6 +321,11 @@ impl Testbed {
         &self.config
     }
 
+    /// The same, to change before (re)starting a process.
+    pub fn config_mut(&mut self) -> &mut TestbedConfig {
+        &mut self.config
+    }
+
     /// Start (or restart) the agent in the node.
     pub fn start_agent(&mut self) {
         let mut args = vec![

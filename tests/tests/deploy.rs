@@ -351,6 +351,42 @@ fn the_agent_daemon_set_holds_net_admin_and_nothing_else() {
     check_policies_mount("agent", spec, container);
 }
 
+/// The node-setup component's privileged init container, in an overlay that
+/// uses it; the agent's own container is unchanged.
+#[test]
+fn the_node_setup_component_adds_a_privileged_init_container_and_leaves_the_agent_alone() {
+    // kustomize takes relative paths only: an overlay in target/, as a user's beside deploy/.
+    let overlay = tempfile::Builder::new().prefix("overlay-").tempdir_in(repo().join("target")).expect("a temp dir");
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        "resources: [../../deploy]\ncomponents: [../../deploy/components/node-setup]\n",
+    )
+    .expect("written");
+    let kubectl = ipvs_operator_tests::kubectl::path();
+    let output = Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(overlay.path())
+        .output()
+        .expect("kubectl runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let objects = parse(&String::from_utf8_lossy(&output.stdout));
+    let spec = pod_spec_of_daemon_set(one(&objects.daemon_sets, "DaemonSet"));
+    let base = parse(&rendered());
+    let base_agent = only_container(pod_spec_of_daemon_set(one(&base.daemon_sets, "DaemonSet")));
+    assert_eq!(one(&spec.containers, "container"), base_agent, "the agent's container as in the base");
+    let init = spec.init_containers.as_deref().map(|i| one(i, "init container")).expect("an init container");
+    let args = init.args.clone().unwrap_or_default();
+    assert_eq!(args.first().map(String::as_str), Some("node-setup"));
+    assert_eq!(init.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    let mount = init.volume_mounts.iter().flatten().find(|m| m.mount_path == "/lib/modules").expect("/lib/modules mounted");
+    assert_eq!(mount.read_only, Some(true));
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == mount.name).expect("its volume");
+    assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some("/lib/modules"), "the host's module tree");
+    let binary = project_binary("ipvs-operator").expect("the operator binary");
+    let help = Command::new(&binary).args(&args).arg("--help").output().expect("running ipvs-operator");
+    assert!(help.status.success(), "ipvs-operator {} --help: {}", args.join(" "), String::from_utf8_lossy(&help.stderr));
+}
+
 #[test]
 fn the_controller_runs_unprivileged() {
     let objects = parse(&rendered());

@@ -86,7 +86,7 @@ fn the_eval_commands_in_the_readme_run() {
 #[test]
 fn every_flag_the_readme_names_exists() {
     let mut help = String::new();
-    for sub in ["eval", "controller", "agent", "ipvs", "crd"] {
+    for sub in ["eval", "controller", "agent", "ipvs", "crd", "node-setup"] {
         let out = Command::new(ipvs_operator()).args([sub, "--help"]).output().expect("ipvs-operator runs");
         help += &String::from_utf8_lossy(&out.stdout);
     }
@@ -100,7 +100,7 @@ fn every_flag_the_readme_names_exists() {
         .map(String::from)
         .collect();
     // Flags of other programs the README quotes.
-    let foreign = ["--field-selector", "--cascade", "--prefix", "--for", "--list", "--as", "--target", "--release", "--workspace"];
+    let foreign = ["--field-selector", "--cascade", "--prefix", "--for", "--list", "--as", "--target", "--release", "--workspace", "--ipvs-exclude-cidrs"];
     let missing: Vec<&String> =
         flags.iter().filter(|f| !foreign.contains(&f.as_str()) && !help.contains(f.as_str())).collect();
     assert!(missing.is_empty(), "the README names flags ipvs-operator does not have: {missing:?}");

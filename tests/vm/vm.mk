@@ -17,7 +17,8 @@ vm-binaries:
 ## kube-proxy emulator's (tests/tests/kube_proxy_kernel.rs), and the end-to-end
 ## tests of the controller and agent (tests/tests/e2e.rs), of standalone
 ## mode (tests/tests/standalone_kernel.rs: its pieces, and the agent serving
-## a Service with no kube-proxy and handing it over to one), of dual-stack
+## a Service with no kube-proxy and handing it over to one; and
+## tests/tests/node_setup_kernel.rs: `node-setup` in a fresh VM), of dual-stack
 ## Services (tests/tests/e2e_ipv6.rs), of every Service topology and the
 ## agent's state across restarts (tests/tests/e2e_topology.rs), and of the policies
 ## (tests/tests/e2e_policies.rs), and the fault suite, shortened
@@ -27,6 +28,7 @@ test-kernel: setup vm-binaries
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test kube_proxy_kernel
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test standalone_kernel
+	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test node_setup_kernel
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_ipv6
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_topology
 	$(VM_CARGO_RUNNER) $(CARGO) test --release -p ipvs-operator-tests --features kernel-tests --test e2e_policies

@@ -74,6 +74,8 @@ pub(super) struct Serving {
     /// the nftables table records them in the kernel (issue 20): one left
     /// while the agent was down stays until `--cleanup`.
     node_ports: HashSet<ServiceKey>,
+    /// The node's sysctls were checked (once, when there is first something to serve).
+    settings_checked: bool,
 }
 
 impl Serving {
@@ -89,6 +91,7 @@ impl Serving {
             handing_over: HashMap::new(),
             interface_seen: true,
             node_ports: HashSet::new(),
+            settings_checked: false,
         }
     }
 
@@ -189,6 +192,17 @@ impl Serving {
         }
         self.handing_over.retain(|k, _| still_handing_over.contains(k));
 
+        if !served.is_empty() && !self.settings_checked {
+            self.settings_checked = true;
+            let missing = crate::node_setup::missing_sysctls(std::path::Path::new("/proc/sys"));
+            if !missing.is_empty() {
+                let missing: Vec<String> = missing.iter().map(|(name, want, is)| format!("{name}={want} (is {is})")).collect();
+                tracing::warn!(
+                    ?missing,
+                    "Services served here need these sysctls (hairpin and NodePort traffic, ARP): run `ipvs-operator node-setup` on the node (deploy/components/node-setup)"
+                );
+            }
+        }
         let wanted_addresses: BTreeSet<IpAddr> = served.iter().flat_map(|(_, p, _)| interface_addresses(p)).collect();
         // Ours: at an address on our interface that kube-proxy does not have, or wanted.
         let our_address = |ip: &IpAddr| (have.contains(ip) || wanted_addresses.contains(ip)) && !kube_proxy_has.contains(ip);

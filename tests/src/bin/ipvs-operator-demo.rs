@@ -2,7 +2,8 @@
 //! WeightedServices (default: the original ipvs-operator's `test/example.yaml`).
 //!
 //! Runs inside the test VM (a kernel with IPVS): the test API server, the
-//! kube-proxy emulator, the real `ipvs-operator controller` and `agent`, one
+//! kube-proxy emulator (`--kube-proxy ipvs`, the default; `none` runs none, for
+//! WeightedServices with `proxy: ipvs-operator`), the real `ipvs-operator controller` and `agent`, one
 //! network namespace per pod answering connections, and a client that opens
 //! connections to every address of each WeightedService's Service — each
 //! ClusterIP (the demo makes the Service dual-stack: an IPv4 and an IPv6 one)
@@ -66,11 +67,26 @@ struct Args {
     /// Where result.json goes.
     #[arg(long, default_value = "target/demo")]
     out: PathBuf,
+    /// Which kube-proxy runs on the node: `ipvs` (the emulator of its IPVS
+    /// mode; it leaves alone the addresses of Services the agent serves
+    /// itself, `--ipvs-exclude-cidrs`, as the README tells users to) or
+    /// `none` (WeightedServices must then say `proxy: ipvs-operator`).
+    #[arg(long, env = "DEMO_KUBE_PROXY", value_enum, default_value_t = KubeProxy::Ipvs)]
+    kube_proxy: KubeProxy,
     /// The host file the VM runner put in place of target/release/ipvs-operator
     /// (`make demo DEMO_BINARY=shipped`): only reported, next to what the demo
     /// finds in the binary it runs.
     #[arg(long, value_name = "PATH")]
     operator_source: Option<PathBuf>,
+}
+
+/// `--kube-proxy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KubeProxy {
+    /// The kube-proxy emulator, IPVS mode.
+    Ipvs,
+    /// No kube-proxy at all.
+    None,
 }
 
 /// One WeightedService's part of the result.
@@ -129,9 +145,15 @@ fn main() -> Result<()> {
         operator["sha256"].as_str().map(|h| &h[..h.len().min(16)]).unwrap_or("?"),
         args.operator_source.as_ref().map(|s| format!(", from the host's {}", s.display())).unwrap_or_default(),
     ));
-    step(&format!(
-        "starting the test API server, kube-proxy (emulator, --ipvs-scheduler={scheduler}), ipvs-operator controller and agent on {NODE_NAME}"
-    ));
+    let standalone: Vec<&Value> = weighted_services.iter().filter(|ws| ws["spec"]["proxy"] == "ipvs-operator").collect();
+    if args.kube_proxy == KubeProxy::None && standalone.len() < weighted_services.len() {
+        bail!("--kube-proxy none: every WeightedService needs `proxy: ipvs-operator` (nothing else makes virtual services)");
+    }
+    let proxy = match args.kube_proxy {
+        KubeProxy::Ipvs => format!("kube-proxy (emulator, IPVS mode, --ipvs-scheduler={scheduler})"),
+        KubeProxy::None => "no kube-proxy".into(),
+    };
+    step(&format!("starting the test API server, {proxy}, ipvs-operator controller and agent on {NODE_NAME}"));
     let mut bed = Testbed::new(TestbedConfig {
         drift_interval: Duration::from_secs(2),
         proxy_scheduler: scheduler,
@@ -147,7 +169,43 @@ fn main() -> Result<()> {
     let pods = bed.handle().list("pods", None);
     step(&format!("{} pods running, each in a network namespace that answers with its name", pods.len()));
     let started = Instant::now();
-    bed.start_all();
+    if args.kube_proxy == KubeProxy::Ipvs && !standalone.is_empty() {
+        // As the README says for IPVS clusters: kube-proxy leaves the agent's
+        // virtual services alone where --ipvs-exclude-cidrs covers them, and
+        // the agent's NodePorts are on kube-proxy's --nodeport-addresses.
+        let node_addresses = format!("{NODE_IP}/32,{NODE_IP6}/128");
+        bed.config_mut().agent_flags.extend(["--nodeport-addresses".into(), node_addresses.clone()]);
+        bed.start_controller();
+        bed.start_agent();
+        let mut excluded = vec![node_addresses];
+        for ws in &standalone {
+            let namespace = ws["metadata"]["namespace"].as_str().unwrap_or("default");
+            let name = ws["metadata"]["name"].as_str().unwrap_or_default();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let ips = loop {
+                let ips = bed.get("services", namespace, name).map(|s| service_cluster_ips(&s)).unwrap_or_default();
+                if !ips.is_empty() {
+                    break ips;
+                }
+                if Instant::now() > deadline {
+                    eprintln!("{}", bed.logs());
+                    bail!("WeightedService {namespace}/{name}: no Service with a ClusterIP after 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            excluded.extend(ips.iter().map(|ip| if ip.is_ipv4() { format!("{ip}/32") } else { format!("{ip}/128") }));
+        }
+        let excluded = excluded.join(",");
+        step(&format!("kube-proxy leaves the agent's own virtual services alone: --ipvs-exclude-cidrs={excluded}"));
+        bed.config_mut().proxy_flags.extend(["--ipvs-exclude-cidrs".into(), excluded]);
+        bed.start_emulator();
+    } else {
+        if args.kube_proxy == KubeProxy::Ipvs {
+            bed.start_emulator();
+        }
+        bed.start_controller();
+        bed.start_agent();
+    }
 
     let mut results = Vec::new();
     for ws in &weighted_services {
@@ -198,6 +256,10 @@ fn main() -> Result<()> {
     report["operator"] = operator;
     report["startup"] = startup;
     report["quietSweepDifferences"] = json!(quiet_sweep_differences);
+    report["kubeProxy"] = json!(match args.kube_proxy {
+        KubeProxy::Ipvs => "ipvs",
+        KubeProxy::None => "none",
+    });
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let path = args.out.join("result.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", path.display()))?;
