@@ -329,3 +329,90 @@ fn switched_back_to_kube_proxy_a_service_is_handed_over_without_a_failed_connect
     wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("prod-b", 3)]);
     assert_split("served by kube-proxy", &bed.connect(SocketAddr::from(([10, 96, 100, 10], 80)), 700));
 }
+
+/// A pod with a TCP port `www` (8080) and a UDP port `dns` (5353).
+fn tcp_udp_pod(name: &str, env: &str, node: &str, ip: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: mixed, env: {env}}}}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: server
+    image: server
+    ports: [{{name: www, containerPort: 8080, protocol: TCP}}, {{name: dns, containerPort: 5353, protocol: UDP}}]
+status:
+  phase: Running
+  podIP: "{ip}"
+  podIPs: [{{ip: "{ip}"}}]
+  conditions: [{{type: Ready, status: "True"}}]
+---
+"#
+    )
+}
+
+#[test]
+fn served_here_udp_client_ip_affinity_external_ips_and_local_traffic_follow_kube_proxys_rules() {
+    use traffic::Transport;
+    let mut bed = Testbed::new(TestbedConfig::default());
+    let mut yaml = String::new();
+    for (name, env, node, ip) in [("prod-a", "prod", "node-1", "10.244.0.21"), ("canary-a", "canary", "node-1", "10.244.0.22"), ("prod-r", "prod", "node-2", "10.244.0.23")] {
+        yaml += &tcp_udp_pod(name, env, node, ip);
+    }
+    yaml += r#"
+apiVersion: codesink.net/v1alpha1
+kind: WeightedService
+metadata: {name: mixed, namespace: default}
+spec:
+  proxy: ipvs-operator
+  type: NodePort
+  clusterIP: 10.96.100.20
+  externalIPs: [192.0.2.30]
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  selector: {app: mixed}
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: www, nodePort: 30090}
+  - {name: dns, protocol: UDP, port: 53, targetPort: dns, nodePort: 30053}
+  weights:
+  - {weight: 3, selector: {env: prod}}
+  - {weight: 1, selector: {env: canary}}
+"#;
+    bed.load(&yaml);
+    bed.start_controller();
+    bed.start_agent();
+    let key = |protocol: ipvs::Protocol, address: &str| ServiceKey::new(protocol, address.parse().expect("an address"));
+    let everywhere = [("canary-a", 1), ("prod-a", 3), ("prod-r", 3)];
+    let local = [("canary-a", 1), ("prod-a", 3)];
+    // Behind the ClusterIP every endpoint; behind the external IP and the
+    // NodePorts (externalTrafficPolicy: Local) only this node's. TCP and UDP.
+    wait_for_weights(&bed, key(ipvs::Protocol::Tcp, "10.96.100.20:80"), &everywhere);
+    wait_for_weights(&bed, key(ipvs::Protocol::Udp, "10.96.100.20:53"), &everywhere);
+    wait_for_weights(&bed, key(ipvs::Protocol::Tcp, "192.0.2.30:80"), &local);
+    wait_for_weights(&bed, key(ipvs::Protocol::Tcp, &format!("{NODE_IP}:30090")), &local);
+    wait_for_weights(&bed, key(ipvs::Protocol::Udp, &format!("{NODE_IP}:30053")), &local);
+    let (_, timeout, _) = virtual_service(&bed, key(ipvs::Protocol::Udp, "10.96.100.20:53")).expect("the UDP virtual service");
+    assert_eq!(timeout, 60, "ClientIP affinity: persistence with the Service's timeout");
+    assert_eq!(
+        node_addresses_on(&bed, INTERFACE),
+        Some(["10.96.100.20/32".to_string(), "192.0.2.30/32".to_string()].into()),
+        "the ClusterIP and the external IP, not the node's own"
+    );
+
+    // One client stays on one pod (TCP and UDP), and outside traffic stays on this node's pods.
+    for (transport, target, local_only) in [
+        (Transport::Tcp, "10.96.100.20:80", false),
+        (Transport::Udp, "10.96.100.20:53", false),
+        (Transport::Tcp, "192.0.2.30:80", true),
+        (Transport::Udp, &format!("{NODE_IP}:30053"), true),
+    ] {
+        let counts = bed.connect_over(transport, target.parse().expect("an address"), 30);
+        assert_eq!(counts.len(), 1, "{transport:?} {target}: one client, one pod under ClientIP affinity: {counts:?}");
+        if local_only {
+            assert!(counts.keys().all(|pod| pod != "prod-r"), "{target}: externalTrafficPolicy Local: {counts:?}");
+        }
+    }
+}
