@@ -496,6 +496,16 @@ impl Testbed {
         Backend { _namespace: ns, ips }
     }
 
+    /// Pod name by pod IP (each of its addresses), in `namespace`.
+    pub fn pod_names_by_ip(&self, namespace: &str) -> BTreeMap<IpAddr, String> {
+        let mut out = BTreeMap::new();
+        for pod in self.handle().list("pods", Some(namespace)) {
+            let Some(name) = pod["metadata"]["name"].as_str() else { continue };
+            out.extend(pod_ips(&pod).into_iter().map(|ip| (ip, name.to_string())));
+        }
+        out
+    }
+
     /// The kernel's IPVS table in the node.
     pub fn ipvs(&self) -> Vec<ServiceEntry> {
         let mut client = self.node.enter(|| IpvsClient::new().expect("IPVS in the node"));

@@ -26,9 +26,9 @@ fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The addresses `ip` lists on the interface, with their prefix lengths.
-fn listed() -> BTreeSet<String> {
-    ip(&["-o", "addr", "show", "dev", INTERFACE])
+/// The addresses, with their prefix lengths, in `ip -o addr show` output.
+fn addresses_in(listing: &str) -> BTreeSet<String> {
+    listing
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
@@ -36,6 +36,11 @@ fn listed() -> BTreeSet<String> {
             words.next().map(str::to_string)
         })
         .collect()
+}
+
+/// The addresses `ip` lists on the interface, with their prefix lengths.
+fn listed() -> BTreeSet<String> {
+    addresses_in(&ip(&["-o", "addr", "show", "dev", INTERFACE]))
 }
 
 fn set(addresses: &[&str]) -> BTreeSet<IpAddr> {
@@ -175,19 +180,10 @@ spec:
     )
 }
 
-/// Pod name by pod IP, in `default`.
-fn pods_by_ip(bed: &Testbed) -> BTreeMap<IpAddr, String> {
-    bed.handle()
-        .list("pods", Some("default"))
-        .iter()
-        .filter_map(|p| Some((p["status"]["podIP"].as_str()?.parse().ok()?, p["metadata"]["name"].as_str()?.to_string())))
-        .collect()
-}
-
 /// The scheduler, flags and weights by pod of the node's virtual service at `vip`.
 fn virtual_service(bed: &Testbed, key: ServiceKey) -> Option<(String, u32, BTreeMap<String, u32>)> {
     let entry = bed.ipvs().into_iter().find(|e| e.service.key == key)?;
-    let by_ip = pods_by_ip(bed);
+    let by_ip = bed.pod_names_by_ip("default");
     let weights = entry
         .destinations
         .iter()
@@ -207,16 +203,7 @@ fn wait_for_weights(bed: &Testbed, key: ServiceKey, want: &[(&str, u32)]) {
 /// The addresses on `interface` in the node (empty when it does not exist).
 fn node_addresses_on(bed: &Testbed, interface: &str) -> Option<BTreeSet<String>> {
     let out = bed.node.exec_output(&["ip", "-o", "addr", "show", "dev", interface]);
-    out.status.success().then(|| {
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                words.find(|w| *w == "inet" || *w == "inet6")?;
-                words.next().map(str::to_string)
-            })
-            .collect()
-    })
+    out.status.success().then(|| addresses_in(&String::from_utf8_lossy(&out.stdout)))
 }
 
 fn assert_split(what: &str, counts: &BTreeMap<String, usize>) {

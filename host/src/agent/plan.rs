@@ -254,11 +254,19 @@ fn weights(
     let mut out = BTreeMap::new();
     for (i, endpoint) in ready.iter().copied().filter(|(_, e)| used(e)) {
         let weight = weight_of(i, endpoint);
-        for ep in endpoint.ports.iter().filter(|p| p.service_port == port && p.protocol == protocol) {
-            out.insert(SocketAddr::new(endpoint.address, ep.target_port), weight);
-        }
+        out.extend(destinations(endpoint, protocol, port).map(|d| (d, weight)));
     }
     out
+}
+
+/// The destinations of `endpoint` behind Service port `port`: its address at
+/// each target port the EndpointSlice resolved for it.
+fn destinations(endpoint: &Endpoint, protocol: Protocol, port: u16) -> impl Iterator<Item = SocketAddr> + '_ {
+    endpoint
+        .ports
+        .iter()
+        .filter(move |p| p.service_port == port && p.protocol == protocol)
+        .map(|p| SocketAddr::new(endpoint.address, p.target_port))
 }
 
 /// The serving and terminating endpoints kube-proxy falls back to when no
@@ -283,9 +291,7 @@ fn terminating(
             && e.terminating
             && local_only.is_none_or(|node| e.node_name.as_deref() == Some(node))
     }) {
-        for ep in endpoint.ports.iter().filter(|p| p.service_port == port && p.protocol == protocol) {
-            out.insert(SocketAddr::new(endpoint.address, ep.target_port), 1);
-        }
+        out.extend(destinations(endpoint, protocol, port).map(|d| (d, 1)));
     }
     out
 }
