@@ -4,8 +4,8 @@
 CARGO ?= cargo
 RUSTUP ?= rustup
 # Debian packages the tests and the demo need: qemu and the pieces of the VM's
-# initramfs (busybox, ipvsadm, iproute2, kmod for depmod), cpio to pack it.
-APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio
+# initramfs (busybox, ipvsadm, iproute2, nftables' nft, kmod for depmod), cpio to pack it.
+APT_PACKAGES := qemu-system-x86 busybox-static ipvsadm iproute2 kmod cpio nftables
 RUST_TARGETS := wasm32-wasip2 x86_64-unknown-linux-musl
 # kubectl for the tests that run it (tests/tests/kubectl.rs, walkthrough.rs,
 # deploy.rs): one version on every machine, in the project (target/tools), within

@@ -58,7 +58,7 @@ enum Command {
     Agent(AgentArgs),
     /// Prepare this node for Services the agents serve themselves (`spec.proxy:
     /// ipvs-operator`): load the kernel modules (ip_vs and its schedulers,
-    /// nf_conntrack, nf_tables, nft_chain_nat, nft_masq, dummy) with the kernel's
+    /// nf_conntrack, nf_tables, nft_ct, nft_chain_nat, nft_masq, dummy) with the kernel's
     /// own loader from the host's module tree, and set the sysctls kube-proxy's
     /// IPVS mode sets (net.ipv4.vs.conntrack, expire_nodest_conn,
     /// expire_quiescent_template, ip_forward, strict ARP).
@@ -158,8 +158,14 @@ struct ControllerArgs {
 #[derive(Args)]
 struct AgentArgs {
     /// This node's name (from the downward API: spec.nodeName).
-    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", value_name = "NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// Remove everything the agent made on this node for the Services it
+    /// serves itself (their virtual services, the ipvs-op0 interface and the
+    /// `inet ipvs-operator` nftables table), then exit: what is left after
+    /// uninstalling. Needs no API server.
+    #[arg(long)]
+    cleanup: bool,
     /// How often the kernel's table is compared with the desired state, to repair
     /// what kube-proxy reverted (IPVS has no change notifications).
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
@@ -178,7 +184,8 @@ struct AgentArgs {
     listen: SocketAddr,
     /// Services served by the agent itself (`spec.proxy: ipvs-operator`): a
     /// removed endpoint's destination stays at weight 0 until its TCP
-    /// connections end, or this long (UDP and SCTP ones go at once).
+    /// connections end, or this long (UDP and SCTP ones go at once; 0: every
+    /// one goes at once).
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// A Service switched back to `spec.proxy: kube-proxy` is still served by
@@ -496,9 +503,21 @@ async fn run_controller(args: ControllerArgs) -> Result<()> {
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
     args.logs.init();
-    let (client, catalog, metrics, health) = common("agent", Some(&args.node_name), &args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
+    let node_name = match (args.cleanup, args.node_name) {
+        (true, _) => {
+            let writes = tokio::task::spawn_blocking(agent::serving::cleanup)
+                .await
+                .context("the cleanup stopped")?
+                .context("cleaning up what the agent made on this node")?;
+            println!("cleaned up: {writes} kernel writes (virtual services, ipvs-op0 and the nftables table)");
+            return Ok(());
+        }
+        (false, Some(name)) => name,
+        (false, None) => anyhow::bail!("--node-name (or NODE_NAME) is required"),
+    };
+    let (client, catalog, metrics, health) = common("agent", Some(&node_name), &args.limits, args.listen, args.drift_interval * 10 + Duration::from_secs(30)).await?;
     let config = AgentConfig {
-        node_name: args.node_name,
+        node_name,
         drift_interval: args.drift_interval,
         drain_timeout: args.drain_timeout,
         handover_timeout: args.handover_timeout,

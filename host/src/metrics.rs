@@ -160,7 +160,7 @@ impl Metrics {
         );
         // Known label values start at 0, so that they are on /metrics (and in
         // rate() queries) before the first write happens.
-        for kind in ["weight", "scheduler", "virtual_service", "destination", "address"] {
+        for kind in ["weight", "scheduler", "virtual_service", "destination", "address", "nftables"] {
             for family in [&metrics.netlink_writes, &metrics.netlink_errors, &metrics.drift_repairs] {
                 let _ = family.get_or_create(&KindLabels { kind: kind.into() });
             }

@@ -34,6 +34,7 @@ pub const MODULES: &[&str] = &[
     "ip_vs_mh",
     "nf_conntrack",
     "nf_tables",
+    "nft_ct",
     "nft_chain_nat",
     "nft_masq",
     "dummy",

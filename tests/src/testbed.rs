@@ -34,11 +34,15 @@ use traffic::Transport;
 
 use crate::apiserver::{kubeconfig_yaml, Config, NodeConfig, TestApiServer};
 
+/// The second node of [`Testbed::add_remote_node`].
+pub const REMOTE_NODE_NAME: &str = "node-2";
+
 /// The node every testbed has.
 pub const NODE_NAME: &str = "node-1";
 /// The node's address (on its link to the client): NodePorts live here.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
+/// The client's address (outside the cluster).
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 2);
 /// The node's IPv6 address on its link to the client: IPv6 NodePorts live here.
 pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 1);
 const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 2);
@@ -135,8 +139,8 @@ impl Drop for Process {
 
 /// A pod's backend: its namespace and the servers answering its name.
 struct Backend {
-    /// Held for its Drop: the namespace and its servers go with the pod.
-    _namespace: NetNs,
+    /// The pod's network (its servers go with it, on drop).
+    namespace: NetNs,
     /// Its addresses: at most one per family (see [`pod_ips`]).
     ips: Vec<IpAddr>,
 }
@@ -156,6 +160,8 @@ pub struct Testbed {
     mgmt_root: Ipv4Addr,
     mgmt_node: Ipv4Addr,
     backends: BTreeMap<(String, String), Backend>,
+    /// The second node, when added: (its namespace, its address on the link to the node).
+    remote: Option<(NetNs, Ipv4Addr)>,
     next_link: u32,
     processes: BTreeMap<&'static str, Process>,
 }
@@ -165,6 +171,7 @@ impl Testbed {
     /// processes yet (see [`Testbed::start_all`]).
     pub fn new(config: TestbedConfig) -> Self {
         load_ip_vs();
+        load_nftables();
         let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let id = format!("tb{n}");
         let dir = tempfile::Builder::new().prefix(&format!("{id}-")).tempdir().expect("a temp dir");
@@ -229,6 +236,7 @@ impl Testbed {
             mgmt_root,
             mgmt_node,
             backends: BTreeMap::new(),
+            remote: None,
             next_link: 0,
             processes: BTreeMap::new(),
         }
@@ -407,6 +415,33 @@ impl Testbed {
         self.processes.insert(name, Process { name: name.into(), child, log });
     }
 
+    /// Adds a second node, [`REMOTE_NODE_NAME`], linked to the node only (IPv4):
+    /// pods scheduled there get their network on it, and the node routes to
+    /// them through it. It has no route to the client, as a node whose reply
+    /// would go out its own default route: a connection from the client to a
+    /// pod there works only when the node masquerades it.
+    pub fn add_remote_node(&mut self) {
+        if self.remote.is_some() {
+            return;
+        }
+        let n = self.mgmt_node.octets()[2];
+        let remote = NetNs::new(&format!("{}-node2", self.id));
+        remote.sysctls(&[("net.ipv4.ip_forward", "1")]);
+        let (near, far) = (Ipv4Addr::new(10, 249, n, 1), Ipv4Addr::new(10, 249, n, 2));
+        traffic::netns::link(&self.node, "node2", &format!("{near}/30"), &remote, "node1", &format!("{far}/30"));
+        self.remote = Some((remote, far));
+    }
+
+    /// The second node's namespace, once added.
+    pub fn remote_node(&self) -> Option<&NetNs> {
+        self.remote.as_ref().map(|(ns, _)| ns)
+    }
+
+    /// The network namespace of a pod with an IP (see [`Testbed::sync_backends`]).
+    pub fn pod_netns(&self, namespace: &str, name: &str) -> Option<&NetNs> {
+        self.backends.get(&(namespace.to_string(), name.to_string())).map(|b| &b.namespace)
+    }
+
     /// Make the backends follow the API server's pods: a namespace with the
     /// pod's IPs (its IPv4 and IPv6 one, of `status.podIPs`) and a server per
     /// container port number (answering TCP, and UDP or SCTP too when a
@@ -434,13 +469,14 @@ impl Testbed {
                 let Some(port) = p["containerPort"].as_u64().and_then(|p| u16::try_from(p).ok()) else { continue };
                 ports.entry(port).or_default().insert(p["protocol"].as_str().unwrap_or("TCP").to_string());
             }
-            let backend = self.backend(name, ips, &ports);
+            let remote = pod["spec"]["nodeName"].as_str() == Some(REMOTE_NODE_NAME);
+            let backend = self.backend(name, ips, &ports, remote);
             self.backends.insert(key, backend);
         }
         self.backends.retain(|k, _| seen.contains(k));
     }
 
-    fn backend(&mut self, pod: &str, ips: Vec<IpAddr>, ports: &BTreeMap<u16, BTreeSet<String>>) -> Backend {
+    fn backend(&mut self, pod: &str, ips: Vec<IpAddr>, ports: &BTreeMap<u16, BTreeSet<String>>, remote_pod: bool) -> Backend {
         self.next_link += 1;
         let n = self.next_link;
         let mut ns = NetNs::new(&format!("{}-p{n}", self.id));
@@ -476,7 +512,17 @@ impl Testbed {
                 }
             }
         }
-        self.node.sh(&node.join(" && "));
+        match &self.remote {
+            // On the second node; the node routes its IPv4 address there.
+            Some((remote, via)) if remote_pod => {
+                remote.sh(&node.join(" && "));
+                let routes: Vec<String> = ips.iter().filter(|ip| ip.is_ipv4()).map(|ip| format!("ip route add {ip}/32 via {via}")).collect();
+                self.node.sh(&routes.join(" && "));
+            }
+            _ => {
+                self.node.sh(&node.join(" && "));
+            }
+        }
         ns.sh(&pod_side.join(" && "));
         let server = project_binary("traffic-server");
         let server = server.to_str().expect("a UTF-8 path");
@@ -493,7 +539,7 @@ impl Testbed {
             }
             ns.spawn_until_line(&command);
         }
-        Backend { _namespace: ns, ips }
+        Backend { namespace: ns, ips }
     }
 
     /// Pod name by pod IP (each of its addresses), in `namespace`.
@@ -546,6 +592,12 @@ impl Testbed {
 
     /// Like [`Testbed::connect_counting_errors`] over `transport`.
     pub fn connect_over_counting_errors(&self, transport: Transport, target: SocketAddr, connections: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+        self.connect_from(&self.client, transport, target, connections)
+    }
+
+    /// Like [`Testbed::connect_over_counting_errors`], from another namespace
+    /// (a pod's, see [`Testbed::pod_netns`], or the node's own).
+    pub fn connect_from(&self, from: &NetNs, transport: Transport, target: SocketAddr, connections: usize) -> (BTreeMap<String, usize>, Vec<String>) {
         let client = project_binary("traffic-client");
         let (target, connections) = (target.to_string(), connections.to_string());
         let mut command =
@@ -558,7 +610,7 @@ impl Testbed {
                 command.push("--sctp");
             }
         }
-        let out = self.client.exec_output(&command);
+        let out = from.exec_output(&command);
         let report: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("traffic-client: {e}: {}", String::from_utf8_lossy(&out.stderr)));
         let counts = report["counts"]
@@ -690,6 +742,16 @@ pub fn load_ip_vs() {
         Path::new("/proc/net/ip_vs").exists(),
         "this kernel has no IPVS: run the end-to-end tests with `make test-kernel` (in the VM)"
     );
+}
+
+/// Loads nftables and what the agent's table uses (NAT, masquerade, conntrack
+/// expressions) for Services the agent serves itself, as `node-setup` does
+/// on a real node. The kernel may also load them on demand; this way it does
+/// not matter whether it can.
+pub fn load_nftables() {
+    for module in ["nf_tables", "nft_ct", "nft_chain_nat", "nft_masq"] {
+        let _ = Command::new("modprobe").arg(module).status();
+    }
 }
 
 /// Loads the kernel's SCTP (the VM boots without it) and checks the kernel has

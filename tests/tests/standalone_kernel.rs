@@ -251,9 +251,10 @@ fn with_no_kube_proxy_the_agent_serves_the_cluster_ip_and_node_port_adopts_after
     bed.start_agent();
     wait_until(TIMEOUT, "the restarted agent ready", || bed.agent_ready().then_some(()));
     std::thread::sleep(Duration::from_secs(3));
-    for kind in ["virtual_service", "destination", "weight", "scheduler", "address"] {
+    for kind in ["virtual_service", "destination", "weight", "scheduler", "address", "nftables"] {
         assert_eq!(agent_writes(&bed, kind), 0.0, "{kind} written after a restart: {}", bed.log("agent"));
     }
+    assert_eq!(ipvs_operator_tests::consistency::standalone_orphans(&bed, false), Vec::<String>::new());
 
     // A ready pod gone: its destination drains at weight 0 (the connections
     // above are still in the table), the others stay.
@@ -266,7 +267,7 @@ fn with_no_kube_proxy_the_agent_serves_the_cluster_ip_and_node_port_adopts_after
     let api: kube::Api<WeightedService> = kube::Api::namespaced(bed.client(), "default");
     bed.block_on(api.delete("web", &Default::default())).expect("deleted");
     wait_until(TIMEOUT, "nothing left", || {
-        (node_addresses_on(&bed, INTERFACE).is_none() && bed.ipvs().is_empty()).then_some(())
+        (node_addresses_on(&bed, INTERFACE).is_none() && bed.ipvs().is_empty() && nft_table(&bed).is_none()).then_some(())
     });
     assert_eq!(bed.ipvsadm().lines().filter(|l| l.starts_with("TCP") || l.starts_with("UDP")).count(), 0, "{}", bed.ipvsadm());
 }
@@ -312,6 +313,7 @@ fn switched_back_to_kube_proxy_a_service_is_handed_over_without_a_failed_connect
     eprintln!("handover: {} of {connections} connections failed, within {window:?}", failures.len());
     assert!(window < Duration::from_secs(2), "connections failed for {window:?}, longer than one kube-proxy sync: {failures:?}");
     assert!(node_addresses_on(&bed, "kube-ipvs0").unwrap_or_default().contains("10.96.100.10/32"), "kube-proxy has it");
+    wait_until(TIMEOUT, "the agent's table gone", || nft_table(&bed).is_none().then_some(()));
     // kube-proxy's now, weighted by the agent as any other.
     wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("prod-b", 3)]);
     assert_split("served by kube-proxy", &bed.connect(SocketAddr::from(([10, 96, 100, 10], 80)), 700));
@@ -402,4 +404,97 @@ spec:
             assert!(counts.keys().all(|pod| pod != "prod-r"), "{target}: externalTrafficPolicy Local: {counts:?}");
         }
     }
+}
+
+/// `nft list table inet ipvs-operator` in the node (nftables' own tool), or
+/// `None` when there is no such table.
+fn nft_table(bed: &Testbed) -> Option<String> {
+    let out = bed.node.exec_output(&["nft", "list", "table", "inet", "ipvs-operator"]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn replies_that_would_bypass_the_node_are_masqueraded_the_table_is_adopted_and_cleanup_leaves_nothing() {
+    use ipvs_operator_tests::testbed::{CLIENT_IP, REMOTE_NODE_NAME};
+    use traffic::Transport;
+    let mut bed = Testbed::new(TestbedConfig::default());
+    // As node-setup sets it: netfilter sees IPVS connections, to masquerade them.
+    bed.node.sysctls(&[("net.ipv4.vs.conntrack", "1")]);
+    bed.add_remote_node();
+    let mut yaml = pod_manifest("far-a", &[("app", "far")], REMOTE_NODE_NAME, "10.244.0.31");
+    yaml += &pod_manifest("solo-a", &[("app", "solo")], "node-1", "10.244.0.32");
+    for (name, ip, extra) in [
+        ("far", "10.96.100.30", "  type: NodePort\n  ports: [{protocol: TCP, port: 80, targetPort: www, nodePort: 30082}]"),
+        ("solo", "10.96.100.31", "  ports: [{protocol: TCP, port: 80, targetPort: www}]"),
+    ] {
+        yaml += &format!(
+            "apiVersion: codesink.net/v1alpha1\nkind: WeightedService\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  proxy: ipvs-operator\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  weights:\n  - {{weight: 1, selector: {{app: {name}}}}}\n{extra}\n---\n"
+        );
+    }
+    bed.load(&yaml);
+    bed.start_controller();
+    bed.start_agent();
+    let far_vip = ServiceKey::tcp("10.96.100.30:80".parse().expect("an address"));
+    let solo_vip = ServiceKey::tcp("10.96.100.31:80".parse().expect("an address"));
+    let node_port = ServiceKey::tcp(SocketAddr::new(IpAddr::V4(NODE_IP), 30082));
+    wait_for_weights(&bed, node_port, &[("far-a", 1)]);
+    wait_for_weights(&bed, solo_vip, &[("solo-a", 1)]);
+    let remote = bed.remote_node().expect("the second node");
+    assert!(
+        !remote.exec_output(&["ip", "route", "get", &CLIENT_IP.to_string()]).status.success(),
+        "the second node must have no route to the client, or nothing here tests masquerading"
+    );
+    let table = wait_until(TIMEOUT, "the table with the NodePort", || nft_table(&bed).filter(|t| t.contains("30082")));
+    assert_eq!(ipvs_operator_tests::consistency::standalone_orphans(&bed, false), Vec::<String>::new());
+    eprintln!("{table}");
+    assert!(table.contains("hook postrouting") && table.contains("masquerade"), "{table}");
+
+    // An external client through the NodePort to a pod on the other node: its
+    // reply comes back through this node only because it was masqueraded.
+    let external = bed.connect(SocketAddr::new(IpAddr::V4(NODE_IP), 30082), 20);
+    assert_eq!(external, [("far-a".to_string(), 20)].into());
+    // Hairpin: a pod reaching itself through its Service.
+    let solo = bed.pod_netns("default", "solo-a").expect("solo-a's network");
+    let (hairpin, errors) = bed.connect_from(solo, Transport::Tcp, SocketAddr::from(([10, 96, 100, 31], 80)), 20);
+    assert!(errors.is_empty(), "hairpin connections failed: {errors:?}");
+    assert_eq!(hairpin, [("solo-a".to_string(), 20)].into());
+    // The node itself as the client (host network): its source is the VIP.
+    let (from_node, errors) = bed.connect_from(&bed.node, Transport::Tcp, SocketAddr::from(([10, 96, 100, 30], 80)), 20);
+    assert!(errors.is_empty(), "connections from the node failed: {errors:?}");
+    assert_eq!(from_node, [("far-a".to_string(), 20)].into());
+
+    // `far` deleted while the agent is down: the restarted agent still knows
+    // its NodePort virtual services were its own (the table records them),
+    // deletes them and leaves `solo` as it is.
+    bed.kill("agent");
+    use ipvs_operator::crd::WeightedService;
+    let api: kube::Api<WeightedService> = kube::Api::namespaced(bed.client(), "default");
+    bed.block_on(api.delete("far", &Default::default())).expect("deleted");
+    wait_until(TIMEOUT, "the Service gone", || bed.get("services", "default", "far").is_none().then_some(()));
+    bed.start_agent();
+    wait_until(TIMEOUT, "far's virtual services gone", || {
+        let keys: BTreeSet<ServiceKey> = bed.ipvs().into_iter().map(|e| e.service.key).collect();
+        (keys == [solo_vip].into()).then_some(())
+    });
+    wait_until(TIMEOUT, "the table without far", || nft_table(&bed).filter(|t| !t.contains("30082")));
+    let orphans = ipvs_operator_tests::consistency::standalone_orphans(&bed, false);
+    assert!(orphans.is_empty(), "{orphans:?}");
+    assert!(!node_addresses_on(&bed, INTERFACE).unwrap_or_default().contains("10.96.100.30/32"));
+    assert!(bed.ipvs().iter().all(|e| e.service.key != far_vip));
+    assert_eq!(agent_writes(&bed, "weight") + agent_writes(&bed, "scheduler"), 0.0, "solo rewritten: {}", bed.log("agent"));
+
+    // `agent --cleanup` (after uninstalling): nothing the agent made is left.
+    bed.kill("agent");
+    let cleanup = project_binary("ipvs-operator");
+    let out = bed.node.exec_output(&[cleanup.to_str().expect("a UTF-8 path"), "agent", "--cleanup"]);
+    assert!(out.status.success(), "agent --cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(bed.ipvs().is_empty(), "{}", bed.ipvsadm());
+    assert_eq!(node_addresses_on(&bed, INTERFACE), None);
+    assert_eq!(nft_table(&bed), None);
+    let ruleset = bed.node.exec(&["nft", "list", "ruleset"]);
+    assert!(!ruleset.contains("ipvs-operator"), "{ruleset}");
+    // And again: nothing to do, no error.
+    let again = bed.node.exec_output(&[cleanup.to_str().expect("a UTF-8 path"), "agent", "--cleanup"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 kernel writes"), "{}", String::from_utf8_lossy(&again.stdout));
 }

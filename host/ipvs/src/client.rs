@@ -540,7 +540,7 @@ pub(crate) fn acks(datagram: &[u8], port_id: u32) -> Vec<(u32, i32)> {
 }
 
 /// Iterates over the netlink messages of one datagram.
-pub(crate) fn messages<I: NetlinkDeserializable>(datagram: &[u8]) -> impl Iterator<Item = Result<NetlinkMessage<I>, DecodeError>> {
+pub fn messages<I: NetlinkDeserializable>(datagram: &[u8]) -> impl Iterator<Item = Result<NetlinkMessage<I>, DecodeError>> {
     let mut offset = 0;
     std::iter::from_fn(move || {
         // A netlink header is 16 bytes; anything shorter is padding.
@@ -634,7 +634,8 @@ impl ParseableParametrized<[u8], GenlHeader> for FamilyReply {
     }
 }
 
-fn set_timeout(socket: &Socket, option: libc::c_int, timeout: Duration) -> io::Result<()> {
+/// Sets `SO_RCVTIMEO` or `SO_SNDTIMEO` on a netlink socket.
+pub fn set_timeout(socket: &Socket, option: libc::c_int, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
         tv_usec: timeout.subsec_micros().into(),

@@ -64,6 +64,11 @@ mod types;
 mod write;
 
 pub use client::{Counters, DEFAULT_TIMEOUT, IpvsClient};
+
+/// Netlink plumbing the agent's other netlink clients (nftables) share.
+pub mod netlink {
+    pub use crate::client::{messages, set_timeout};
+}
 pub use diff::{DesiredService, Plan, plan};
 pub use error::{IpvsError, Operation, Result};
 pub use message::{IpvsAttr, IpvsCmd, IpvsMessage};

@@ -33,6 +33,7 @@
 pub mod confirm;
 pub mod drift;
 pub mod interface;
+pub mod nftables;
 pub mod node_addresses;
 pub mod plan;
 pub mod procfs;

@@ -43,6 +43,9 @@ pub struct ServicePlan {
 pub struct Standalone {
     /// `sessionAffinity: ClientIP`'s timeout in seconds: persistence.
     pub persistence: Option<u32>,
+    /// `externalTrafficPolicy: Local`: NodePort and external traffic keeps
+    /// its client address (it is not masqueraded).
+    pub external_local: bool,
 }
 
 /// One Service port: its virtual services and the weights of their destinations.
@@ -153,7 +156,7 @@ impl ServicePlan {
         let (internal_reach, external_reach) = (reach(internal_local), reach(external_local));
         let node = snapshot.node.as_ref();
         let standalone = super::standalone::serves(service)
-            .then(|| Standalone { persistence: super::standalone::affinity_seconds(service) });
+            .then(|| Standalone { persistence: super::standalone::affinity_seconds(service), external_local });
         // Serving it, the agent is the proxy: with no ready endpoint it uses
         // the serving and terminating ones, as kube-proxy does.
         let fallback_to_terminating = standalone.is_some();
@@ -547,7 +550,7 @@ status:
         );
         assert_ne!(labelled, NODE_PORT_SERVICE);
         let served = ServicePlan::new(&service(&labelled), &terminating_only, Some("wrr"), |_, _| Some(5));
-        assert_eq!(served.standalone, Some(Standalone { persistence: None }));
+        assert_eq!(served.standalone, Some(Standalone { persistence: None, external_local: false }));
         assert_eq!(served.ports[0].internal.ipv4, [(addr("10.244.1.6:8080"), 1)].into());
         let both = ServicePlan::new(&service(&labelled), &snap, Some("wrr"), |_, _| Some(5));
         assert_eq!(both.ports[0].internal.ipv4, [(addr("10.244.1.5:8080"), 5)].into(), "a ready one: terminating ones unused");

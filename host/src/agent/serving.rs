@@ -3,8 +3,9 @@
 //! and destinations, made whole from the plans at each sync.
 //!
 //! What is ours comes from the kernel, not from memory: a virtual service at
-//! an address on `ipvs-op0` (or one the plans want) is ours, and so are the
-//! addresses there. A restarted agent adopts them and writes only what
+//! an address on `ipvs-op0`, or recorded in the agent's nftables table (see
+//! [`super::nftables`]; NodePorts sit at the node's own addresses), or one
+//! the plans want, is ours, and so are the addresses on `ipvs-op0`. A restarted agent adopts them and writes only what
 //! differs. A Service switched back to kube-proxy is handed over: its virtual
 //! services stay, and its addresses stay on `ipvs-op0`, until kube-proxy has
 //! its addresses on `kube-ipvs0` (IPVS mode adopts a virtual service of the
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use ipvs::{IpvsClient, IpvsError, OwnedService, ServiceKey, Write};
 
 use super::interface::{self, Interface, InterfaceError, INTERFACE};
+use super::nftables::{NfTables, NfTablesError, Ruleset};
 use super::node_addresses::KUBE_PROXY_DUMMY;
 use super::plan::{ServicePlan, Standalone};
 use super::standalone::{interface_addresses, virtual_services};
@@ -47,6 +49,15 @@ pub enum ServingError {
     /// The dummy interface could not be read or made.
     #[error(transparent)]
     Interface(#[from] InterfaceError),
+    /// The nftables table could not be read or written.
+    #[error(transparent)]
+    NfTables(#[from] NfTablesError),
+    /// Some writes failed (see the log).
+    #[error("{errors} kernel writes failed (see the log above)")]
+    Incomplete {
+        /// How many.
+        errors: usize,
+    },
     /// No runtime for rtnetlink.
     #[error("starting the rtnetlink runtime: {0}")]
     Runtime(std::io::Error),
@@ -59,6 +70,10 @@ pub(super) struct Serving {
     runtime: Option<tokio::runtime::Runtime>,
     handle: Option<rtnetlink::Handle>,
     ipvs: Option<IpvsClient>,
+    nftables: Option<NfTables>,
+    /// The ruleset last written to the table: the record, as long as the
+    /// table's fingerprint says the kernel still holds it.
+    written: Option<Ruleset>,
     drain_timeout: Duration,
     handover_timeout: Duration,
     /// When each draining destination began draining (the timeout starts
@@ -69,11 +84,6 @@ pub(super) struct Serving {
     /// The interface existed at the last sync (or the agent just started):
     /// passes without Services to serve still look, to clean up.
     pub(super) interface_seen: bool,
-    /// NodePort virtual services (at the node's own addresses) made at the
-    /// last sync: ours to delete when no longer wanted. Held in memory until
-    /// the nftables table records them in the kernel (issue 20): one left
-    /// while the agent was down stays until `--cleanup`.
-    node_ports: HashSet<ServiceKey>,
     /// The node's sysctls were checked (once, when there is first something to serve).
     settings_checked: bool,
 }
@@ -85,14 +95,40 @@ impl Serving {
             runtime: None,
             handle: None,
             ipvs: None,
+            nftables: None,
+            written: None,
             drain_timeout,
             handover_timeout,
             draining_since: HashMap::new(),
             handing_over: HashMap::new(),
             interface_seen: true,
-            node_ports: HashSet::new(),
             settings_checked: false,
         }
+    }
+
+    /// The table's fingerprint (`None`: no table) and the virtual services it
+    /// records as the agent's. A kernel without nf_tables has no table,
+    /// which is only an error when there is something to serve.
+    fn read_table(&mut self, serve_any: bool) -> Result<(Option<Vec<u8>>, BTreeSet<ServiceKey>), NfTablesError> {
+        let nftables = match self.nftables.as_mut() {
+            Some(nftables) => nftables,
+            None => match NfTables::new() {
+                Ok(nftables) => self.nftables.insert(nftables),
+                Err(e) if !serve_any && e.is_unsupported() => return Ok((None, BTreeSet::new())),
+                Err(e) => return Err(e),
+            },
+        };
+        let fingerprint = match nftables.fingerprint() {
+            Err(e) if !serve_any && e.is_unsupported() => return Ok((None, BTreeSet::new())),
+            other => other?,
+        };
+        let Some(fingerprint) = fingerprint else { return Ok((None, BTreeSet::new())) };
+        let recorded = match &self.written {
+            // The kernel holds what was last written: no need to read it back.
+            Some(written) if written.fingerprint() == fingerprint => written.services.clone(),
+            _ => nftables.recorded_services()?,
+        };
+        Ok((Some(fingerprint), recorded))
     }
 
     /// Whether a pass with these plans has anything to do here.
@@ -112,6 +148,7 @@ impl Serving {
             // Fresh sockets next time.
             self.ipvs = None;
             self.handle = None;
+            self.nftables = None;
         }
         result
     }
@@ -121,6 +158,20 @@ impl Serving {
         plans: impl Iterator<Item = (&'a WsKey, &'a ServicePlan)> + Clone,
         node_addresses: &HashSet<IpAddr>,
     ) -> Result<ServingOutcome, ServingError> {
+        let serve_any = plans.clone().any(|(_, p)| p.standalone.is_some());
+        // The table: its fingerprint, and the virtual services it records as
+        // ours. Without it the Services are still served (ClusterIPs from
+        // pods need no masquerading); it is written when it can be read.
+        let mut outcome = ServingOutcome::default();
+        let (table, recorded, table_readable) = match self.read_table(serve_any) {
+            Ok((table, recorded)) => (table, recorded, true),
+            Err(error) => {
+                tracing::warn!(%error, "the nftables table cannot be read: masquerading and the record of NodePorts wait for it");
+                outcome.errors += 1;
+                self.nftables = None;
+                (None, BTreeSet::new(), false)
+            }
+        };
         if self.runtime.is_none() {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServingError::Runtime)?;
             self.runtime = Some(runtime);
@@ -134,9 +185,9 @@ impl Serving {
                 handle
             }
         };
-        let serve_any = plans.clone().any(|(_, p)| p.standalone.is_some());
         let ours = runtime.block_on(async {
-            if serve_any {
+            // A table left without its interface (a teardown cut short) is cleaned up through it.
+            if serve_any || table.is_some() {
                 Interface::ensure(handle.clone(), INTERFACE).await.map(Some)
             } else {
                 Interface::existing(handle.clone(), INTERFACE).await
@@ -145,7 +196,7 @@ impl Serving {
         let Some(ours) = ours else {
             self.interface_seen = false;
             self.handing_over.clear();
-            return Ok(ServingOutcome::default());
+            return Ok(outcome);
         };
         self.interface_seen = true;
         let (have, kube_proxy_has) = runtime.block_on(async {
@@ -162,12 +213,17 @@ impl Serving {
         let now = Instant::now();
         let mut served: Vec<(&WsKey, &ServicePlan, Standalone)> = Vec::new();
         let mut still_handing_over = HashSet::new();
+        // The NodePorts of Services kube-proxy has taken: its, even where the table still records them.
+        let mut kube_proxys_node_ports: HashSet<(ipvs::Protocol, u16)> = HashSet::new();
         for (key, plan) in plans {
             if let Some(standalone) = plan.standalone {
                 served.push((key, plan, standalone));
                 continue;
             }
             let addresses = interface_addresses(plan);
+            if !addresses.is_empty() && addresses.is_subset(&kube_proxy_has) {
+                kube_proxys_node_ports.extend(plan.ports.iter().filter_map(|p| Some((p.protocol, p.node_port?))));
+            }
             if addresses.is_disjoint(&have) {
                 continue;
             }
@@ -204,8 +260,16 @@ impl Serving {
             }
         }
         let wanted_addresses: BTreeSet<IpAddr> = served.iter().flat_map(|(_, p, _)| interface_addresses(p)).collect();
+        let keep: BTreeSet<IpAddr> = wanted_addresses.difference(&kube_proxy_has).copied().collect();
         // Ours: at an address on our interface that kube-proxy does not have, or wanted.
         let our_address = |ip: &IpAddr| (have.contains(ip) || wanted_addresses.contains(ip)) && !kube_proxy_has.contains(ip);
+        let theirs = |key: &ServiceKey| match *key {
+            ServiceKey::Address { protocol, address, port } => {
+                kube_proxy_has.contains(&address)
+                    || (node_addresses.contains(&address) && kube_proxys_node_ports.contains(&(protocol, port)))
+            }
+            ServiceKey::Fwmark { .. } => true,
+        };
         let ipvs = match self.ipvs.as_mut() {
             Some(ipvs) => ipvs,
             None => self.ipvs.insert(IpvsClient::new()?),
@@ -216,12 +280,11 @@ impl Serving {
             .iter()
             .flat_map(|(_, p, _)| p.ports.iter().filter_map(|port| Some((port.protocol, port.node_port?))))
             .collect();
-        let remembered = &self.node_ports;
         let maybe_ours = |key: &ServiceKey| match *key {
             ServiceKey::Address { protocol, address, port } => {
                 our_address(&address)
-                    || (node_addresses.contains(&address)
-                        && (served_node_ports.contains(&(protocol, port)) || remembered.contains(key)))
+                    || recorded.contains(key)
+                    || (node_addresses.contains(&address) && served_node_ports.contains(&(protocol, port)))
             }
             ServiceKey::Fwmark { .. } => false,
         };
@@ -233,20 +296,25 @@ impl Serving {
         let nodes: BTreeSet<IpAddr> = node_addresses.iter().copied().collect();
         let mut desired: Vec<OwnedService> = Vec::new();
         let mut owner: HashMap<ServiceKey, &WsKey> = HashMap::new();
+        let mut ruleset = Ruleset { addresses: keep.clone(), ..Ruleset::default() };
         for (key, plan, standalone) in &served {
             for v in virtual_services(plan, *standalone, &nodes, |k, d| current.get(&(*k, *d)).copied()) {
                 owner.insert(v.service.key, *key);
+                // NodePort, external and load-balancer traffic: masqueraded under a Cluster policy.
+                let external = v.service.key.ip().is_some_and(|a| !plan.ports.iter().any(|p| p.cluster_ips.contains(&a)));
+                ruleset.add(&v, external && !standalone.external_local);
                 desired.push(v);
             }
         }
         let wanted_keys: HashSet<ServiceKey> = desired.iter().map(|d| d.service.key).collect();
-        let node_ports = &self.node_ports;
-        let owned =
-            |key: &ServiceKey| wanted_keys.contains(key) || node_ports.contains(key) || key.ip().is_some_and(|a| our_address(&a));
+        let owned = |key: &ServiceKey| {
+            wanted_keys.contains(key) || ((recorded.contains(key) || key.ip().is_some_and(|a| our_address(&a))) && !theirs(key))
+        };
         let drain_timeout = self.drain_timeout;
         let draining_since = &self.draining_since;
         let plan = ipvs::plan_owned(&desired, &actual, owned, |k, d| {
-            draining_since.get(&(*k, d)).is_some_and(|since| now.duration_since(*since) >= drain_timeout)
+            drain_timeout.is_zero()
+                || draining_since.get(&(*k, d)).is_some_and(|since| now.duration_since(*since) >= drain_timeout)
         });
         let draining: HashSet<(ServiceKey, SocketAddr)> = plan.draining.iter().copied().collect();
         self.draining_since.retain(|k, _| draining.contains(k));
@@ -254,10 +322,22 @@ impl Serving {
             self.draining_since.entry(*d).or_insert(now);
         }
 
-        self.node_ports = wanted_keys.into_iter().filter(|k| k.ip().is_some_and(|a| node_addresses.contains(&a))).collect();
-        let mut outcome = ServingOutcome::default();
+        // The table before the virtual services: it records what is about to
+        // be made (and still what is about to go), and masquerades from a
+        // new virtual service's first packet.
+        let going: BTreeSet<ServiceKey> = recorded.iter().filter(|k| owned(k) && !wanted_keys.contains(*k)).copied().collect();
+        let mut before = ruleset.clone();
+        before.services.extend(going.iter().copied());
+        let mut table = table;
+        if table_readable && let Some(nftables) = self.nftables.as_mut() {
+            table = write_table(nftables, table, &before, &mut self.written, &self.metrics, &mut outcome);
+        }
         let results = ipvs.apply(&plan.writes);
+        let mut undeleted = BTreeSet::new();
         for (write, result) in plan.writes.iter().zip(results) {
+            if let (Write::DeleteService(key), Err(_)) = (write, &result) {
+                undeleted.insert(*key);
+            }
             let (service, kind) = match write {
                 Write::AddService(s) | Write::EditService(s) => (s.key, "virtual_service"),
                 Write::DeleteService(k) => (*k, "virtual_service"),
@@ -281,9 +361,34 @@ impl Serving {
             tracing::info!(writes = plan.writes.len(), draining = draining.len(), "virtual services of Services served here");
         }
 
+        // The table after: what went is no longer recorded (unless its deletion failed).
+        ruleset.services.extend(undeleted);
+        if table_readable && let Some(nftables) = self.nftables.as_mut() {
+            if ruleset.is_empty() && served.is_empty() {
+                match nftables.delete() {
+                    Ok(deleted) => {
+                        if deleted {
+                            tracing::info!(table = super::nftables::TABLE, "no Service served here any more: nftables table deleted");
+                            outcome.writes += 1;
+                            Metrics::count(&self.metrics.netlink_writes, "nftables", 1);
+                        }
+                        self.written = None;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "deleting the nftables table failed");
+                        outcome.errors += 1;
+                        Metrics::count(&self.metrics.netlink_errors, "nftables", 1);
+                        // The interface stays too: the next sync sees the table and tries again.
+                        return Ok(outcome);
+                    }
+                }
+            } else {
+                write_table(nftables, table, &ruleset, &mut self.written, &self.metrics, &mut outcome);
+            }
+        }
+
         // Addresses after the virtual services: a new address is served from
         // its first packet, and an old one goes once nothing is behind it.
-        let keep: BTreeSet<IpAddr> = wanted_addresses.difference(&kube_proxy_has).copied().collect();
         if keep.is_empty() && served.is_empty() {
             runtime.block_on(ours.delete())?;
             tracing::info!(interface = INTERFACE, "no Service served here any more: interface deleted");
@@ -301,4 +406,52 @@ impl Serving {
         }
         Ok(outcome)
     }
+}
+
+/// Removes everything the agent made on this node for Services it serves
+/// itself: the virtual services at addresses on `ipvs-op0` or recorded in the
+/// nftables table (at once, without draining), the table, and the interface.
+/// `agent --cleanup`; the number of kernel writes made.
+pub fn cleanup() -> Result<usize, ServingError> {
+    let mut serving = Serving::new(Arc::new(Metrics::new()), Duration::ZERO, Duration::ZERO);
+    let outcome = serving.sync(std::iter::empty(), &HashSet::new())?;
+    if outcome.errors > 0 {
+        return Err(ServingError::Incomplete { errors: outcome.errors });
+    }
+    Ok(outcome.writes)
+}
+
+/// Replaces the table with `ruleset` unless its fingerprint says it holds it
+/// already; the table's fingerprint after. A failure is logged and counted:
+/// the Services are served without the table meanwhile.
+fn write_table(
+    nftables: &mut NfTables,
+    table: Option<Vec<u8>>,
+    ruleset: &Ruleset,
+    written: &mut Option<Ruleset>,
+    metrics: &Metrics,
+    outcome: &mut ServingOutcome,
+) -> Option<Vec<u8>> {
+    let fingerprint = ruleset.fingerprint();
+    if table.as_ref() == Some(&fingerprint) {
+        return table;
+    }
+    outcome.writes += 1;
+    if let Err(error) = nftables.replace(ruleset) {
+        tracing::warn!(%error, "replacing the nftables table failed: NodePort, external and hairpin traffic is not masqueraded");
+        outcome.errors += 1;
+        Metrics::count(&metrics.netlink_errors, "nftables", 1);
+        *written = None;
+        return table;
+    }
+    tracing::info!(
+        table = super::nftables::TABLE,
+        services = ruleset.services.len(),
+        masquerade = ruleset.masquerade.len(),
+        endpoints = ruleset.endpoints.len(),
+        "nftables table of Services served here"
+    );
+    Metrics::count(&metrics.netlink_writes, "nftables", 1);
+    *written = Some(ruleset.clone());
+    Some(fingerprint)
 }

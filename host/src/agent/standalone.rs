@@ -186,7 +186,7 @@ mod tests {
         assert_eq!((affinity_seconds(&default), affinity_seconds(&set), affinity_seconds(&none)), (Some(10_800), Some(60), None));
         let mut plan = plan();
         plan.scheduler = Some("sh".into());
-        let standalone = Standalone { persistence: affinity_seconds(&set) };
+        let standalone = Standalone { persistence: affinity_seconds(&set), ..Standalone::default() };
         for v in virtual_services(&plan, standalone, &BTreeSet::new(), |_, _| None) {
             assert_eq!((v.service.flags, v.service.timeout, v.service.scheduler.as_str()), (IP_VS_SVC_F_PERSISTENT, 60, "sh"));
         }
