@@ -746,10 +746,10 @@ pub fn load_ip_vs() {
 
 /// Loads nftables and what the agent's table uses (NAT, masquerade, conntrack
 /// expressions) for Services the agent serves itself, as `node-setup` does
-/// on a real node. The kernel may also load them on demand; this way it does
-/// not matter whether it can.
+/// on a real node, and reject (the emulator's nftables mode). The kernel may
+/// also load them on demand; this way it does not matter whether it can.
 pub fn load_nftables() {
-    for module in ["nf_tables", "nft_ct", "nft_chain_nat", "nft_masq"] {
+    for module in ["nf_tables", "nft_ct", "nft_chain_nat", "nft_masq", "nft_reject_ipv4", "nft_reject_ipv6"] {
         let _ = Command::new("modprobe").arg(module).status();
     }
 }

@@ -498,3 +498,40 @@ fn replies_that_would_bypass_the_node_are_masqueraded_the_table_is_adopted_and_c
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 kernel writes"), "{}", String::from_utf8_lossy(&again.stdout));
 }
+
+#[test]
+fn beside_kube_proxy_in_nftables_mode_pods_and_host_network_clients_reach_a_service_served_here() {
+    use traffic::Transport;
+    // kube-proxy's nftables mode drops new connections to service-range
+    // addresses it does not know, on the forward and output paths.
+    let mut bed = Testbed::new(TestbedConfig {
+        proxy_flags: vec!["--mode".into(), "nftables".into(), "--service-cidrs".into(), "10.96.0.0/16,fd00:96::/108".into()],
+        ..TestbedConfig::default()
+    });
+    bed.node.sysctls(&[("net.ipv4.vs.conntrack", "1")]);
+    bed.load(&served("  ports: [{protocol: TCP, port: 80, targetPort: www}]"));
+    bed.start_all();
+    let vip = ServiceKey::tcp("10.96.100.10:80".parse().expect("an address"));
+    wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("prod-b", 3)]);
+    let kube_proxys = wait_until(TIMEOUT, "kube-proxy's table", || {
+        let out = bed.node.exec_output(&["nft", "list", "table", "ip", "kube-proxy"]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(kube_proxys.contains("10.96.0.0/16") && kube_proxys.contains("hook output"), "{kube_proxys}");
+    // The chain is there and drops: a host-network connection to an address
+    // of the range that only the node has (nothing listens: without the chain
+    // it would be refused at once) times out.
+    bed.node.exec(&["ip", "addr", "add", "10.96.100.99/32", "dev", "lo"]);
+    let (answered, errors) = bed.connect_from(&bed.node, Transport::Tcp, SocketAddr::from(([10, 96, 100, 99], 80)), 1);
+    assert!(answered.is_empty() && errors.len() == 1 && errors[0].contains("timed out"), "{answered:?} {errors:?}");
+    // A host-network client reaches the Service served here: IPVS rewrote the
+    // destination (LOCAL_OUT, priority -98) before kube-proxy's output filter (-90).
+    let (from_node, errors) = bed.connect_from(&bed.node, Transport::Tcp, SocketAddr::from(([10, 96, 100, 10], 80)), 70);
+    assert!(errors.is_empty(), "host-network connections failed: {errors:?}");
+    assert_split("from the node", &from_node);
+    // So does a pod (through INPUT, which kube-proxy does not filter).
+    let pod = bed.pod_netns("default", "prod-a").expect("prod-a's network");
+    let (from_pod, errors) = bed.connect_from(pod, Transport::Tcp, SocketAddr::from(([10, 96, 100, 10], 80)), 70);
+    assert!(errors.is_empty(), "pod connections failed: {errors:?}");
+    assert_split("from a pod", &from_pod);
+}

@@ -1,5 +1,6 @@
 //! `kube-proxy-emulator`: kube-proxy's IPVS mode on one node, emulated (a
-//! test double), against the real kernel.
+//! test double), against the real kernel; or, with `--mode nftables`, what
+//! its nftables mode does to traffic for Services it does not serve.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use ipvs_operator_tests::kube_proxy::{IpCidr, KubeProxyEmulator, ProxyConfig};
+use ipvs_operator_tests::kube_proxy::{IpCidr, KubeProxyEmulator, ProxyConfig, ProxyMode};
 
 /// Does what kube-proxy's IPVS mode does on one node (a test double).
 #[derive(Parser, Debug)]
@@ -51,9 +52,29 @@ struct Args {
     /// iproute2's ip, for --dummy-interface.
     #[arg(long, default_value = "ip")]
     ip_command: PathBuf,
+    /// Which kube-proxy mode: ipvs (the whole IPVS proxier) or nftables (only
+    /// its filtering of traffic to service-range addresses it does not serve,
+    /// through `nft`).
+    #[arg(long, default_value = "ipvs", value_parser = parse_mode)]
+    mode: ProxyMode,
+    /// kube-proxy's service CIDRs (--service-cluster-ip-range), comma-separated:
+    /// in nftables mode, traffic to an address there that no Service it serves has is dropped.
+    #[arg(long, value_delimiter = ',')]
+    service_cidrs: Vec<IpCidr>,
+    /// nftables' nft, for --mode nftables.
+    #[arg(long, default_value = "nft")]
+    nft_command: PathBuf,
     /// Sync once, then exit.
     #[arg(long)]
     once: bool,
+}
+
+fn parse_mode(s: &str) -> Result<ProxyMode, String> {
+    match s {
+        "ipvs" => Ok(ProxyMode::Ipvs),
+        "nftables" => Ok(ProxyMode::Nftables),
+        _ => Err(format!("unknown mode {s:?} (ipvs, nftables)")),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -95,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
         graceful_check_interval: args.graceful_check_interval,
         dummy_interface: args.dummy_interface,
         ip_command: args.ip_command,
+        mode: args.mode,
+        service_cidrs: args.service_cidrs,
+        nft_command: args.nft_command,
     };
     let ipvs = ipvs::IpvsClient::new().context("opening IPVS")?;
     let emulator = KubeProxyEmulator::start(cfg, client, Box::new(ipvs));

@@ -1,5 +1,7 @@
 //! A **kube-proxy emulator** (a test double): what kube-proxy's IPVS mode does
-//! on one node, against the real kernel through the `ipvs` crate.
+//! on one node, against the real kernel through the `ipvs` crate; and, in its
+//! nftables mode ([`nftables_mode`]), what kube-proxy's nftables mode does to
+//! traffic for Services it does not serve.
 //!
 //! It watches Services, EndpointSlices and its own Node with kube-rs and, on
 //! every change and every `sync_period`, makes the kernel's table what
@@ -31,6 +33,7 @@
 //! ```
 
 mod backend;
+pub mod nftables_mode;
 mod node;
 mod proxier;
 mod topology;
@@ -54,7 +57,8 @@ pub use node::{
     node_address_set, node_port_addresses,
 };
 pub use proxier::{
-    DesiredVirtualService, DualStackProxier, ProxyConfig, Proxier, SyncReport, desired_state, dual_stack_desired_state,
+    DesiredVirtualService, DualStackProxier, ProxyConfig, ProxyMode, Proxier, SyncReport, desired_state,
+    dual_stack_desired_state,
 };
 pub use topology::{Categorized, Endpoint, PortPolicy, TopologyMode, categorize, topology_mode};
 
@@ -67,6 +71,9 @@ pub enum Error {
     /// The Service, EndpointSlice or Node caches never became ready.
     #[error("the Service, EndpointSlice and Node caches did not fill")]
     CacheNotReady,
+    /// Writing kube-proxy's nftables tables failed (nftables mode).
+    #[error("nftables: {0}")]
+    Nftables(String),
     /// The emulator task ended abnormally.
     #[error("the emulator task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -204,7 +211,8 @@ async fn run(
         _ = &mut shutdown => return Ok(()),
     }
     let mut proxier = DualStackProxier::new(cfg.clone());
-    if let Some(dev) = &cfg.dummy_interface {
+    let ipvs_mode = cfg.mode == ProxyMode::Ipvs;
+    if let Some(dev) = cfg.dummy_interface.as_ref().filter(|_| ipvs_mode) {
         ensure_dummy(&cfg, dev);
     }
     let mut next_graceful = tokio::time::Instant::now() + cfg.graceful_check_interval;
@@ -215,7 +223,7 @@ async fn run(
         // As kube-proxy: a new Service's address is bound before its destinations
         // exist, and an old one unbound after its virtual service is gone. So
         // once the table shows destinations, the address takes connections.
-        let bound = cfg.dummy_interface.as_deref().map(|dev| {
+        let bound = cfg.dummy_interface.as_deref().filter(|_| ipvs_mode).map(|dev| {
             let want: BTreeSet<IpAddr> = dual_stack_desired_state(&cfg, &node, &svcs, &slices)
                 .values()
                 .filter(|d| d.bind)
@@ -224,7 +232,13 @@ async fn run(
             let present = bind_addresses(&cfg, dev, &want);
             (dev, want, present)
         });
-        let result = proxier.sync(&mut *ipvs, &svcs, &slices, &node);
+        let result = match cfg.mode {
+            ProxyMode::Ipvs => proxier.sync(&mut *ipvs, &svcs, &slices, &node).map_err(Error::from),
+            ProxyMode::Nftables => {
+                let script = nftables_mode::cluster_ips_check_script(&svcs, &cfg.service_cidrs);
+                nftables_mode::apply(&cfg.nft_command, &script).map(|()| SyncReport::default()).map_err(Error::Nftables)
+            }
+        };
         if let Some((dev, want, present)) = bound {
             unbind_addresses(&cfg, dev, &want, &present);
         }

@@ -72,6 +72,24 @@ pub struct ProxyConfig {
     pub dummy_interface: Option<String>,
     /// iproute2's `ip`, used to bind addresses.
     pub ip_command: std::path::PathBuf,
+    /// Which kube-proxy mode is emulated.
+    pub mode: ProxyMode,
+    /// `--service-cluster-ip-range` (nftables mode: traffic to an address
+    /// there that no Service has is dropped).
+    pub service_cidrs: Vec<IpCidr>,
+    /// nftables' `nft`, for the nftables mode.
+    pub nft_command: std::path::PathBuf,
+}
+
+/// kube-proxy's mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// IPVS: the virtual services of every Service (the emulator's whole model).
+    #[default]
+    Ipvs,
+    /// nftables: only what it does to traffic for Services it does not serve
+    /// (see [`super::nftables_mode`]).
+    Nftables,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +105,9 @@ impl Default for ProxyConfig {
             graceful_check_interval: Duration::from_secs(60),
             dummy_interface: None,
             ip_command: "ip".into(),
+            mode: ProxyMode::Ipvs,
+            service_cidrs: Vec::new(),
+            nft_command: "nft".into(),
         }
     }
 }
@@ -136,7 +157,7 @@ fn protocol(p: Option<&str>) -> Protocol {
 
 /// Whether kube-proxy's label selector (`!service.kubernetes.io/service-proxy-name,
 /// !service.kubernetes.io/headless`) leaves the object out.
-fn selected_out(meta: &ObjectMeta) -> bool {
+pub(super) fn selected_out(meta: &ObjectMeta) -> bool {
     meta.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
 }
 
