@@ -102,7 +102,7 @@ crd:
 	$(CARGO) run --release -q -p ipvs-operator -- crd > deploy/crd.yaml
 
 ## bench: the benchmarks; each writes target/bench/<name>.json.
-bench: setup bench-ipvs bench-convergence bench-scale bench-footprint bench-apiload
+bench: setup bench-ipvs bench-convergence bench-scale bench-standalone bench-footprint bench-apiload
 	$(CARGO) bench -p ipvs-operator --bench policy-eval
 	$(CARGO) bench -p ipvs-operator-tests --bench policy-dir
 

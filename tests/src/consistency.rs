@@ -1135,6 +1135,80 @@ fn eval_says_zero(handle: &Handle, setup: &EvalSetup, zero: &ZeroSeen) -> bool {
     }
 }
 
+/// The virtual services in `bed`'s node that the agent would call its own
+/// (at an address on `ipvs-op0`, or recorded in the `inet ipvs-operator`
+/// nftables table) but that belong to no Service labelled
+/// `service.kubernetes.io/service-proxy-name: ipvs-operator`, one line each
+/// (empty: none). Without kube-proxy on the node (`kube_proxy` false) every
+/// virtual service there is the agent's: one it lost track of (a NodePort at
+/// the node's address, recorded nowhere) is found too. Read with `ip`, `nft`
+/// and the API objects, not the agent.
+pub fn standalone_orphans(bed: &Testbed, kube_proxy: bool) -> Vec<String> {
+    let json = |command: &[&str]| -> Value {
+        let out = bed.node.exec_output(command);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let on_interface: Vec<IpAddr> = json(&["ip", "-j", "addr", "show", "dev", "ipvs-op0"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().and_then(|ip| ip.parse().ok()))
+        .collect();
+    let mut recorded: Vec<VirtualService> = Vec::new();
+    for item in json(&["nft", "-j", "list", "table", "inet", "ipvs-operator"])["nftables"].as_array().into_iter().flatten() {
+        let set = &item["set"];
+        if !set["name"].as_str().is_some_and(|n| n.starts_with("services")) {
+            continue;
+        }
+        for element in set["elem"].as_array().into_iter().flatten() {
+            let parts = element["concat"].as_array().cloned().unwrap_or_default();
+            let (Some(ip), Some(protocol), Some(port)) = (
+                parts.first().and_then(|v| v.as_str()).and_then(|ip| ip.parse::<IpAddr>().ok()),
+                parts.get(1).and_then(|v| v.as_str()).map(str::to_uppercase),
+                parts.get(2).and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok()),
+            ) else {
+                continue;
+            };
+            recorded.push((protocol, SocketAddr::new(ip, port)));
+        }
+    }
+    let mut vips: Vec<VirtualService> = Vec::new();
+    let mut node_ports: Vec<(String, u16)> = Vec::new();
+    for service in bed.handle().list("services", None) {
+        if service["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"].as_str() != Some("ipvs-operator") {
+            continue;
+        }
+        vips.extend(service_virtual_services(&service, &[]).into_iter().map(|(v, _)| v));
+        for port in service["spec"]["ports"].as_array().into_iter().flatten() {
+            if let Some(node_port) = port["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok()) {
+                node_ports.push((port["protocol"].as_str().unwrap_or("TCP").to_string(), node_port));
+            }
+        }
+    }
+    let table = bed.ipvs();
+    let mut out = Vec::new();
+    for key in table.iter().filter_map(entry_key) {
+        let (on, is_recorded) = (on_interface.contains(&key.1.ip()), recorded.contains(&key));
+        if kube_proxy && !on && !is_recorded {
+            continue;
+        }
+        let served = vips.contains(&key) || node_ports.contains(&(key.0.clone(), key.1.port()));
+        if !served {
+            let why = match (is_recorded, on) {
+                (true, _) => "recorded in its nftables table",
+                (false, true) => "at an address on ipvs-op0",
+                (false, false) => "no kube-proxy here",
+            };
+            out.push(format!("{} {}: the agent's ({why}), of no Service it serves", key.0, key.1));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1312,78 +1386,4 @@ mod tests {
         let message = panicked.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(message.contains("1 destinations drained for a terminating endpoint were raised again"), "{message}");
     }
-}
-
-/// The virtual services in `bed`'s node that the agent would call its own
-/// (at an address on `ipvs-op0`, or recorded in the `inet ipvs-operator`
-/// nftables table) but that belong to no Service labelled
-/// `service.kubernetes.io/service-proxy-name: ipvs-operator`, one line each
-/// (empty: none). Without kube-proxy on the node (`kube_proxy` false) every
-/// virtual service there is the agent's: one it lost track of (a NodePort at
-/// the node's address, recorded nowhere) is found too. Read with `ip`, `nft`
-/// and the API objects, not the agent.
-pub fn standalone_orphans(bed: &Testbed, kube_proxy: bool) -> Vec<String> {
-    let json = |command: &[&str]| -> Value {
-        let out = bed.node.exec_output(command);
-        if !out.status.success() {
-            return Value::Null;
-        }
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
-    let on_interface: Vec<IpAddr> = json(&["ip", "-j", "addr", "show", "dev", "ipvs-op0"])
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
-        .filter_map(|a| a["local"].as_str().and_then(|ip| ip.parse().ok()))
-        .collect();
-    let mut recorded: Vec<VirtualService> = Vec::new();
-    for item in json(&["nft", "-j", "list", "table", "inet", "ipvs-operator"])["nftables"].as_array().into_iter().flatten() {
-        let set = &item["set"];
-        if !set["name"].as_str().is_some_and(|n| n.starts_with("services")) {
-            continue;
-        }
-        for element in set["elem"].as_array().into_iter().flatten() {
-            let parts = element["concat"].as_array().cloned().unwrap_or_default();
-            let (Some(ip), Some(protocol), Some(port)) = (
-                parts.first().and_then(|v| v.as_str()).and_then(|ip| ip.parse::<IpAddr>().ok()),
-                parts.get(1).and_then(|v| v.as_str()).map(str::to_uppercase),
-                parts.get(2).and_then(|v| v.as_u64()).and_then(|p| u16::try_from(p).ok()),
-            ) else {
-                continue;
-            };
-            recorded.push((protocol, SocketAddr::new(ip, port)));
-        }
-    }
-    let mut vips: Vec<VirtualService> = Vec::new();
-    let mut node_ports: Vec<(String, u16)> = Vec::new();
-    for service in bed.handle().list("services", None) {
-        if service["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"].as_str() != Some("ipvs-operator") {
-            continue;
-        }
-        vips.extend(service_virtual_services(&service, &[]).into_iter().map(|(v, _)| v));
-        for port in service["spec"]["ports"].as_array().into_iter().flatten() {
-            if let Some(node_port) = port["nodePort"].as_u64().and_then(|p| u16::try_from(p).ok()) {
-                node_ports.push((port["protocol"].as_str().unwrap_or("TCP").to_string(), node_port));
-            }
-        }
-    }
-    let table = bed.ipvs();
-    let mut out = Vec::new();
-    for key in table.iter().filter_map(entry_key) {
-        let (on, is_recorded) = (on_interface.contains(&key.1.ip()), recorded.contains(&key));
-        if kube_proxy && !on && !is_recorded {
-            continue;
-        }
-        let served = vips.contains(&key) || node_ports.contains(&(key.0.clone(), key.1.port()));
-        if !served {
-            let why = match (is_recorded, on) {
-                (true, _) => "recorded in its nftables table",
-                (false, true) => "at an address on ipvs-op0",
-                (false, false) => "no kube-proxy here",
-            };
-            out.push(format!("{} {}: the agent's ({why}), of no Service it serves", key.0, key.1));
-        }
-    }
-    out
 }

@@ -227,10 +227,54 @@ fn patch_proxy(bed: &Testbed, proxy: &str) {
     bed.block_on(api.patch("web", &PatchParams::default(), &Patch::Merge(&patch))).expect("patching the WeightedService");
 }
 
+/// Serves, at `ip:9000` in `ns`, connections that stay open: each line in is
+/// answered with `name`.
+fn hold_server(ns: &NetNs, ip: &str, name: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = ns.enter(|| std::net::TcpListener::bind((ip, 9000))).expect("listening on port 9000");
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                let Ok(mut writer) = stream.try_clone() else { return };
+                for line in BufReader::new(stream).lines() {
+                    if line.is_err() || writeln!(writer, "{name}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// One line's round trip on `stream`: who answered.
+fn ask(stream: &mut std::net::TcpStream) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("a read timeout");
+    writeln!(stream, "?").expect("sending a line");
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().expect("a clone")).read_line(&mut line).expect("an answer");
+    line.trim().to_string()
+}
+
+/// A connection from the client to `target` that stays open, and who answers on it.
+fn held_connection(bed: &Testbed, target: SocketAddr) -> (String, std::net::TcpStream) {
+    let mut stream = bed.client.enter(|| std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))).expect("connected");
+    (ask(&mut stream), stream)
+}
+
 #[test]
 fn with_no_kube_proxy_the_agent_serves_the_cluster_ip_and_node_port_adopts_after_a_restart_and_cleans_up() {
     let mut bed = Testbed::new(TestbedConfig::default());
-    bed.load(&served("  type: NodePort\n  ports: [{protocol: TCP, port: 80, targetPort: www, nodePort: 30080}]"));
+    bed.load(&served(
+        "  type: NodePort\n  ports: [{name: www, protocol: TCP, port: 80, targetPort: www, nodePort: 30080}, {name: hold, protocol: TCP, port: 90, targetPort: 9000, nodePort: 30090}]",
+    ));
+    // Port 9000 of each pod keeps its connections open (port 8080's server closes each after answering).
+    for pod in ["prod-a", "prod-b", "canary-a"] {
+        let ip = format!("10.244.0.{}", 11 + ["prod-a", "prod-b", "canary-a"].iter().position(|p| *p == pod).unwrap_or(0));
+        hold_server(bed.pod_netns("default", pod).expect("the pod's network"), &ip, pod);
+    }
     bed.start_controller();
     bed.start_agent();
     let vip = ServiceKey::tcp("10.96.100.10:80".parse().expect("an address"));
@@ -246,7 +290,10 @@ fn with_no_kube_proxy_the_agent_serves_the_cluster_ip_and_node_port_adopts_after
     assert_split("ClusterIP", &bed.connect(SocketAddr::from(([10, 96, 100, 10], 80)), 700));
     assert_split("NodePort", &bed.connect(SocketAddr::new(IpAddr::V4(NODE_IP), 30080), 700));
 
-    // A restarted agent adopts what is there: it writes nothing.
+    // A restarted agent adopts what is there: it writes nothing, and a
+    // connection open across the restart lives on.
+    let hold = SocketAddr::from(([10, 96, 100, 10], 90));
+    let (answered_by, mut across) = held_connection(&bed, hold);
     bed.kill("agent");
     bed.start_agent();
     wait_until(TIMEOUT, "the restarted agent ready", || bed.agent_ready().then_some(()));
@@ -255,12 +302,32 @@ fn with_no_kube_proxy_the_agent_serves_the_cluster_ip_and_node_port_adopts_after
         assert_eq!(agent_writes(&bed, kind), 0.0, "{kind} written after a restart: {}", bed.log("agent"));
     }
     assert_eq!(ipvs_operator_tests::consistency::standalone_orphans(&bed, false), Vec::<String>::new());
+    assert_eq!(ask(&mut across), answered_by, "a connection across the agent's restart");
+    drop(across);
 
     // A ready pod gone: its destination drains at weight 0 (the connections
-    // above are still in the table), the others stay.
+    // above are still in the table), the others stay; an established
+    // connection to it lives on, and new ones go elsewhere.
+    let mut held = None;
+    for _ in 0..30 {
+        let (answered_by, stream) = held_connection(&bed, hold);
+        if answered_by == "prod-b" {
+            held = Some(stream);
+            break;
+        }
+    }
+    let mut held = held.expect("one of 30 connections on prod-b");
     bed.handle().delete_pod("default", "prod-b", ipvs_operator_tests::apiserver::Grace::Immediate).expect("deleted");
     // (The pod is gone from the API: its destination shows by address.)
     wait_for_weights(&bed, vip, &[("canary-a", 1), ("prod-a", 3), ("10.244.0.12:8080", 0)]);
+    let hold_key = ServiceKey::tcp(hold);
+    wait_for_weights(&bed, hold_key, &[("canary-a", 1), ("prod-a", 3), ("10.244.0.12:9000", 0)]);
+    assert_eq!(ask(&mut held), "prod-b", "the established connection lives on while its destination drains");
+    for _ in 0..20 {
+        let (answered_by, _) = held_connection(&bed, hold);
+        assert_ne!(answered_by, "prod-b", "a new connection went to the draining destination");
+    }
+    drop(held);
 
     // The WeightedService deleted: nothing of it is left on the node.
     use ipvs_operator::crd::WeightedService;

@@ -6,7 +6,7 @@ VM_RUN := $(CURDIR)/tests/vm/run
 # Cargo runs each test (or bench) executable as `tests/vm/run -- EXE ARGS…`.
 VM_CARGO_RUNNER := CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(VM_RUN) --"
 
-.PHONY: test-kernel bench-ipvs bench-convergence bench-scale soak-churn vm-binaries soak-faults soak
+.PHONY: test-kernel bench-ipvs bench-convergence bench-scale bench-standalone soak-churn vm-binaries soak-faults soak
 
 ## vm-binaries: the project binaries the VM tests start (the VM runner copies
 ## every executable of target/release into the guest).
@@ -40,6 +40,16 @@ bench-ipvs: setup vm-binaries
 	mkdir -p target/bench
 	IPVS_VM_OUT="$(CURDIR)/target/bench" $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs --features kernel-tests --bench ipvs-apply
 	@cat target/bench/ipvs-apply.json
+
+## bench-standalone: a ClusterIP the agent serves itself (standalone mode)
+## against one the kube-proxy emulator serves, same pods, in the VM: connection
+## rate and latency (ratio of medians over alternating runs; goal within 5 %,
+## a miss is reported) and endpoint convergence into each (p50, p99); writes
+## target/bench/standalone.json. About 3 minutes.
+bench-standalone: setup vm-binaries
+	mkdir -p target/bench
+	IPVS_VM_OUT="$(CURDIR)/target/bench" $(VM_CARGO_RUNNER) $(CARGO) bench -p ipvs-operator-tests --features kernel-tests --bench standalone
+	@cat target/bench/standalone.json
 
 ## bench-convergence: the real agent at scale in the VM — 1,000
 ## WeightedServices, 10,000 endpoints, the kube-proxy emulator: edit -> kernel
