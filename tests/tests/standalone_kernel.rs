@@ -602,3 +602,23 @@ fn beside_kube_proxy_in_nftables_mode_pods_and_host_network_clients_reach_a_serv
     assert!(errors.is_empty(), "pod connections failed: {errors:?}");
     assert_split("from a pod", &from_pod);
 }
+
+#[test]
+fn without_exclude_cidrs_kube_proxy_deletes_a_served_virtual_service_and_the_agent_says_so() {
+    // kube-proxy (IPVS mode) beside it without --ipvs-exclude-cidrs: it deletes
+    // the agent's virtual service at each sync; the agent makes it again and
+    // tells the WeightedService's Events why.
+    let mut bed = Testbed::new(TestbedConfig {
+        proxy_scheduler: "wrr".into(),
+        proxy_sync_period: Duration::from_secs(1),
+        ..TestbedConfig::default()
+    });
+    bed.load(&served("  ports: [{protocol: TCP, port: 80, targetPort: www}]"));
+    bed.start_all();
+    let event = wait_until(TIMEOUT, "a VirtualServiceDeleted Event", || {
+        bed.handle().list("events", Some("default")).into_iter().find(|e| e["reason"] == "VirtualServiceDeleted")
+    });
+    let note = event["message"].as_str().unwrap_or_default();
+    assert!(note.contains("TCP 10.96.100.10:80") && note.contains("--ipvs-exclude-cidrs") && note.contains("node-1"), "{event}");
+    assert_eq!(event["involvedObject"]["name"], "web", "{event}");
+}

@@ -198,6 +198,16 @@ impl Worker {
                     report.writes += outcome.writes;
                     report.errors += outcome.errors;
                     failed.extend(outcome.failed);
+                    for (key, note) in outcome.deleted_by_others {
+                        if let Some(reference) = self.evaluator.reference(&key) {
+                            self.events.send(Notice {
+                                reference,
+                                type_: EventType::Warning,
+                                reason: "VirtualServiceDeleted".into(),
+                                note: format!("on node {}: {note}", self.config.node_name),
+                            });
+                        }
+                    }
                     for scope in &served {
                         if !failed.contains_key(&scope.key)
                             && let Some(state) = self.evaluator.states.get_mut(&scope.key)

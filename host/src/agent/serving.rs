@@ -38,6 +38,9 @@ pub(super) struct ServingOutcome {
     pub(super) errors: usize,
     /// The first failed write of each Service, for an Event.
     pub(super) failed: HashMap<WsKey, String>,
+    /// Services whose virtual services another writer deleted since the last
+    /// sync (made again in this one), with what to do about it, for an Event.
+    pub(super) deleted_by_others: HashMap<WsKey, String>,
 }
 
 /// Why a sync could not be made.
@@ -86,6 +89,10 @@ pub(super) struct Serving {
     pub(super) interface_seen: bool,
     /// The node's sysctls were checked (once, when there is first something to serve).
     settings_checked: bool,
+    /// The wanted virtual services in the kernel after the last sync: one
+    /// missing at the next was deleted by someone else (kube-proxy in IPVS
+    /// mode deletes those it does not know), which is reported.
+    present: HashSet<ServiceKey>,
 }
 
 impl Serving {
@@ -103,6 +110,7 @@ impl Serving {
             handing_over: HashMap::new(),
             interface_seen: true,
             settings_checked: false,
+            present: HashSet::new(),
         }
     }
 
@@ -199,13 +207,14 @@ impl Serving {
             return Ok(outcome);
         };
         self.interface_seen = true;
-        let (have, kube_proxy_has) = runtime.block_on(async {
+        // kube-ipvs0 says kube-proxy runs in IPVS mode here.
+        let (have, kube_proxy_ipvs, kube_proxy_has) = runtime.block_on(async {
             let have: BTreeSet<IpAddr> = ours.addresses().await?.into_iter().map(|(ip, _)| ip).collect();
-            let kube_proxy_has: BTreeSet<IpAddr> = match Interface::existing(handle.clone(), KUBE_PROXY_DUMMY).await? {
-                Some(dummy) => dummy.addresses().await?.into_iter().map(|(ip, _)| ip).collect(),
-                None => BTreeSet::new(),
+            let (kube_proxy_ipvs, kube_proxy_has) = match Interface::existing(handle.clone(), KUBE_PROXY_DUMMY).await? {
+                Some(dummy) => (true, dummy.addresses().await?.into_iter().map(|(ip, _)| ip).collect()),
+                None => (false, BTreeSet::new()),
             };
-            Ok::<_, InterfaceError>((have, kube_proxy_has))
+            Ok::<_, InterfaceError>((have, kube_proxy_ipvs, kube_proxy_has))
         })?;
 
         // Which plans are served: the labelled ones, and those switched back
@@ -307,6 +316,24 @@ impl Serving {
             }
         }
         let wanted_keys: HashSet<ServiceKey> = desired.iter().map(|d| d.service.key).collect();
+        let actual_keys: HashSet<ServiceKey> = actual.iter().map(|e| e.service.key).collect();
+        let mut vanished: HashMap<&WsKey, Vec<ServiceKey>> = HashMap::new();
+        for key in self.present.iter().filter(|k| wanted_keys.contains(*k) && !actual_keys.contains(*k)) {
+            if let Some(ws) = owner.get(key) {
+                vanished.entry(*ws).or_default().push(*key);
+            }
+        }
+        for (ws, keys) in &mut vanished {
+            keys.sort();
+            let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+            let hint = if kube_proxy_ipvs {
+                "kube-proxy in IPVS mode deletes virtual services it does not know: give it --ipvs-exclude-cidrs covering this Service's addresses (NodePorts cannot be excluded: serve Services with NodePorts in standalone mode only on nodes whose kube-proxy is not in IPVS mode)"
+            } else {
+                "something else on the node writes IPVS"
+            };
+            tracing::warn!(service = %ws, virtual_services = ?keys, "virtual services of a Service served here were deleted by another writer: made again");
+            outcome.deleted_by_others.insert((*ws).clone(), format!("{} deleted by another writer since the last sync and made again: {hint}", keys.join(", ")));
+        }
         let owned = |key: &ServiceKey| {
             wanted_keys.contains(key) || ((recorded.contains(key) || key.ip().is_some_and(|a| our_address(&a))) && !theirs(key))
         };
@@ -334,9 +361,16 @@ impl Serving {
         }
         let results = ipvs.apply(&plan.writes);
         let mut undeleted = BTreeSet::new();
+        self.present = wanted_keys.clone();
         for (write, result) in plan.writes.iter().zip(results) {
-            if let (Write::DeleteService(key), Err(_)) = (write, &result) {
-                undeleted.insert(*key);
+            match (write, &result) {
+                (Write::DeleteService(key), Err(_)) => {
+                    undeleted.insert(*key);
+                }
+                (Write::AddService(service), Err(_)) => {
+                    self.present.remove(&service.key);
+                }
+                _ => {}
             }
             let (service, kind) = match write {
                 Write::AddService(s) | Write::EditService(s) => (s.key, "virtual_service"),
