@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod node_setup;
 pub mod pod_info;
 pub mod policy;
+pub mod policy_test;
 pub mod snapshot;
 pub mod status;
 pub mod summary;

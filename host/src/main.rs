@@ -71,11 +71,43 @@ enum Command {
     /// Read the kernel's IPVS table (needs CAP_NET_ADMIN and the ip_vs module).
     #[command(subcommand)]
     Ipvs(cli_ipvs::IpvsCommand),
+    /// Work with policy modules offline.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Compile a policy module (stdin) to machine code (stdout): the child the
     /// controller and agent start, so that the compiler's memory goes away
     /// with it. Exit status 1 with the reason on stderr when it does not compile.
     #[command(hide = true)]
     CompilePolicy(CompileArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run a policy against case files, as `opa test` does: each file holds
+    /// `cases:`, each case a `weightedService`, its `pods`, optionally a `node`
+    /// (evaluate as that node's agent) and `now` (RFC 3339; default
+    /// 2026-01-01T00:00:00Z), and `expect` (weight by pod name; pods not named
+    /// are not checked) or `expectError` (a substring of the error), plus
+    /// optionally `expectMessage` and `expectRequeueAfterSeconds`.
+    ///
+    /// Prints one line per failing case, then `N passed, M failed`; exits 1
+    /// when a case failed. See docs/policies.md.
+    Test(PolicyTestArgs),
+}
+
+#[derive(Args)]
+struct PolicyTestArgs {
+    /// The policy module to test (a component built for wasm32-wasip2).
+    #[arg(long, value_name = "FILE.wasm", required_unless_present = "policy")]
+    policy_file: Option<PathBuf>,
+    /// Test this built-in policy (or a module of --policy-dir) instead.
+    #[arg(long, conflicts_with = "policy_file")]
+    policy: Option<String>,
+    /// Case files (YAML).
+    #[arg(value_name = "FILE", required = true)]
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 #[derive(Args)]
@@ -383,6 +415,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => run_async(run_agent(args)),
         Command::NodeSetup(args) => node_setup(args),
         Command::Ipvs(command) => cli_ipvs::run(command),
+        Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
         Command::CompilePolicy(args) => return compile_policy(args),
     };
     match result {
@@ -611,6 +644,48 @@ fn print_crd() -> Result<()> {
     Ok(())
 }
 
+/// A policy module from a file, named after it.
+fn load_policy_file(limits: &LimitArgs, path: &std::path::Path) -> Result<ipvs_operator::policy::LoadedPolicy> {
+    let engine = PolicyEngine::new(limits.engine_config())?;
+    let name = path.file_stem().map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
+    // A module over the size limit is refused unread.
+    let size = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    let limit = engine.config().max_module_bytes as u64;
+    if size > limit {
+        return Err(PolicyError::TooLarge { policy: name, bytes: size, limit }.into());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(engine.load(&name, &bytes)?)
+}
+
+/// `policy test`: every case of every file; one line per failing case.
+fn policy_test(args: PolicyTestArgs) -> Result<()> {
+    use ipvs_operator::policy_test::{read_case_file, run_case};
+    let policy = match (&args.policy_file, &args.policy) {
+        (Some(path), _) => load_policy_file(&args.limits, path)?,
+        (None, Some(name)) => args.limits.catalog()?.get(name)?,
+        (None, None) => anyhow::bail!("give --policy-file or --policy"),
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for path in &args.files {
+        let file = read_case_file(path)?;
+        for case in &file.cases {
+            match run_case(&policy, case) {
+                Ok(()) => passed += 1,
+                Err(why) => {
+                    failed += 1;
+                    println!("FAIL {}: {}: {why}", path.display(), case.name);
+                }
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} cases failed (policy {}, sha256 {})", passed + failed, policy.name(), policy.sha256());
+    }
+    Ok(())
+}
+
 fn run_eval(args: EvalArgs) -> Result<()> {
     let ws_objects = eval::read_objects(&args.weighted_service)?;
     let ws = eval::choose_weighted_service(&args.weighted_service, ws_objects.weighted_services, args.name.as_deref())?;
@@ -620,8 +695,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
         let objects = eval::read_objects(&args.pods)?;
         if !objects.ignored_kinds.is_empty() {
             eprintln!(
-                "note: {} ignores these kinds in {}: {}",
-                "eval",
+                "note: eval ignores these kinds in {}: {}",
                 args.pods.display(),
                 objects.ignored_kinds.join(", ")
             );
@@ -630,28 +704,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     };
 
     let policy = match (&args.policy_file, &args.policy) {
-        (Some(path), _) => {
-            let engine = PolicyEngine::new(args.limits.engine_config())?;
-            let name = path
-                .file_stem()
-                .map_or_else(|| "policy".into(), |s| s.to_string_lossy().into_owned());
-            // A module over the size limit is refused unread.
-            let size = std::fs::metadata(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .len();
-            let limit = engine.config().max_module_bytes as u64;
-            if size > limit {
-                return Err(PolicyError::TooLarge {
-                    policy: name,
-                    bytes: size,
-                    limit,
-                }
-                .into());
-            }
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            engine.load(&name, &bytes)?
-        }
+        (Some(path), _) => load_policy_file(&args.limits, path)?,
         (None, Some(name)) => args.limits.catalog()?.get(name)?,
         (None, None) => args.limits.catalog()?.get(ws.policy_name())?,
     };

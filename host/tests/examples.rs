@@ -134,4 +134,52 @@ fn the_custom_policy_example_builds_for_wasm_and_evaluates_from_its_file() {
         [("render-large", 4), ("render-medium", 2), ("render-small", 1)].map(|(p, w)| (p.to_string(), w))
     );
     assert_eq!(report.message.as_deref(), Some("2 of 3 weighted by weight.example.com/value"));
+
+    // Its case file, against the built module.
+    let (ok, out) = policy_test(&["--policy-file", wasm.to_str().expect("a UTF-8 path"), "examples/custom-policy/cases.yaml"]);
+    assert!(ok && out.ends_with("2 passed, 0 failed\n"), "{out}");
+}
+
+/// `ipvs-operator policy test ARGS…` from the repository's root: whether it
+/// succeeded, and what it printed.
+fn policy_test(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ipvs-operator"))
+        .current_dir(repo(""))
+        .args(["policy", "test"])
+        .args(args)
+        .output()
+        .expect("run ipvs-operator");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn every_built_in_policy_passes_its_case_file() {
+    for (policy, cases) in [("label-selector", 5), ("gradual-rollout", 4), ("slow-start", 4), ("prefer-local", 3)] {
+        let file = format!("policies/{policy}/cases.yaml");
+        let (ok, out) = policy_test(&["--policy", policy, &file]);
+        assert!(ok, "{policy}: {out}");
+        assert!(out.contains(&format!("{cases} passed, 0 failed")), "{policy}: {out}");
+    }
+}
+
+#[test]
+fn a_failing_case_is_named_and_counted_and_fails_the_command() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let file = dir.path().join("cases.yaml");
+    let cases = std::fs::read_to_string(repo("policies/label-selector/cases.yaml")).expect("the case file");
+    // The first case, expecting a weight the policy does not give.
+    let wrong = cases.replacen("expect: {web-stable-1: 9, web-stable-2: 9, web-canary-1: 1}", "expect: {web-stable-1: 9, web-stable-2: 9, web-canary-1: 7}", 1);
+    assert_ne!(wrong, cases);
+    std::fs::write(&file, wrong).expect("write");
+    let (ok, out) = policy_test(&["--policy", "label-selector", file.to_str().expect("a UTF-8 path")]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL ") && out.contains("web-canary-1: 1, expected 7"), "{out}");
+    assert!(out.contains("4 passed, 1 failed"), "{out}");
+    // An error expected where the policy gives weights, and a file that is not a case file.
+    std::fs::write(&file, cases.replacen("  expect: {web-stable-1: 9, web-stable-2: 9, web-canary-1: 1}", "  expectError: nope", 1)).expect("write");
+    let (ok, out) = policy_test(&["--policy", "label-selector", file.to_str().expect("a UTF-8 path")]);
+    assert!(!ok && out.contains("expected an error containing \"nope\""), "{out}");
+    std::fs::write(&file, "cases: [{name: x, weightedService: {metadata: {name: w}, spec: {}}, expect: {}, expectError: y}]").expect("write");
+    let (ok, out) = policy_test(&["--policy", "label-selector", file.to_str().expect("a UTF-8 path")]);
+    assert!(!ok && out.contains("give exactly one of expect and expectError"), "{out}");
 }
