@@ -93,6 +93,9 @@ pub(super) struct Serving {
     /// missing at the next was deleted by someone else (kube-proxy in IPVS
     /// mode deletes those it does not know), which is reported.
     present: HashSet<ServiceKey>,
+    /// Reading, writing the table failed at the last try: said once (warn), not every sync.
+    table_read_failing: bool,
+    table_write_failing: bool,
 }
 
 impl Serving {
@@ -111,6 +114,8 @@ impl Serving {
             interface_seen: true,
             settings_checked: false,
             present: HashSet::new(),
+            table_read_failing: false,
+            table_write_failing: false,
         }
     }
 
@@ -172,9 +177,18 @@ impl Serving {
         // pods need no masquerading); it is written when it can be read.
         let mut outcome = ServingOutcome::default();
         let (table, recorded, table_readable) = match self.read_table(serve_any) {
-            Ok((table, recorded)) => (table, recorded, true),
+            Ok((table, recorded)) => {
+                if std::mem::take(&mut self.table_read_failing) {
+                    tracing::info!(table = super::nftables::TABLE, "the nftables table can be read again");
+                }
+                (table, recorded, true)
+            }
             Err(error) => {
-                tracing::warn!(%error, "the nftables table cannot be read: masquerading and the record of NodePorts wait for it");
+                if !std::mem::replace(&mut self.table_read_failing, true) {
+                    tracing::warn!(%error, "the nftables table cannot be read: masquerading and the record of NodePorts wait for it (tried again at each sync)");
+                } else {
+                    tracing::debug!(%error, "the nftables table still cannot be read");
+                }
                 outcome.errors += 1;
                 self.nftables = None;
                 (None, BTreeSet::new(), false)
@@ -356,8 +370,13 @@ impl Serving {
         let mut before = ruleset.clone();
         before.services.extend(going.iter().copied());
         let mut table = table;
-        if table_readable && let Some(nftables) = self.nftables.as_mut() {
-            table = write_table(nftables, table, &before, &mut self.written, &self.metrics, &mut outcome);
+        // (No table to make for nothing: a teardown deletes it next.)
+        if table_readable
+            && !(table.is_none() && before.is_empty())
+            && let Some(nftables) = self.nftables.as_mut()
+        {
+            let writer = TableWriter { written: &mut self.written, failing: &mut self.table_write_failing, metrics: &self.metrics };
+            table = writer.write(nftables, table, &before, &mut outcome);
         }
         let results = ipvs.apply(&plan.writes);
         let mut undeleted = BTreeSet::new();
@@ -417,7 +436,8 @@ impl Serving {
                     }
                 }
             } else {
-                write_table(nftables, table, &ruleset, &mut self.written, &self.metrics, &mut outcome);
+                let writer = TableWriter { written: &mut self.written, failing: &mut self.table_write_failing, metrics: &self.metrics };
+                writer.write(nftables, table, &ruleset, &mut outcome);
             }
         }
 
@@ -455,37 +475,44 @@ pub fn cleanup() -> Result<usize, ServingError> {
     Ok(outcome.writes)
 }
 
-/// Replaces the table with `ruleset` unless its fingerprint says it holds it
-/// already; the table's fingerprint after. A failure is logged and counted:
-/// the Services are served without the table meanwhile.
-fn write_table(
-    nftables: &mut NfTables,
-    table: Option<Vec<u8>>,
-    ruleset: &Ruleset,
-    written: &mut Option<Ruleset>,
-    metrics: &Metrics,
-    outcome: &mut ServingOutcome,
-) -> Option<Vec<u8>> {
-    let fingerprint = ruleset.fingerprint();
-    if table.as_ref() == Some(&fingerprint) {
-        return table;
+/// What writing the table updates besides the kernel.
+struct TableWriter<'a> {
+    /// The ruleset the kernel holds, when written here.
+    written: &'a mut Option<Ruleset>,
+    /// The last write failed (said once, not at every sync).
+    failing: &'a mut bool,
+    metrics: &'a Metrics,
+}
+
+impl TableWriter<'_> {
+    /// Replaces the table with `ruleset` unless its fingerprint says it holds
+    /// it already; the table's fingerprint after. A failure is logged and
+    /// counted: the Services are served without the table meanwhile.
+    fn write(self, nftables: &mut NfTables, table: Option<Vec<u8>>, ruleset: &Ruleset, outcome: &mut ServingOutcome) -> Option<Vec<u8>> {
+        let fingerprint = ruleset.fingerprint();
+        if table.as_ref() == Some(&fingerprint) {
+            return table;
+        }
+        outcome.writes += 1;
+        if let Err(error) = nftables.replace(ruleset) {
+            if !std::mem::replace(self.failing, true) {
+                tracing::warn!(%error, "replacing the nftables table failed: NodePort, external and hairpin traffic is not masqueraded (tried again at each sync)");
+            }
+            outcome.errors += 1;
+            Metrics::count(&self.metrics.netlink_errors, "nftables", 1);
+            *self.written = None;
+            return table;
+        }
+        *self.failing = false;
+        tracing::info!(
+            table = super::nftables::TABLE,
+            services = ruleset.services.len(),
+            masquerade = ruleset.masquerade.len(),
+            endpoints = ruleset.endpoints.len(),
+            "nftables table of Services served here"
+        );
+        Metrics::count(&self.metrics.netlink_writes, "nftables", 1);
+        *self.written = Some(ruleset.clone());
+        Some(fingerprint)
     }
-    outcome.writes += 1;
-    if let Err(error) = nftables.replace(ruleset) {
-        tracing::warn!(%error, "replacing the nftables table failed: NodePort, external and hairpin traffic is not masqueraded");
-        outcome.errors += 1;
-        Metrics::count(&metrics.netlink_errors, "nftables", 1);
-        *written = None;
-        return table;
-    }
-    tracing::info!(
-        table = super::nftables::TABLE,
-        services = ruleset.services.len(),
-        masquerade = ruleset.masquerade.len(),
-        endpoints = ruleset.endpoints.len(),
-        "nftables table of Services served here"
-    );
-    Metrics::count(&metrics.netlink_writes, "nftables", 1);
-    *written = Some(ruleset.clone());
-    Some(fingerprint)
 }
