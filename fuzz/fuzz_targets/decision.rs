@@ -133,7 +133,7 @@ fuzz_target!(|input: Input| {
         "fuzz",
         ipvs_operator::crd::WeightedServiceSpec { scheduler: Some(scheduler.into()), ..Default::default() },
     );
-    let policy = ipvs_operator::crd::PolicyStatus { name: "fuzz".into(), sha256: "0".repeat(64) };
+    let policy = ipvs_operator::crd::PolicyStatus { name: "fuzz".into(), version: None, sha256: "0".repeat(64) };
     let outcome = PolicyOutcome::Evaluated { policy, snapshot: &snapshot, evaluation: &evaluation };
     let applied = ServiceOutcome::Applied { name: "fuzz".into(), cluster_ip: Some("10.96.0.1".into()) };
     let status = status::compute(&ws, &applied, &outcome, Timestamp::UNIX_EPOCH);

@@ -435,7 +435,7 @@ async fn lead(
                 // Once, not once per WeightedService using it (1,000 of them
                 // made 1,000 Events): on the first by namespace and name; the
                 // status of each says it too (PolicyReady).
-                let mut users: Vec<_> = ws_for_policies.state().into_iter().filter(|ws| ws.policy_name() == name).collect();
+                let mut users: Vec<_> = ws_for_policies.state().into_iter().filter(|ws| ws.policy_key() == *name).collect();
                 users.sort_by_key(|ws| (ws.namespace(), ws.name_any()));
                 if let Some(reference) = users.first().map(|ws| ws.object_ref(&())) {
                     policy_events.send(Notice {
@@ -598,7 +598,7 @@ async fn reconcile_once(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<A
     let evaluated = match &snapshot {
         Some(snapshot) => {
             let catalog = ctx.catalog.clone();
-            let (policy_name, pin) = (ws.policy_name().to_string(), ws.policy_sha256().map(str::to_string));
+            let (policy_name, pin) = (ws.policy_key(), ws.policy_sha256().map(str::to_string));
             let input = snapshot.clone();
             let started = Instant::now();
             let outcome =
@@ -608,7 +608,8 @@ async fn reconcile_once(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<A
                     let evaluation = policy.evaluate(&input)?;
                     Ok((
                         PolicyStatus {
-                            name: policy.name().into(),
+                            name: crate::policy::split_key(policy.name()).0.into(),
+                            version: crate::policy::split_key(policy.name()).1.map(Into::into),
                             sha256: policy.sha256().into(),
                         },
                         evaluation,
@@ -616,14 +617,22 @@ async fn reconcile_once(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<A
                 })
                 .await
                 .map_err(|e| ControllerError::Task(e.to_string()))?;
-            let result_kind = match &outcome {
-                Ok(_) => "ok",
-                Err(e) => e.kind(),
-            };
-            ctx.metrics.evaluated(ws.policy_name(), result_kind, started.elapsed());
+            ctx.metrics.attempted(&ws.policy_key(), outcome.as_ref().map(drop), started.elapsed());
             Some(outcome)
         }
-        None => None,
+        // Nothing to evaluate yet (no Service, or its endpoints incomplete):
+        // the config is checked all the same, so that a bad one is reported
+        // when it is written, not when the Service comes.
+        None => {
+            let catalog = ctx.catalog.clone();
+            let (key, pin, config) = (ws.policy_key(), ws.policy_sha256().map(str::to_string), ws.policy_config());
+            let refusal = tokio::task::spawn_blocking(move || {
+                catalog.ready(&key, pin.as_deref()).ok().and_then(|policy| policy.validate_config(&config).err())
+            })
+            .await
+            .map_err(|e| ControllerError::Task(e.to_string()))?;
+            refusal.filter(|e| matches!(e, PolicyError::ConfigInvalid { .. })).map(Err)
+        }
     };
 
     let policy_outcome = match (&evaluated, &snapshot) {

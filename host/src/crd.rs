@@ -111,9 +111,17 @@ pub struct WeightGroup {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRef {
-    /// A built-in policy or a module in the policy directory (`NAME.wasm`).
+    /// A built-in policy or a module in the policy directory (`NAME.wasm`):
+    /// lowercase letters, digits and `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub name: Option<String>,
+    /// A version of the policy: the module `NAME.VERSION.wasm` in the policy
+    /// directory, beside `NAME.wasm` (what is used when this is absent). A
+    /// version that is not there is `PolicyNotFound`, never another version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"), length(max = 63))]
+    pub version: Option<String>,
     /// Free JSON handed to the policy. `"allowAllZero": true` lets it give every
     /// ready endpoint weight 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +163,9 @@ pub struct WeightedServiceStatus {
 pub struct PolicyStatus {
     /// Its name.
     pub name: String,
+    /// Its version (`spec.policy.version`), when one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// The SHA-256 of its module (hex).
     pub sha256: String,
 }
@@ -315,6 +326,17 @@ impl WeightedService {
             .as_ref()
             .and_then(|p| p.config.as_ref())
             .map_or_else(|| "{}".to_string(), |c| c.to_string())
+    }
+
+    /// `spec.policy.version`, if given.
+    pub fn policy_version(&self) -> Option<&str> {
+        self.spec.policy.as_ref().and_then(|p| p.version.as_deref()).filter(|v| !v.is_empty())
+    }
+
+    /// What the policy catalog knows this policy by: `NAME`, or
+    /// `NAME.VERSION` (the module file's name without `.wasm`).
+    pub fn policy_key(&self) -> String {
+        crate::policy::module_key(self.policy_name(), self.policy_version())
     }
 
     /// The sha256 pin, if any.

@@ -93,6 +93,70 @@ enum PolicyCommand {
     /// Prints one line per failing case, then `N passed, M failed`; exits 1
     /// when a case failed. See docs/policies.md.
     Test(PolicyTestArgs),
+    /// List the policies: the built-in ones and the modules of --policy-dir
+    /// (NAME.wasm, and NAME.VERSION.wasm beside it), each with its version,
+    /// the interface it was built against, its sha256 and its description —
+    /// or why it was refused.
+    List(PolicyListArgs),
+    /// Show what a policy says about itself: name, version, description and
+    /// the JSON Schema of its config (modules built against interface 0.2 or
+    /// later; 0.1 modules have none).
+    Describe(PolicyDescribeArgs),
+    /// Ask a policy whether it accepts a config, as the controller and agents
+    /// do before they evaluate: prints `ok`, or each error with its JSON path
+    /// (exit status 1).
+    Validate(PolicyValidateArgs),
+}
+
+/// Which policy a `policy` subcommand looks at.
+#[derive(Args)]
+struct PolicyChoice {
+    /// A policy module file (a component built for wasm32-wasip2).
+    #[arg(long, value_name = "FILE.wasm", conflicts_with_all = ["policy", "version"])]
+    policy_file: Option<PathBuf>,
+    /// A built-in policy, or a module of --policy-dir.
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
+    /// With --policy: its version (the module NAME.VERSION.wasm of --policy-dir).
+    #[arg(long, value_name = "VERSION", requires = "policy")]
+    version: Option<String>,
+}
+
+impl PolicyChoice {
+    fn load(&self, limits: &LimitArgs) -> Result<ipvs_operator::policy::LoadedPolicy> {
+        Ok(match (&self.policy_file, &self.policy) {
+            (Some(path), _) => load_policy_file(limits, path)?,
+            (None, Some(name)) => {
+                limits.catalog()?.get(&ipvs_operator::policy::module_key(name, self.version.as_deref()))?
+            }
+            (None, None) => anyhow::bail!("give --policy-file or --policy"),
+        })
+    }
+}
+
+#[derive(Args)]
+struct PolicyListArgs {
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Args)]
+struct PolicyDescribeArgs {
+    #[command(flatten)]
+    choice: PolicyChoice,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+#[derive(Args)]
+struct PolicyValidateArgs {
+    #[command(flatten)]
+    choice: PolicyChoice,
+    /// The config, as `spec.policy.config` would hold it (JSON).
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    config: String,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 #[derive(Args)]
@@ -416,6 +480,9 @@ fn main() -> ExitCode {
         Command::NodeSetup(args) => node_setup(args),
         Command::Ipvs(command) => cli_ipvs::run(command),
         Command::Policy(PolicyCommand::Test(args)) => policy_test(args),
+        Command::Policy(PolicyCommand::List(args)) => policy_list(args),
+        Command::Policy(PolicyCommand::Describe(args)) => policy_describe(args),
+        Command::Policy(PolicyCommand::Validate(args)) => policy_validate(args),
         Command::CompilePolicy(args) => return compile_policy(args),
     };
     match result {
@@ -658,6 +725,76 @@ fn load_policy_file(limits: &LimitArgs, path: &std::path::Path) -> Result<ipvs_o
     Ok(engine.load(&name, &bytes)?)
 }
 
+/// `policy list`: one line per policy.
+fn policy_list(args: PolicyListArgs) -> Result<()> {
+    let catalog = args.limits.catalog()?;
+    println!("{:<20} {:<10} {:<10} {:<12} {:<16} DESCRIPTION", "NAME", "VERSION", "INTERFACE", "SHA256", "SOURCE");
+    for key in catalog.names() {
+        let (name, file_version) = ipvs_operator::policy::split_key(&key);
+        let source = catalog.origin(&key).unwrap_or_default();
+        match catalog.get(&key) {
+            Ok(policy) => {
+                let described = policy.description();
+                let version = file_version.or(described.map(|d| d.version.as_str())).unwrap_or("-");
+                let text = described.map_or("(interface 0.1: no description)", |d| d.description.as_str());
+                println!(
+                    "{name:<20} {version:<10} {:<10} {:<12} {source:<16} {text}",
+                    policy.interface().to_string(),
+                    &policy.sha256()[..12]
+                );
+            }
+            Err(error) => {
+                println!("{name:<20} {:<10} {:<10} {:<12} {source:<16} REFUSED: {error}", file_version.unwrap_or("-"), "-", "-")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `policy describe`: everything the policy says about itself.
+fn policy_describe(args: PolicyDescribeArgs) -> Result<()> {
+    let policy = args.choice.load(&args.limits)?;
+    println!("interface: {}", policy.interface());
+    println!("sha256: {}", policy.sha256());
+    match policy.description() {
+        None => println!("(built against interface {}: it does not describe itself)", policy.interface()),
+        Some(d) => {
+            println!("name: {}", d.name);
+            println!("version: {}", d.version);
+            println!("description: {}", d.description);
+            match d.config_schema.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+                Some(Ok(schema)) => println!("config schema:\n{}", serde_json::to_string_pretty(&schema)?),
+                Some(Err(e)) => println!("config schema: (not JSON: {e})"),
+                None => println!("config schema: (none)"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `policy validate`: the policy's verdict on a config.
+fn policy_validate(args: PolicyValidateArgs) -> Result<()> {
+    let config: serde_json::Value =
+        serde_json::from_str(&args.config).context("--config is not JSON (it is spec.policy.config, e.g. '{\"mode\": \"share\"}')")?;
+    let policy = args.choice.load(&args.limits)?;
+    if policy.description().is_none() {
+        eprintln!("note: policy {} (interface {}) has no validate-config: any config passes here", policy.name(), policy.interface());
+    }
+    match policy.validate_config(&config.to_string()) {
+        Ok(()) => {
+            println!("ok");
+            Ok(())
+        }
+        Err(PolicyError::ConfigInvalid { issues, .. }) => {
+            for issue in &issues {
+                println!("{issue}");
+            }
+            anyhow::bail!("policy {} refuses the config ({} error{})", policy.name(), issues.len(), if issues.len() == 1 { "" } else { "s" })
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// `policy test`: every case of every file; one line per failing case.
 fn policy_test(args: PolicyTestArgs) -> Result<()> {
     use ipvs_operator::policy_test::{read_case_file, run_case};
@@ -706,7 +843,7 @@ fn run_eval(args: EvalArgs) -> Result<()> {
     let policy = match (&args.policy_file, &args.policy) {
         (Some(path), _) => load_policy_file(&args.limits, path)?,
         (None, Some(name)) => args.limits.catalog()?.get(name)?,
-        (None, None) => args.limits.catalog()?.get(ws.policy_name())?,
+        (None, None) => args.limits.catalog()?.get(&ws.policy_key())?,
     };
     if let Some(pin) = ws.policy_sha256()
         && pin != policy.sha256()

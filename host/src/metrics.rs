@@ -72,6 +72,9 @@ pub struct Metrics {
     pub policy_loads: Family<PolicyLabels, Counter>,
     /// Policy modules refused at load, by policy.
     pub policy_load_failures: Family<PolicyLabels, Counter>,
+    /// Configs a policy's `validate-config` refused (and that were not
+    /// evaluated), by policy.
+    pub policy_config_refusals: Family<PolicyLabels, Counter>,
     /// Policy module loads tried again after host trouble, by policy.
     pub policy_load_retries: Family<PolicyLabels, Counter>,
     /// Rescans of the policy directory, and bytes of modules read.
@@ -115,6 +118,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.000_1, 4.0, 10)),
             policy_loads: Family::default(),
             policy_load_failures: Family::default(),
+            policy_config_refusals: Family::default(),
             policy_load_retries: Family::default(),
             policy_dir: CatalogCounters::default(),
             watched_objects: Family::default(),
@@ -135,6 +139,11 @@ impl Metrics {
         registry.register("reconcile_seconds", "Time of one reconcile (controller) or IPVS pass (agent)", metrics.reconcile_seconds.clone());
         registry.register("policy_loads", "Policy modules loaded, by policy", metrics.policy_loads.clone());
         registry.register("policy_load_failures", "Policy modules refused at load, by policy", metrics.policy_load_failures.clone());
+        registry.register(
+            "policy_config_refusals",
+            "Configs a policy's validate-config refused, which it was not evaluated with, by policy",
+            metrics.policy_config_refusals.clone(),
+        );
         registry.register(
             "policy_load_retries",
             "Policy module loads tried again after trouble of the host's (compiler not started, instance pool full), by policy",
@@ -179,6 +188,19 @@ impl Metrics {
             .get_or_create(&EvaluationLabels { policy, result: result.into() })
             .inc();
         self.evaluation_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Count the outcome of an attempt to evaluate: an evaluation, or (for a
+    /// config the policy refused, which it was not evaluated with) a refusal.
+    pub fn attempted(&self, policy: &str, result: Result<(), &crate::policy::PolicyError>, took: Duration) {
+        match result {
+            Ok(()) => self.evaluated(policy, "ok", took),
+            Err(crate::policy::PolicyError::ConfigInvalid { .. }) => {
+                let policy = crate::policy::bounded(policy.to_string());
+                self.policy_config_refusals.get_or_create(&PolicyLabels { policy }).inc();
+            }
+            Err(error) => self.evaluated(policy, error.kind(), took),
+        }
     }
 
     /// Add to a counter of a kind.
@@ -310,6 +332,7 @@ mod tests {
             reconcile_seconds,
             policy_loads,
             policy_load_failures,
+            policy_config_refusals,
             policy_load_retries,
             policy_dir,
             watched_objects,
@@ -329,7 +352,7 @@ mod tests {
         for family in [netlink_writes, netlink_errors, drift_repairs, watch_errors, watch_lists] {
             Metrics::count(family, "weight", 1);
         }
-        for family in [policy_loads, policy_load_failures, policy_load_retries] {
+        for family in [policy_loads, policy_load_failures, policy_config_refusals, policy_load_retries] {
             family.get_or_create(&PolicyLabels { policy: "p".into() }).inc();
         }
         policy_dir.scans.inc();
@@ -353,7 +376,7 @@ mod tests {
                 Some((format!("ipvs_operator_{name}"), rest.split('|').nth(1)?.trim().to_string()))
             })
             .collect();
-        assert_eq!(exposed.len(), 19, "{exposed:?}");
+        assert_eq!(exposed.len(), 20, "{exposed:?}");
         assert_eq!(documented, exposed, "the README's metrics table (left) is not what /metrics exposes (right)");
     }
 

@@ -253,7 +253,7 @@ mod tests {
     }
 
     fn policy() -> PolicyStatus {
-        PolicyStatus { name: "label-selector".into(), sha256: "ab".repeat(32) }
+        PolicyStatus { name: "label-selector".into(), version: None, sha256: "ab".repeat(32) }
     }
 
     fn condition<'a>(status: &'a WeightedServiceStatus, type_: &str) -> Option<&'a Condition> {

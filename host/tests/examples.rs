@@ -183,3 +183,55 @@ fn a_failing_case_is_named_and_counted_and_fails_the_command() {
     let (ok, out) = policy_test(&["--policy", "label-selector", file.to_str().expect("a UTF-8 path")]);
     assert!(!ok && out.contains("give exactly one of expect and expectError"), "{out}");
 }
+
+/// `ipvs-operator policy ARGS…`: whether it succeeded, and what it printed.
+fn policy(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ipvs-operator"))
+        .current_dir(repo(""))
+        .arg("policy")
+        .args(args)
+        .output()
+        .expect("run ipvs-operator");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn policy_describe_validate_and_list_answer_from_the_modules_themselves() {
+    let (ok, out) = policy(&["describe", "--policy", "gradual-rollout"]);
+    assert!(ok, "{out}");
+    for line in ["name: gradual-rollout", "version: 0.1.0", &format!("interface: {}", ipvs_policy_sdk::INTERFACE_VERSION)] {
+        assert!(out.lines().any(|l| l == line), "no line {line:?}: {out}");
+    }
+    assert!(out.contains("config schema:") && out.contains("\"canary\""), "{out}");
+
+    let bad = r#"{"canary": {"track": "canary"}, "steps": [{"share": 10}, {"share": 100}]}"#;
+    let (ok, out) = policy(&["validate", "--policy", "gradual-rollout", "--config", bad]);
+    assert!(!ok, "{out}");
+    assert!(out.starts_with("$.steps[0].hold: missing"), "{out}");
+    let (ok, out) = policy(&["validate", "--policy", "label-selector", "--config", r#"{"mode": "share"}"#]);
+    assert!(ok && out == "ok\n", "{out}");
+
+    // A directory with a policy at two versions, one of them lying about its
+    // version, and a module built against interface 0.1.
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let label_selector = ipvs_operator::policy::embedded_module("label-selector").expect("built in");
+    std::fs::write(dir.path().join("canary.wasm"), label_selector).expect("write");
+    std::fs::write(dir.path().join("canary.0.1.0.wasm"), label_selector).expect("write");
+    std::fs::write(dir.path().join("canary.2.wasm"), label_selector).expect("write");
+    std::fs::copy(repo("host/tests/fixtures/label-selector-interface-0.1.0.wasm"), dir.path().join("old.wasm")).expect("copy");
+    let (ok, out) = policy(&["list", "--policy-dir", dir.path().to_str().expect("a UTF-8 path")]);
+    assert!(ok, "{out}");
+    let row = |name: &str, version: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().take(2).eq([name, version]))
+            .unwrap_or_else(|| panic!("no row {name} {version}: {out}"))
+            .to_string()
+    };
+    assert!(row("canary", "0.1.0").contains(" 0.2.0 "), "{out}");
+    assert!(row("canary", "2").contains("REFUSED") && row("canary", "2").contains("says it is version \"0.1.0\""), "{out}");
+    assert!(row("old", "-").contains(" 0.1.0 ") && row("old", "-").contains("no description"), "{out}");
+    assert!(row("prefer-local", "0.1.0").contains("built-in"), "{out}");
+
+    let (ok, out) = policy(&["describe", "--policy-file", "host/tests/fixtures/label-selector-interface-0.1.0.wasm"]);
+    assert!(ok && out.contains("interface: 0.1.0") && out.contains("does not describe itself"), "{out}");
+}

@@ -141,10 +141,83 @@ fn a_policy_error_is_passed_on() {
 }
 
 #[test]
-fn a_bad_config_is_a_policy_error_naming_the_field() {
+fn a_bad_config_is_refused_by_validate_config_with_its_json_path() {
     let err = misbehaving(&engine()).evaluate(&seed(r#"{"behave": 3}"#)).unwrap_err();
+    let PolicyError::ConfigInvalid { issues, .. } = &err else { panic!("{err}") };
+    assert_eq!(issues[0].path, "$.behave", "{err}");
+    assert_eq!(err.kind(), "config_invalid");
+}
+
+#[test]
+fn a_config_the_module_refuses_is_never_evaluated() {
+    // `evaluate` would take this config (and give weights): the host must not ask it.
+    let policy = misbehaving(&engine());
+    let refused = seed(r#"{"validate": "error"}"#);
+    for _ in 0..2 {
+        let err = policy.evaluate(&refused).unwrap_err();
+        let PolicyError::ConfigInvalid { issues, .. } = &err else { panic!("{err}") };
+        assert_eq!((issues[0].path.as_str(), issues[0].message.as_str()), ("$.validate", "asked to refuse"));
+        assert!(err.to_string().contains("refuses its config: $.validate: asked to refuse"), "{err}");
+    }
+    assert_eq!(policy.evaluate(&behave("ok")).unwrap().weights, vec![1; 6], "another config is evaluated");
+}
+
+#[test]
+fn validate_config_runs_in_the_same_sandbox_as_evaluate() {
+    let engine = PolicyEngine::new(EngineConfig { timeout: Duration::from_millis(50), ..Default::default() }).unwrap();
+    let policy = misbehaving(&engine);
+    let started = Instant::now();
+    let err = policy.validate_config(r#"{"validate": "loop"}"#).unwrap_err();
+    assert!(matches!(err, PolicyError::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1), "stopped only after {:?}", started.elapsed());
+    let err = policy.evaluate(&seed(r#"{"validate": "trap"}"#)).unwrap_err();
+    assert!(matches!(err, PolicyError::Trap { .. }), "{err}");
+}
+
+#[test]
+fn the_builtin_policies_speak_the_current_interface_and_describe_themselves() {
+    let catalog = Catalog::builtin(engine());
+    for name in ["label-selector", "gradual-rollout", "slow-start", "prefer-local"] {
+        let policy = catalog.get(name).unwrap();
+        assert_eq!(policy.interface().to_string(), ipvs_policy_sdk::INTERFACE_VERSION, "{name}");
+        let description = policy.description().unwrap_or_else(|| panic!("{name} has describe"));
+        assert_eq!(description.name, name);
+        assert_eq!(description.version, env!("CARGO_PKG_VERSION"), "{name}: the workspace's version");
+        assert!(!description.description.is_empty(), "{name}");
+        let schema: serde_json::Value = serde_json::from_str(description.config_schema.as_deref().unwrap()).unwrap();
+        assert_eq!(schema["type"], "object", "{name}: {schema}");
+    }
+    // A rule beyond the type, with the path of what breaks it.
+    let rollout = catalog.get("gradual-rollout").unwrap();
+    let err = rollout
+        .validate_config(r#"{"canary": {"env": "canary"}, "steps": [{"share": 10}, {"share": 100}]}"#)
+        .unwrap_err();
+    let PolicyError::ConfigInvalid { issues, .. } = &err else { panic!("{err}") };
+    assert_eq!(issues[0].path, "$.steps[0].hold", "{err}");
+    let err = rollout.validate_config(r#"{"canary": {"env": "canary"}, "steps": [{"share": "ten"}]}"#).unwrap_err();
+    assert!(err.to_string().contains("$.steps[0].share"), "{err}");
+}
+
+/// `label-selector` as built by ipvs-operator 0.1 (interface 0.1.0, before
+/// `metadata` existed), kept byte for byte: modules deployed then must keep working.
+const LABEL_SELECTOR_0_1: &[u8] = include_bytes!("fixtures/label-selector-interface-0.1.0.wasm");
+
+#[test]
+fn a_module_built_against_interface_0_1_evaluates_unchanged() {
+    let engine = engine();
+    let old = engine.load("label-selector", LABEL_SELECTOR_0_1).unwrap();
+    assert_eq!(old.interface().to_string(), "0.1.0");
+    assert!(old.description().is_none(), "0.1 has no describe");
+    assert!(old.validate_config(r#"{"anything": 1}"#).is_ok(), "0.1 has no validate-config: every config goes to evaluate");
+    let current = Catalog::builtin(engine.clone()).get("label-selector").unwrap();
+    for config in ["{}", r#"{"mode": "share"}"#, r#"{"mode": "share", "defaultWeight": 3}"#] {
+        let snapshot = seed(config);
+        assert_eq!(old.evaluate(&snapshot).unwrap(), current.evaluate(&snapshot).unwrap(), "{config}");
+    }
+    assert_eq!(old.evaluate(&seed("{}")).unwrap().weights, vec![10, 10, 10, 1, 1, 1]);
+    // Its own config errors still come from evaluate, as before.
+    let err = old.evaluate(&seed(r#"{"mode": "nope"}"#)).unwrap_err();
     assert!(matches!(err, PolicyError::Failed { .. }), "{err}");
-    assert!(err.to_string().contains("behave"), "{err}");
 }
 
 #[test]
@@ -174,12 +247,12 @@ fn another_interface_version_is_refused_at_load() {
         (core instance $i (instantiate $m))
         (func $f (result u32) (canon lift (core func $i "f")))
         (instance $evaluator (export "evaluate" (func $f)))
-        (export "ipvs-operator:policy/evaluator@0.2.0" (instance $evaluator))
+        (export "ipvs-operator:policy/evaluator@0.3.0" (instance $evaluator))
     )"#;
     let err = engine().load("future", wat.as_bytes()).err().unwrap();
     assert!(matches!(err, PolicyError::Interface { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("@0.1.0") && text.contains("@0.2.0"), "{text}");
+    assert!(text.contains("@0.2.x or @0.1.x") && text.contains("@0.3.0"), "{text}");
 }
 
 #[test]

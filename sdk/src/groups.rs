@@ -16,7 +16,7 @@ use crate::Input;
 
 /// How the weights of `spec.weights` are read (`"mode"` in the label-selector
 /// policy's config, and in those built on it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Each endpoint gets its group's weight (the original semantics).

@@ -16,7 +16,7 @@
 //! ```
 //!
 //! Build it with `cargo build --target wasm32-wasip2 --release`; the `.wasm` file
-//! is a component that exports `ipvs-operator:policy/evaluator` and imports
+//! is a component that exports `ipvs-operator:policy/evaluator` (and `metadata`) and imports
 //! nothing. On wasm the SDK supplies the allocator and the panic handler (a panic
 //! is a trap, which the host reports), which is why policies are `no_std` there:
 //! the standard library would import WASI, and the host grants no imports.
@@ -30,11 +30,11 @@ extern crate alloc;
 #[cfg(not(target_family = "wasm"))]
 extern crate std;
 
-/// The types and exports generated from `wit/policy.wit`.
+/// The types and exports generated from `wit/policy/policy.wit`.
 #[allow(missing_docs)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "wit",
+        path: "wit/policy",
         world: "policy",
         pub_export_macro: true,
         export_macro_name: "__export_policy_bindings",
@@ -45,6 +45,7 @@ pub mod bindings {
 
 pub mod config;
 pub mod groups;
+pub mod metadata;
 pub mod selector;
 pub mod share;
 #[cfg(not(target_family = "wasm"))]
@@ -59,8 +60,9 @@ pub use bindings::exports::ipvs_operator::policy::evaluator::{
     Conditions, Decision, Endpoint, Input, Label, Location, Node, Service, Timestamp, WeightGroup,
 };
 
-/// The version of the policy interface this SDK implements (the WIT package version).
-pub const INTERFACE_VERSION: &str = "0.1.0";
+/// The version of the policy interface this SDK implements: the package
+/// version of `wit/policy/policy.wit`, read by the build script.
+pub const INTERFACE_VERSION: &str = env!("IPVS_POLICY_INTERFACE_VERSION");
 
 /// The largest weight a policy may return. The kernel takes a u32, but kube-proxy
 /// reads IPVS weights as 16 bits, so anything larger would look wrong to it.
@@ -128,20 +130,73 @@ impl Input {
     }
 }
 
-/// Export a [`Policy`] implementation as the component's `evaluator`.
+/// Export a [`Policy`] implementation as the component's `evaluator`, with
+/// the `metadata` the host asks before it evaluates:
+///
+/// - `export_policy!(P)`: `describe` gives the crate's name, version and
+///   description and no schema; `validate-config` accepts any JSON.
+/// - `export_policy!(P, config = C)`, where `C` is a [`PolicyConfig`]
+///   (`#[derive(Deserialize, JsonSchema)]`): `describe` gives `C`'s JSON
+///   Schema; `validate-config` parses the config as `C` and runs
+///   [`PolicyConfig::check`], and names the JSON path of what is wrong.
+/// - `version = "2"` after either: the version `describe` gives instead of
+///   the crate's (it must equal VERSION where the module is deployed as
+///   `NAME.VERSION.wasm`).
 ///
 /// Expands to nothing outside wasm, so the same crate builds natively for tests.
+///
+/// [`PolicyConfig`]: crate::metadata::PolicyConfig
+/// [`PolicyConfig::check`]: crate::metadata::PolicyConfig::check
 #[macro_export]
 macro_rules! export_policy {
-    ($policy:ty) => {
+    ($policy:ty $(, config = $config:ty)? $(, version = $version:expr)? $(,)?) => {
+        $crate::__export_policy!(
+            $policy,
+            $crate::__first_type!($($config,)? $crate::metadata::AnyConfig),
+            $crate::__first_expr!($($version,)? ::core::env!("CARGO_PKG_VERSION"))
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __first_type {
+    ($first:ty $(, $rest:ty)*) => { $first };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __first_expr {
+    ($first:expr $(, $rest:expr)*) => { $first };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_policy {
+    ($policy:ty, $config:ty, $version:expr) => {
         #[cfg(target_family = "wasm")]
         const _: () = {
+            use $crate::bindings::exports::ipvs_operator::policy::metadata as __metadata;
             struct __PolicyExport;
             impl $crate::bindings::exports::ipvs_operator::policy::evaluator::Guest for __PolicyExport {
                 fn evaluate(
                     input: $crate::Input,
                 ) -> ::core::result::Result<$crate::Decision, $crate::__alloc::string::String> {
                     <$policy as $crate::Policy>::evaluate(&input)
+                }
+            }
+            impl __metadata::Guest for __PolicyExport {
+                fn describe() -> __metadata::Description {
+                    $crate::metadata::describe::<$config>(
+                        ::core::env!("CARGO_PKG_NAME"),
+                        $version,
+                        ::core::env!("CARGO_PKG_DESCRIPTION"),
+                    )
+                }
+                fn validate_config(
+                    config: $crate::__alloc::string::String,
+                ) -> ::core::result::Result<(), $crate::__alloc::vec::Vec<__metadata::ConfigError>> {
+                    $crate::metadata::validate::<$config>(&config)
                 }
             }
             $crate::bindings::__export_policy_bindings!(__PolicyExport with_types_in $crate::bindings);
@@ -153,6 +208,7 @@ macro_rules! export_policy {
 pub mod prelude {
     pub use crate::config::{self, ConfigError};
     pub use crate::groups;
+    pub use crate::metadata::PolicyConfig;
     pub use crate::selector::{self, LabelSelector};
     pub use crate::share::{self, Demand, Percent, Split};
     pub use crate::time::{self, Duration};
@@ -168,4 +224,7 @@ pub mod prelude {
     pub use alloc::vec;
     pub use alloc::vec::Vec;
     pub use serde::Deserialize;
+    // `#[derive(JsonSchema)]` refers to `schemars::…`: this brings the SDK's
+    // into scope, so a policy needs no dependency of its own.
+    pub use schemars::{self, JsonSchema};
 }

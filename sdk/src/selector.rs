@@ -160,6 +160,23 @@ struct Expression {
     values: Vec<String>,
 }
 
+impl schemars::JsonSchema for LabelSelector {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> alloc::borrow::Cow<'static, str> {
+        "LabelSelector".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "description": "Pod labels: a map of label to value, or a Kubernetes label selector (matchLabels, matchExpressions)."
+        })
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for LabelSelector {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;

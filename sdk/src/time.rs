@@ -87,6 +87,24 @@ impl fmt::Display for Duration {
     }
 }
 
+impl schemars::JsonSchema for Duration {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> alloc::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^([0-9]+(ms|s|m|h))+$",
+            "description": "A duration: a number and a unit (ms, s, m, h), repeated, e.g. \"30s\", \"1h30m\"."
+        })
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Duration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = <String as serde::Deserialize>::deserialize(d)?;
@@ -176,6 +194,24 @@ impl fmt::Display for Timestamp {
             write!(f, ".{:03}", self.nanos / 1_000_000)?;
         }
         write!(f, "Z")
+    }
+}
+
+impl schemars::JsonSchema for Timestamp {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> alloc::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "format": "date-time",
+            "description": "A point in time, RFC 3339, e.g. \"2026-11-26T10:00:00Z\"."
+        })
     }
 }
 

@@ -1041,3 +1041,82 @@ spec:
         "no progress across the restart: {before_restart} then {after_restart}"
     );
 }
+
+// ---- versions side by side, and configs refused before evaluation (issue 21) ----
+
+/// `web_ws` at `spec.policy.version` `version`.
+fn web_ws_at(name: &str, policy: &str, version: &str, config: &str) -> String {
+    web_ws(name, policy, config).replace(
+        &format!("policy: {{name: {policy}, config"),
+        &format!("policy: {{name: {policy}, version: \"{version}\", config"),
+    )
+}
+
+#[test]
+fn two_versions_of_a_policy_serve_side_by_side_and_a_refused_config_is_never_evaluated() {
+    // `canary` is label-selector (prod 10, canary 1); `canary` at 0.1.0 is
+    // prefer-local (local prod 100, remote canary 1). Both describe themselves
+    // as 0.1.0, the workspace's version, as `canary.0.1.0.wasm` must.
+    let (v1, v2) = (module("label-selector"), module("prefer-local"));
+    let mut dir = ConfigMapDir::new(&[("canary.wasm", v1), ("canary.0.1.0.wasm", v2)]).expect("a policy directory");
+    let mut bed = Testbed::new(TestbedConfig { policy_dir: Some(dir.path().to_path_buf()), ..config("wrr") });
+    let pods = [
+        pod_manifest("web-prod-1", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.31"),
+        pod_manifest("web-prod-2", &[("app", "web"), ("env", "prod")], "node-1", "10.244.9.32"),
+        pod_manifest("web-canary-1", &[("app", "web"), ("env", "canary")], "node-2", "10.244.9.33"),
+    ];
+    bed.load(&pods.concat());
+    bed.load(&(web_ws("old", "canary", "{}") + &web_ws_at("new", "canary", "0.1.0", "{}")));
+    bed.start_all();
+    let (old, new) = (vip(&bed, "old"), vip(&bed, "new"));
+    let split = |prod: u32| move |w: &BTreeMap<String, u32>| w.len() == 3 && w.iter().all(|(pod, w)| *w == if pod.contains("canary") { 1 } else { prod });
+    wait_for_weights(&bed, old, "the unversioned module's weights", split(10));
+    let new_weights = wait_for_weights(&bed, new, "version 0.1.0's weights, at the same time", split(100));
+    let status = wait_for_status(&bed, "new", "the version in the status", |s| s["policy"]["version"] == "0.1.0");
+    assert_eq!(status["policy"]["name"], "canary", "{status}");
+    assert_eq!(weights_by_pod(&bed, old).values().max(), Some(&10), "the other WeightedService keeps its version");
+
+    // Moving one WeightedService over: its weights follow, the other's stay.
+    patch_ws(&bed, "old", json!({"spec": {"policy": {"version": "0.1.0"}}}));
+    let moved = wait_for_weights(&bed, old, "old on version 0.1.0", split(100));
+
+    // A version that is not there: PolicyNotFound, never another version; the last good weights stay.
+    patch_ws(&bed, "old", json!({"spec": {"policy": {"version": "9"}}}));
+    let status = wait_for_status(&bed, "old", "PolicyNotFound", |s| {
+        condition(s, "PolicyReady").is_some_and(|c| c["reason"] == "PolicyNotFound")
+    });
+    assert!(message(&status).contains("canary.9"), "{status}");
+    assert_weights_hold(&bed, old, &moved, Duration::from_secs(2));
+
+    // A file whose module describes another version than its name's: refused.
+    dir.update(&[("canary.wasm", v1), ("canary.0.1.0.wasm", v2), ("canary.2.wasm", v1)]).expect("updating the policy directory");
+    patch_ws(&bed, "old", json!({"spec": {"policy": {"version": "2"}}}));
+    let status = wait_for_status(&bed, "old", "the version mismatch refused", |s| {
+        condition(s, "PolicyReady").is_some_and(|c| c["reason"] == "PolicyModuleRefused")
+    });
+    assert!(message(&status).contains("says it is version \"0.1.0\""), "{status}");
+    assert_weights_hold(&bed, old, &moved, Duration::from_secs(2));
+
+    // A config the policy refuses: the controller reports it with its JSON
+    // path, and no agent evaluates with it (its evaluation counter stays 0).
+    patch_ws(&bed, "new", json!({"spec": {"policy": {"name": "gradual-rollout", "version": null,
+        "config": {"canary": {"env": "canary"}, "steps": [{"share": 10}, {"share": 100}]}}}}));
+    let status = wait_for_status(&bed, "new", "PolicyConfigInvalid", |s| {
+        condition(s, "PolicyReady").is_some_and(|c| c["reason"] == "PolicyConfigInvalid")
+    });
+    let why = condition(&status, "PolicyReady").and_then(|c| c["message"].as_str()).unwrap_or("").to_string();
+    assert!(why.contains("$.steps[0].hold"), "{why}");
+    eprintln!("refused config: {why}");
+    wait_until(TIMEOUT, "the agent's refusal counted", || {
+        (bed.agent_metric("ipvs_operator_policy_config_refusals_total", "policy=\"gradual-rollout\"")? >= 1.0).then_some(())
+    });
+    let evaluations = bed.agent_metric("ipvs_operator_policy_evaluations_total", "policy=\"gradual-rollout\"").unwrap_or(0.0);
+    assert_eq!(evaluations, 0.0, "the agent evaluated a config the policy refuses");
+    assert_weights_hold(&bed, new, &new_weights, Duration::from_secs(2));
+
+    // Fixed: evaluated (a 10 % canary: one canary endpoint against two prod).
+    patch_ws(&bed, "new", json!({"spec": {"policy": {"config": {"canary": {"env": "canary"}, "steps": [{"share": 10, "hold": "1h"}, {"share": 100}]}}}}));
+    wait_for_status(&bed, "new", "the fixed config evaluated", |s| {
+        condition(s, "PolicyReady").is_some_and(|c| c["status"] == "True")
+    });
+}

@@ -13,7 +13,7 @@
 
 use ipvs_policy_sdk::prelude::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
     /// The pod label holding the weight.
@@ -72,7 +72,9 @@ impl Policy for PodLabelWeight {
     }
 }
 
-export_policy!(PodLabelWeight);
+impl PolicyConfig for Config {}
+
+export_policy!(PodLabelWeight, config = Config);
 
 /// Unit tests run natively (`cargo test`), with the SDK's harness, which also
 /// applies the host's checks to every decision.

@@ -315,7 +315,7 @@ impl Evaluator {
 
         // Never waits for a compile: a policy being compiled is `Loading`, and
         // the catalog's `Loaded` event brings this WeightedService back.
-        let policy = self.catalog.ready(ws.policy_name(), ws.policy_sha256());
+        let policy = self.catalog.ready(&ws.policy_key(), ws.policy_sha256());
         let input_hash = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -338,7 +338,7 @@ impl Evaluator {
             let took = started.elapsed();
             match outcome {
                 Ok((policy, evaluation)) => {
-                    self.metrics.evaluated(policy.name(), "ok", took);
+                    self.metrics.attempted(policy.name(), Ok(()), took);
                     state.weights =
                         Some(snapshot.endpoints.iter().zip(&evaluation.weights).map(|(e, w)| (e.address, *w)).collect());
                     state.due = evaluation.requeue_after.map(|d| instant + d);
@@ -351,10 +351,10 @@ impl Evaluator {
                 Err(PolicyError::Loading { .. }) => {
                     // Not the policy's failure: the weights in the kernel stay
                     // until it is compiled, and its Loaded event comes.
-                    tracing::debug!(weighted_service = %key, policy = ws.policy_name(), "policy being compiled");
+                    tracing::debug!(weighted_service = %key, policy = ws.policy_key(), "policy being compiled");
                 }
                 Err(error) => {
-                    self.metrics.evaluated(ws.policy_name(), error.kind(), took);
+                    self.metrics.attempted(&ws.policy_key(), Err(&error), took);
                     state.due = Some(instant + FAILED_RETRY);
                     let text = error.to_string();
                     if state.error.as_deref() != Some(text.as_str()) {

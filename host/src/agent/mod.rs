@@ -321,6 +321,7 @@ pub fn reason_for(error: &PolicyError) -> &'static str {
         PolicyError::NotFound { .. } => "PolicyNotFound",
         PolicyError::PinMismatch { .. } => "PolicyPinMismatch",
         PolicyError::InvalidDecision { .. } => "PolicyDecisionInvalid",
+        PolicyError::ConfigInvalid { .. } => "PolicyConfigInvalid",
         PolicyError::TooLarge { .. }
         | PolicyError::Compile { .. }
         | PolicyError::CompileTimeout { .. }
@@ -328,6 +329,7 @@ pub fn reason_for(error: &PolicyError) -> &'static str {
         | PolicyError::Limits { .. }
         | PolicyError::Imports { .. }
         | PolicyError::Interface { .. }
+        | PolicyError::VersionMismatch { .. }
         | PolicyError::Refused { .. } => "PolicyModuleRefused",
         PolicyError::Host { .. } | PolicyError::Loading { .. } => "PolicyUnavailable",
         _ => "PolicyFailed",

@@ -2,6 +2,11 @@
 //! `NAME.wasm` modules in a policy directory (a mounted ConfigMap), reloaded
 //! when the directory changes.
 //!
+//! Versions live side by side: `NAME.VERSION.wasm` is the policy `NAME` at
+//! `VERSION` (`spec.policy.version`), known to the catalog as `NAME.VERSION`
+//! ([`module_key`]); policy names have no dots, so the first one splits the
+//! two. A module that describes itself must say the version of its file.
+//!
 //! Compiles happen off the callers' threads: [`Catalog::ready`] answers at
 //! once ([`PolicyError::Loading`] while a module is compiled by the catalog's
 //! loader thread, see [`Catalog::start`]), so an agent's work loop never waits
@@ -49,6 +54,24 @@ pub fn embedded_module(name: &str) -> Option<&'static [u8]> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, bytes)| *bytes)
+}
+
+/// The catalog's key of policy `name` at `version`: `NAME` or `NAME.VERSION`,
+/// the module file's name without `.wasm`.
+pub fn module_key(name: &str, version: Option<&str>) -> String {
+    match version {
+        Some(version) => format!("{name}.{version}"),
+        None => name.to_string(),
+    }
+}
+
+/// A catalog key (or a module file's name without `.wasm`) split into the
+/// policy's name and its version, if it has one.
+pub fn split_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once('.') {
+        Some((name, version)) => (name, Some(version)),
+        None => (key, None),
+    }
 }
 
 /// How long the directory must be quiet before it is read again: a ConfigMap
@@ -310,6 +333,14 @@ impl Catalog {
             .collect()
     }
 
+    /// Where the module of `key` comes from: `built-in`, or its file's path.
+    pub fn origin(&self, key: &str) -> Option<String> {
+        self.entries().get(key).and_then(Entry::source).map(|source| match source {
+            Source::Builtin(_) => "built-in".to_string(),
+            Source::File(path) => path.display().to_string(),
+        })
+    }
+
     /// Why the module of `name` was last refused (the cause, not wrapped in
     /// [`PolicyError::Refused`]), while it has not loaded since.
     pub fn refusal(&self, name: &str) -> Option<PolicyError> {
@@ -462,6 +493,14 @@ impl Catalog {
     fn compile(&self, name: &str, bytes: &[u8], sample: bool) -> Result<LoadedPolicy, PolicyError> {
         self.compiles.fetch_add(1, Ordering::Relaxed);
         let policy = self.engine.load(name, bytes)?;
+        if let (Some(file_version), Some(described)) = (split_key(name).1, policy.description())
+            && described.version != file_version
+        {
+            return Err(PolicyError::VersionMismatch {
+                policy: name.into(),
+                described: described.version.clone(),
+            });
+        }
         if sample {
             check_sample(&policy)?;
         }
@@ -860,7 +899,7 @@ fn module_files(dir: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
 }
 
 /// A new module must get through a sample evaluation: it may refuse the sample
-/// (its config is not the real one), but not trap, run out of time or memory,
+/// (its config is not the real one), in `evaluate` or `validate-config`, but not trap, run out of time or memory,
 /// or return an invalid decision.
 fn check_sample(policy: &LoadedPolicy) -> Result<(), PolicyError> {
     let endpoint = |i: u8, env: &str| Endpoint {
@@ -897,7 +936,7 @@ fn check_sample(policy: &LoadedPolicy) -> Result<(), PolicyError> {
     loop {
         attempts += 1;
         match policy.evaluate(&sample) {
-            Ok(_) | Err(PolicyError::Failed { .. }) => return Ok(()),
+            Ok(_) | Err(PolicyError::Failed { .. } | PolicyError::ConfigInvalid { .. }) => return Ok(()),
             Err(PolicyError::Timeout { .. }) if attempts < SAMPLE_ATTEMPTS => {}
             Err(error) => return Err(error),
         }

@@ -7,31 +7,21 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::fmt::Write as _;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ipvs_policy_sdk::validate;
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 
 use super::PolicyError;
-use crate::snapshot::{Labels, Snapshot};
+use super::interface::{self, ConfigIssue, Description, Exports, ExportsMismatch, InterfaceVersion};
+use crate::snapshot::Snapshot;
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        path: "../sdk/wit",
-        world: "policy",
-        // The input is lowered straight from borrowed strings: no copies on the host.
-        ownership: Borrowing { duplicate_if_necessary: false },
-    });
-}
-
-use bindings::exports::ipvs_operator::policy::evaluator as wit;
-
-/// The export every policy must have: the evaluator interface, at the version this host speaks.
-pub const INTERFACE_EXPORT: &str = "ipvs-operator:policy/evaluator@0.1.0";
+/// Configs whose verdict a loaded policy remembers (a module has a few, one
+/// per WeightedService that uses it); past this many, it forgets them all.
+const VALIDATED_CONFIGS: usize = 256;
 
 /// How often the deadline clock ticks while an evaluation runs.
 const TICK: Duration = Duration::from_millis(5);
@@ -153,7 +143,12 @@ pub struct PolicyEngine {
 pub struct LoadedPolicy {
     name: String,
     sha256: String,
-    pre: bindings::PolicyPre<StoreState>,
+    pre: InstancePre<StoreState>,
+    exports: Exports,
+    interface: InterfaceVersion,
+    description: Option<Description>,
+    /// `validate-config`'s verdict on each config seen, shared by the clones.
+    validated: Arc<Mutex<HashMap<String, Result<(), PolicyError>>>>,
     engine: PolicyEngine,
 }
 
@@ -162,6 +157,7 @@ impl std::fmt::Debug for LoadedPolicy {
         f.debug_struct("LoadedPolicy")
             .field("name", &self.name)
             .field("sha256", &self.sha256)
+            .field("interface", &self.interface)
             .finish()
     }
 }
@@ -447,8 +443,9 @@ impl PolicyEngine {
     }
 
     /// Compile and check a component: no larger than the module size limit,
-    /// within the sandbox's limits, importing nothing, exporting
-    /// [`INTERFACE_EXPORT`] with the expected types, and instantiable.
+    /// within the sandbox's limits, importing nothing, exporting the evaluator
+    /// of a version this host serves ([`interface::served`]) with its types,
+    /// and instantiable; a module with `describe` is described.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<LoadedPolicy, PolicyError> {
         if bytes.len() > self.config.max_module_bytes {
             return Err(PolicyError::TooLarge {
@@ -479,42 +476,66 @@ impl PolicyEngine {
         let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
         let interface_error = |detail: Option<String>| PolicyError::Interface {
             policy: name.into(),
-            expected: INTERFACE_EXPORT.into(),
+            expected: interface::expected_exports(),
             found: bounded(match detail {
                 None if exports.is_empty() => "nothing".into(),
                 None => exports.join(", "),
                 Some(d) => format!("{} — {d}", exports.join(", ")),
             }),
         };
-        if !exports.iter().any(|e| e == INTERFACE_EXPORT) {
-            return Err(interface_error(None));
-        }
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .and_then(bindings::PolicyPre::new)
             .map_err(|e| interface_error(Some(format!("{e:#}"))))?;
-        let policy = LoadedPolicy {
+        let (exports_found, version) = Exports::find(&pre, &exports).map_err(|e| match e {
+            ExportsMismatch::NoEvaluator => interface_error(None),
+            ExportsMismatch::Types(detail) => interface_error(Some(detail)),
+        })?;
+        let mut policy = LoadedPolicy {
             name: name.into(),
             sha256,
             pre,
+            exports: exports_found,
+            interface: version,
+            description: None,
+            validated: Arc::default(),
             engine: self.clone(),
         };
-        // The function's type is checked when an instance is made: do it now, so a
-        // module with the right export name but the wrong signature fails at load.
-        // So does one that traps or runs out of memory while it is set up.
+        // The functions' types are checked when an instance is made: do it now,
+        // so a module with the right export names but the wrong signatures fails
+        // at load. So does one that traps or runs out of memory while it is set
+        // up, or in `describe`, which is asked once, here.
         let mut store = self.store();
         let _running = self.ticker.running();
-        if let Err(error) = policy.pre.instantiate(&mut store) {
-            let refused = store.data().limits.refused;
-            return Err(match policy.classify(error, refused) {
-                PolicyError::Host { reason, .. } if !reason.starts_with(POOL_EXHAUSTED) => {
-                    interface_error(Some(reason))
-                }
-                other => other,
-            });
+        let described = policy.pre.instantiate(&mut store).and_then(|instance| {
+            policy.exports.check_types(&mut store, &instance)?;
+            policy.exports.describe(&mut store, &instance)
+        });
+        match described {
+            Ok(description) => policy.description = description.map(bounded_description),
+            Err(error) => {
+                let refused = store.data().limits.refused;
+                return Err(match policy.classify(error, refused) {
+                    PolicyError::Host { reason, .. } if !reason.starts_with(POOL_EXHAUSTED) => {
+                        interface_error(Some(reason))
+                    }
+                    other => other,
+                });
+            }
         }
         Ok(policy)
+    }
+}
+
+/// A description with every text bounded; the schema may be longer (it is
+/// shown by `policy describe`, never put into a status), up to 64 KiB.
+fn bounded_description(d: Description) -> Description {
+    const MAX_SCHEMA: usize = 64 << 10;
+    Description {
+        name: bounded(d.name),
+        version: bounded(d.version),
+        description: bounded(d.description),
+        config_schema: d.config_schema.filter(|s| s.len() <= MAX_SCHEMA),
     }
 }
 
@@ -532,10 +553,67 @@ impl LoadedPolicy {
         &self.sha256
     }
 
-    /// Evaluate for `snapshot` and check the decision.
+    /// The version of the interface the module was built against.
+    pub fn interface(&self) -> InterfaceVersion {
+        self.interface
+    }
+
+    /// What the module says about itself (`describe`), if it can.
+    pub fn description(&self) -> Option<&Description> {
+        self.description.as_ref()
+    }
+
+    /// The module's verdict on `config` (`validate-config`), asked once per
+    /// config and remembered. A module without `validate-config` accepts
+    /// every config. A refusal is [`PolicyError::ConfigInvalid`]; a trap, a
+    /// timeout or running out of memory while validating are the module's
+    /// failures as in an evaluation.
+    pub fn validate_config(&self, config: &str) -> Result<(), PolicyError> {
+        if !self.exports.has_metadata() {
+            return Ok(());
+        }
+        let remembered = self.validated.lock().unwrap_or_else(|p| p.into_inner()).get(config).cloned();
+        if let Some(verdict) = remembered {
+            return verdict;
+        }
+        let verdict = self.call_validate_config(config);
+        // A verdict is a pure function of the module and the config, except
+        // running out of time (a busy CPU) and the host's trouble: asked again.
+        if !matches!(&verdict, Err(e) if e.is_host_trouble() || matches!(e, PolicyError::Timeout { .. })) {
+            let mut validated = self.validated.lock().unwrap_or_else(|p| p.into_inner());
+            if validated.len() >= VALIDATED_CONFIGS {
+                validated.clear();
+            }
+            validated.insert(config.to_string(), verdict.clone());
+        }
+        verdict
+    }
+
+    fn call_validate_config(&self, config: &str) -> Result<(), PolicyError> {
+        let config = if config.trim().is_empty() { "{}" } else { config };
+        let mut store = self.engine.store();
+        let _running = self.engine.ticker.running();
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| self.exports.validate_config(&mut store, &instance, config));
+        match result {
+            Ok(None | Some(Ok(()))) => Ok(()),
+            Ok(Some(Err(issues))) => Err(PolicyError::ConfigInvalid {
+                policy: self.name.clone(),
+                issues: bounded_issues(issues),
+            }),
+            Err(e) => Err(self.classify(e, store.data().limits.refused)),
+        }
+    }
+
+    /// Evaluate for `snapshot` and check the decision. The config is validated
+    /// first ([`LoadedPolicy::validate_config`]): a module is never evaluated
+    /// with a config it refuses.
     /// A `requeue-after` shorter than the engine's minimum is raised to it.
     pub fn evaluate(&self, snapshot: &Snapshot) -> Result<Evaluation, PolicyError> {
-        let decision = with_input(snapshot, |input| self.call(input))?;
+        self.validate_config(&snapshot.config)?;
+        let decision = self.call(snapshot)?;
         let mut evaluation = check_decision(
             &self.name,
             snapshot,
@@ -550,13 +628,13 @@ impl LoadedPolicy {
     }
 
     /// Instantiate afresh and call `evaluate`, mapping every failure to its kind.
-    fn call(&self, input: wit::Input<'_>) -> Result<wit::Decision, PolicyError> {
+    fn call(&self, snapshot: &Snapshot) -> Result<interface::RawDecision, PolicyError> {
         let mut store = self.engine.store();
         let _running = self.engine.ticker.running();
         let result = self
             .pre
             .instantiate(&mut store)
-            .and_then(|policy| policy.ipvs_operator_policy_evaluator().call_evaluate(&mut store, input));
+            .and_then(|instance| self.exports.evaluate(&mut store, &instance, snapshot));
         match result {
             Ok(Ok(decision)) => Ok(decision),
             Ok(Err(reason)) => Err(PolicyError::Failed {
@@ -586,15 +664,12 @@ impl LoadedPolicy {
     pub fn measure_reused_instance(&self, snapshot: &Snapshot, times: u32) -> Result<Duration, PolicyError> {
         let mut store = self.engine.store();
         store.set_epoch_deadline(u64::MAX / 2);
-        let policy = self.pre.instantiate(&mut store).map_err(|e| self.classify(e, false))?;
+        let instance = self.pre.instantiate(&mut store).map_err(|e| self.classify(e, false))?;
         let started = std::time::Instant::now();
         for _ in 0..times {
-            with_input(snapshot, |input| {
-                policy
-                    .ipvs_operator_policy_evaluator()
-                    .call_evaluate(&mut store, input)
-            })
-            .map_err(|e| self.classify(e, false))?
+            self.exports
+                .evaluate(&mut store, &instance, snapshot)
+                .map_err(|e| self.classify(e, false))?
             .map_err(|reason| PolicyError::Failed {
                 policy: self.name.clone(),
                 reason: bounded(reason),
@@ -859,119 +934,20 @@ fn top_level_imports(bytes: &[u8]) -> Vec<String> {
     imports
 }
 
+/// At most 10 issues, each text bounded: a module's refusal goes into a status.
+fn bounded_issues(mut issues: Vec<ConfigIssue>) -> Vec<ConfigIssue> {
+    const MAX_ISSUES: usize = 10;
+    issues.truncate(MAX_ISSUES);
+    for issue in &mut issues {
+        issue.path = bounded(std::mem::take(&mut issue.path));
+        issue.message = bounded(std::mem::take(&mut issue.message));
+    }
+    issues
+}
+
 /// The hex SHA-256 of `bytes`: how modules are identified and pinned.
 pub fn hex_sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn labels(map: &Labels) -> Vec<wit::Label<'_>> {
-    map.iter().map(|(key, value)| wit::Label { key, value }).collect()
-}
-
-fn conditions(e: &crate::snapshot::Endpoint) -> wit::Conditions {
-    let mut c = wit::Conditions::empty();
-    for (on, flag) in [
-        (e.ready, wit::Conditions::READY),
-        (e.serving, wit::Conditions::SERVING),
-        (e.terminating, wit::Conditions::TERMINATING),
-    ] {
-        if on {
-            c |= flag;
-        }
-    }
-    c
-}
-
-fn timestamp(t: k8s_openapi::jiff::Timestamp) -> wit::Timestamp {
-    wit::Timestamp {
-        seconds: t.as_second(),
-        nanos: t.subsec_nanosecond().max(0) as u32,
-    }
-}
-
-/// Build the policy input for `s`, borrowing its strings, and hand it to `f`.
-fn with_input<R>(s: &Snapshot, f: impl FnOnce(wit::Input<'_>) -> R) -> R {
-    // Endpoints share label maps (see `LabelSets`): pass each map once.
-    let mut index: HashMap<*const Labels, u32> = HashMap::new();
-    let mut label_sets: Vec<Vec<wit::Label<'_>>> = Vec::new();
-    let label_set_of: Vec<u32> = s
-        .endpoints
-        .iter()
-        .map(|e| {
-            *index.entry(Arc::as_ptr(&e.labels)).or_insert_with(|| {
-                label_sets.push(labels(&e.labels));
-                (label_sets.len() - 1) as u32
-            })
-        })
-        .collect();
-    let label_set_slices: Vec<&[wit::Label<'_>]> = label_sets.iter().map(Vec::as_slice).collect();
-    let mut location_index: HashMap<(&str, Option<&str>), u32> = HashMap::new();
-    let mut locations: Vec<wit::Location<'_>> = Vec::new();
-    let location_of: Vec<Option<u32>> = s
-        .endpoints
-        .iter()
-        .map(|e| {
-            let node_name = e.node_name.as_deref()?;
-            let zone = e.zone.as_deref();
-            Some(*location_index.entry((node_name, zone)).or_insert_with(|| {
-                locations.push(wit::Location { node_name, zone });
-                (locations.len() - 1) as u32
-            }))
-        })
-        .collect();
-    // All addresses in one buffer: one allocation instead of one per endpoint.
-    let mut address_text = String::with_capacity(s.endpoints.len() * 16);
-    let address_ends: Vec<usize> = s
-        .endpoints
-        .iter()
-        .map(|e| {
-            let _ = write!(address_text, "{}", e.address);
-            address_text.len()
-        })
-        .collect();
-    let service_labels = [labels(&s.service.selector), labels(&s.service.labels), labels(&s.service.annotations)];
-    let group_selectors: Vec<Vec<wit::Label<'_>>> = s.groups.iter().map(|g| labels(&g.selector)).collect();
-    let groups: Vec<wit::WeightGroup<'_>> = s
-        .groups
-        .iter()
-        .zip(&group_selectors)
-        .map(|(g, selector)| wit::WeightGroup { weight: g.weight, selector })
-        .collect();
-    let endpoints: Vec<wit::Endpoint<'_>> = s
-        .endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, e)| wit::Endpoint {
-            pod_name: e.pod_name.as_deref(),
-            address: &address_text[if i == 0 { 0 } else { address_ends[i - 1] }..address_ends[i]],
-            location: location_of[i],
-            label_set: label_set_of[i],
-            conditions: conditions(e),
-            created: e.created.map(timestamp),
-            ready_since: e.ready_since.map(timestamp),
-        })
-        .collect();
-    let node_labels = s.node.as_ref().map(|n| labels(&n.labels)).unwrap_or_default();
-    f(wit::Input {
-        service: wit::Service {
-            namespace: &s.service.namespace,
-            name: &s.service.name,
-            selector: &service_labels[0],
-            labels: &service_labels[1],
-            annotations: &service_labels[2],
-        },
-        groups: &groups,
-        config: &s.config,
-        label_sets: &label_set_slices,
-        locations: &locations,
-        endpoints: &endpoints,
-        node: s.node.as_ref().map(|n| wit::Node {
-            name: &n.name,
-            zone: n.zone.as_deref(),
-            labels: &node_labels,
-        }),
-        now: timestamp(s.now),
-    })
 }
 
 /// Advances the engine's epoch every [`TICK`] while at least one evaluation is

@@ -16,13 +16,18 @@
 
 mod catalog;
 mod engine;
+mod interface;
 
 use std::time::Duration;
 
-pub use catalog::{BUILTIN_POLICIES, Catalog, CatalogCounters, CatalogEvent, embedded_module};
+pub use catalog::{BUILTIN_POLICIES, Catalog, CatalogCounters, CatalogEvent, embedded_module, module_key, split_key};
 pub use engine::{
-    COMPILE_OUT_OF_MEMORY, CompileLimits, Compiler, EngineConfig, Evaluation, INTERFACE_EXPORT,
-    LoadedPolicy, MAX_TEXT, PolicyEngine, bounded, check_decision, precompile_in_child,
+    COMPILE_OUT_OF_MEMORY, CompileLimits, Compiler, EngineConfig, Evaluation, LoadedPolicy, MAX_TEXT,
+    PolicyEngine, bounded, check_decision, precompile_in_child,
+};
+
+pub use interface::{
+    ConfigIssue, Description, InterfaceVersion, evaluator_export, expected_exports, served as served_interfaces,
 };
 
 /// Why a policy could not be loaded or evaluated. Every variant names the
@@ -155,6 +160,22 @@ pub enum PolicyError {
         /// Its reason.
         reason: String,
     },
+    /// A module deployed as `NAME.VERSION.wasm` describes itself with another version.
+    #[error("policy {policy:?} says it is version {described:?}, not the version of its file name")]
+    VersionMismatch {
+        /// The policy (`NAME.VERSION`).
+        policy: String,
+        /// The version its `describe` gives.
+        described: String,
+    },
+    /// The module's `validate-config` refused the config: it is not evaluated with it.
+    #[error("policy {policy:?} refuses its config: {}", issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    ConfigInvalid {
+        /// The policy.
+        policy: String,
+        /// What is wrong, each with its JSON path.
+        issues: Vec<ConfigIssue>,
+    },
     /// The decision broke a rule (length, range, all-zero).
     #[error("policy {policy:?} returned an invalid decision: {reason}")]
     InvalidDecision {
@@ -203,6 +224,8 @@ impl PolicyError {
             PolicyError::OutOfMemory { .. } => "out_of_memory",
             PolicyError::Failed { .. } => "failed",
             PolicyError::InvalidDecision { .. } => "invalid_decision",
+            PolicyError::ConfigInvalid { .. } => "config_invalid",
+            PolicyError::VersionMismatch { .. } => "version_mismatch",
             PolicyError::Refused { .. } => "refused",
             PolicyError::Host { .. } => "host",
         }
@@ -226,6 +249,8 @@ impl PolicyError {
             | PolicyError::OutOfMemory { policy, .. }
             | PolicyError::Failed { policy, .. }
             | PolicyError::InvalidDecision { policy, .. }
+            | PolicyError::ConfigInvalid { policy, .. }
+            | PolicyError::VersionMismatch { policy, .. }
             | PolicyError::Refused { policy, .. }
             | PolicyError::Host { policy, .. } => policy,
         }

@@ -16,7 +16,7 @@ use core::fmt::Write as _;
 
 use ipvs_policy_sdk::prelude::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
     canary: LabelSelector,
@@ -28,14 +28,14 @@ struct Config {
     abort: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Step {
     share: Percent,
     hold: Option<Duration>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Ramp {
     #[serde(default)]
@@ -72,8 +72,30 @@ struct Position {
     next: Option<Duration>,
 }
 
+impl PolicyConfig for Config {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.canary.is_empty() {
+            return Err(ConfigError::field(
+                "canary",
+                "an empty selector would make every endpoint the canary; name the canary's labels, e.g. {\"track\": \"canary\"}",
+            ));
+        }
+        Plan::check(self.steps.as_deref(), self.ramp.as_ref())
+    }
+}
+
 impl Plan {
     fn new(steps: Option<Vec<Step>>, ramp: Option<Ramp>) -> Result<Plan, ConfigError> {
+        Plan::check(steps.as_deref(), ramp.as_ref())?;
+        match (steps, ramp) {
+            (Some(steps), _) => Ok(Plan::Steps(steps)),
+            (_, Some(ramp)) => Ok(Plan::Ramp(ramp)),
+            (None, None) => unreachable!("checked: a plan has steps or a ramp"),
+        }
+    }
+
+    /// Steps or a ramp, not both; every step but the last holds; a ramp moves.
+    fn check(steps: Option<&[Step]>, ramp: Option<&Ramp>) -> Result<(), ConfigError> {
         match (steps, ramp) {
             (Some(_), Some(_)) => Err(ConfigError::field(".", "give either steps or ramp, not both")),
             (None, None) => Err(ConfigError::field(".", "give steps (e.g. [{\"share\": 10, \"hold\": \"5m\"}, {\"share\": 100}]) or a ramp")),
@@ -85,7 +107,7 @@ impl Plan {
                 if let Some(i) = steps[..last].iter().position(|s| s.hold.is_none()) {
                     return Err(ConfigError::field(format!("steps[{i}].hold"), "missing: only the last step may go without a hold"));
                 }
-                Ok(Plan::Steps(steps))
+                Ok(())
             }
             (None, Some(ramp)) => {
                 for (field, d) in [("ramp.over", ramp.over), ("ramp.every", ramp.every)] {
@@ -93,7 +115,7 @@ impl Plan {
                         return Err(ConfigError::field(field, "must be longer than 0s"));
                     }
                 }
-                Ok(Plan::Ramp(ramp))
+                Ok(())
             }
         }
     }
@@ -153,13 +175,7 @@ pub struct GradualRollout;
 impl Policy for GradualRollout {
     fn evaluate(input: &Input) -> Result<Decision, String> {
         let config: Config = config::parse(&input.config)?;
-        if config.canary.is_empty() {
-            return Err(ConfigError::field(
-                "canary",
-                "an empty selector would make every endpoint the canary; name the canary's labels, e.g. {\"track\": \"canary\"}",
-            )
-            .into());
-        }
+        config.check()?;
         let plan = Plan::new(config.steps, config.ramp)?;
         let set_is_canary: Vec<bool> = input.label_sets.iter().map(|l| config.canary.matches(l)).collect();
         let is_canary = |e: &Endpoint| set_is_canary.get(e.label_set as usize).copied().unwrap_or(false);
@@ -261,7 +277,7 @@ fn oldest_canary(input: &Input, is_canary: &impl Fn(&Endpoint) -> bool) -> Resul
         .ok_or_else(|| "cannot tell when the rollout started: the canary pods have no creation time; set startTime".into())
 }
 
-export_policy!(GradualRollout);
+export_policy!(GradualRollout, config = Config);
 
 #[cfg(test)]
 mod tests {

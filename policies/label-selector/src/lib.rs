@@ -13,7 +13,7 @@
 
 use ipvs_policy_sdk::prelude::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
     #[serde(default)]
@@ -33,7 +33,9 @@ impl Policy for LabelSelector {
     }
 }
 
-export_policy!(LabelSelector);
+impl PolicyConfig for Config {}
+
+export_policy!(LabelSelector, config = Config);
 
 #[cfg(test)]
 mod tests {

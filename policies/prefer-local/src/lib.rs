@@ -10,7 +10,7 @@
 
 use ipvs_policy_sdk::prelude::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
     #[serde(default = "local")]
@@ -100,7 +100,9 @@ impl Policy for PreferLocal {
     }
 }
 
-export_policy!(PreferLocal);
+impl PolicyConfig for Config {}
+
+export_policy!(PreferLocal, config = Config);
 
 #[cfg(test)]
 mod tests {

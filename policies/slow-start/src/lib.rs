@@ -22,7 +22,7 @@ use core::fmt::Write as _;
 
 use ipvs_policy_sdk::prelude::*;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
     window: Duration,
@@ -50,19 +50,26 @@ const RESOLUTION: u32 = 100;
 /// How warming endpoints are listed in the message, at most.
 const LISTED: usize = 3;
 
+impl PolicyConfig for Config {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.window == Duration::ZERO {
+            return Err(ConfigError::field("window", "must be longer than 0s"));
+        }
+        // The negated comparison also refuses NaN.
+        if !(self.aggression > 0.0 && self.aggression.is_finite()) {
+            return Err(ConfigError::field("aggression", "must be a number greater than 0"));
+        }
+        Ok(())
+    }
+}
+
 /// The slow-start policy.
 pub struct SlowStart;
 
 impl Policy for SlowStart {
     fn evaluate(input: &Input) -> Result<Decision, String> {
         let config: Config = config::parse(&input.config)?;
-        if config.window == Duration::ZERO {
-            return Err(ConfigError::field("window", "must be longer than 0s").into());
-        }
-        // The negated comparison also refuses NaN.
-        if !(config.aggression > 0.0 && config.aggression.is_finite()) {
-            return Err(ConfigError::field("aggression", "must be a number greater than 0").into());
-        }
+        config.check()?;
         let (full, base_message) = groups::weights(input, config.mode, config.default_weight);
         let window = config.window.as_millis();
 
@@ -141,7 +148,7 @@ impl Policy for SlowStart {
     }
 }
 
-export_policy!(SlowStart);
+export_policy!(SlowStart, config = Config);
 
 #[cfg(test)]
 mod tests {
