@@ -19,11 +19,17 @@ use ipvs_policy_sdk::prelude::*;
 #[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
+    /// The canary's pods; all others are stable.
     canary: LabelSelector,
+    /// The canary's share through steps, each held for a time (all but the last); or give `ramp`.
     steps: Option<Vec<Step>>,
+    /// A linear ramp of the canary's share instead of steps.
     ramp: Option<Ramp>,
+    /// When the rollout starts (default: when the oldest canary pod was created).
     start_time: Option<Timestamp>,
+    /// Freeze the rollout where it was at this time.
     hold_at: Option<Timestamp>,
+    /// Send everything back to stable.
     #[serde(default)]
     abort: bool,
 }
@@ -31,18 +37,24 @@ struct Config {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Step {
+    /// The canary's share of new connections, in percent.
     share: Percent,
+    /// How long this step lasts (not on the last one).
     hold: Option<Duration>,
 }
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Ramp {
+    /// The canary's share at the start, in percent (default 0).
     #[serde(default)]
     from: Percent,
+    /// Its share at the end (default 100).
     #[serde(default = "hundred")]
     to: Percent,
+    /// How long the ramp takes.
     over: Duration,
+    /// How often the share moves (default 1m).
     #[serde(default = "one_minute")]
     every: Duration,
 }

@@ -16,6 +16,7 @@ use ipvs_policy_sdk::prelude::*;
 #[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
+    /// `per-endpoint` (the original semantics) or `share` (group weights are shares of new connections).
     #[serde(default)]
     mode: groups::Mode,
     /// Per endpoint (default 1), or in share mode the share of the ungrouped (default 0).

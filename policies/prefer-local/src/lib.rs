@@ -13,10 +13,13 @@ use ipvs_policy_sdk::prelude::*;
 #[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
+    /// The weight of endpoints on the evaluating node (default 100).
     #[serde(default = "local")]
     local_weight: u16,
+    /// The weight of endpoints in its zone (default 10).
     #[serde(default = "zone")]
     zone_weight: u16,
+    /// The weight of the others (default 1).
     #[serde(default = "remote")]
     remote_weight: u16,
 }

@@ -25,13 +25,18 @@ use ipvs_policy_sdk::prelude::*;
 #[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Config {
+    /// How long an endpoint that became ready warms up.
     window: Duration,
+    /// 1 (the default) ramps up linearly; larger values ramp up faster at first.
     #[serde(default = "one")]
     aggression: f64,
+    /// The least part of its full weight a warming endpoint gets (default 10).
     #[serde(default = "ten_percent")]
     min_weight_percent: Percent,
+    /// The full weights: label-selector's `mode`.
     #[serde(default)]
     mode: groups::Mode,
+    /// The full weights: label-selector's `defaultWeight`.
     default_weight: Option<u32>,
 }
 
