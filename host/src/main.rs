@@ -732,16 +732,13 @@ fn policy_list(args: PolicyListArgs) -> Result<()> {
     for key in catalog.names() {
         let (name, file_version) = ipvs_operator::policy::split_key(&key);
         let source = catalog.origin(&key).unwrap_or_default();
-        match catalog.get(&key) {
-            Ok(policy) => {
-                let described = policy.description();
-                let version = file_version.or(described.map(|d| d.version.as_str())).unwrap_or("-");
-                let text = described.map_or("(interface 0.1: no description)", |d| d.description.as_str());
-                println!(
-                    "{name:<20} {version:<10} {:<10} {:<12} {source:<16} {text}",
-                    policy.interface().to_string(),
-                    &policy.sha256()[..12]
-                );
+        let described = catalog.get(&key).and_then(|policy| Ok((policy.describe()?.cloned(), policy)));
+        match described {
+            Ok((described, policy)) => {
+                let version = file_version.or(described.as_ref().map(|d| d.version.as_str())).unwrap_or("-");
+                let text = described.as_ref().map_or("(no description)", |d| d.description.as_str());
+                let (interface, sha256) = (policy.interface().to_string(), &policy.sha256()[..12]);
+                println!("{name:<20} {version:<10} {interface:<10} {sha256:<12} {source:<16} {text}");
             }
             Err(error) => {
                 println!("{name:<20} {:<10} {:<10} {:<12} {source:<16} REFUSED: {error}", file_version.unwrap_or("-"), "-", "-")
@@ -756,7 +753,7 @@ fn policy_describe(args: PolicyDescribeArgs) -> Result<()> {
     let policy = args.choice.load(&args.limits)?;
     println!("interface: {}", policy.interface());
     println!("sha256: {}", policy.sha256());
-    match policy.description() {
+    match policy.describe()? {
         None => println!("(built against interface {}: it does not describe itself)", policy.interface()),
         Some(d) => {
             println!("name: {}", d.name);
@@ -777,7 +774,7 @@ fn policy_validate(args: PolicyValidateArgs) -> Result<()> {
     let config: serde_json::Value =
         serde_json::from_str(&args.config).context("--config is not JSON (it is spec.policy.config, e.g. '{\"mode\": \"share\"}')")?;
     let policy = args.choice.load(&args.limits)?;
-    if policy.description().is_none() {
+    if policy.describe()?.is_none() {
         eprintln!("note: policy {} (interface {}) has no validate-config: any config passes here", policy.name(), policy.interface());
     }
     match policy.validate_config(&config.to_string()) {

@@ -180,7 +180,7 @@ fn the_builtin_policies_speak_the_current_interface_and_describe_themselves() {
     for name in ["label-selector", "gradual-rollout", "slow-start", "prefer-local"] {
         let policy = catalog.get(name).unwrap();
         assert_eq!(policy.interface().to_string(), ipvs_policy_sdk::INTERFACE_VERSION, "{name}");
-        let description = policy.description().unwrap_or_else(|| panic!("{name} has describe"));
+        let description = policy.describe().unwrap().unwrap_or_else(|| panic!("{name} has describe"));
         assert_eq!(description.name, name);
         assert_eq!(description.version, env!("CARGO_PKG_VERSION"), "{name}: the workspace's version");
         assert!(!description.description.is_empty(), "{name}");
@@ -207,7 +207,7 @@ fn a_module_built_against_interface_0_1_evaluates_unchanged() {
     let engine = engine();
     let old = engine.load("label-selector", LABEL_SELECTOR_0_1).unwrap();
     assert_eq!(old.interface().to_string(), "0.1.0");
-    assert!(old.description().is_none(), "0.1 has no describe");
+    assert!(old.describe().unwrap().is_none(), "0.1 has no describe");
     assert!(old.validate_config(r#"{"anything": 1}"#).is_ok(), "0.1 has no validate-config: every config goes to evaluate");
     let current = Catalog::builtin(engine.clone()).get("label-selector").unwrap();
     for config in ["{}", r#"{"mode": "share"}"#, r#"{"mode": "share", "defaultWeight": 3}"#] {

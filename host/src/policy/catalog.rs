@@ -493,7 +493,9 @@ impl Catalog {
     fn compile(&self, name: &str, bytes: &[u8], sample: bool) -> Result<LoadedPolicy, PolicyError> {
         self.compiles.fetch_add(1, Ordering::Relaxed);
         let policy = self.engine.load(name, bytes)?;
-        if let (Some(file_version), Some(described)) = (split_key(name).1, policy.description())
+        // Only a versioned file's module is asked (`describe` is no part of evaluating).
+        if let Some(file_version) = split_key(name).1
+            && let Some(described) = policy.describe()?
             && described.version != file_version
         {
             return Err(PolicyError::VersionMismatch {

@@ -19,6 +19,12 @@ use super::PolicyError;
 use super::interface::{self, ConfigIssue, Description, Exports, ExportsMismatch, InterfaceVersion};
 use crate::snapshot::Snapshot;
 
+/// How many times a call that only prepares an evaluation (`describe`,
+/// `validate-config`) may run out of time before that is its answer: the first
+/// calls of a module pay one-time costs (its code paged in, its memory set
+/// up) that can exceed the deadline on a busy or emulated CPU.
+const FIRST_CALL_ATTEMPTS: u32 = 3;
+
 /// Configs whose verdict a loaded policy remembers (a module has a few, one
 /// per WeightedService that uses it); past this many, it forgets them all.
 const VALIDATED_CONFIGS: usize = 256;
@@ -146,7 +152,8 @@ pub struct LoadedPolicy {
     pre: InstancePre<StoreState>,
     exports: Exports,
     interface: InterfaceVersion,
-    description: Option<Description>,
+    /// What `describe` said, once asked ([`LoadedPolicy::describe`]).
+    description: Arc<std::sync::OnceLock<Option<Description>>>,
     /// `validate-config`'s verdict on each config seen, shared by the clones.
     validated: Arc<Mutex<HashMap<String, Result<(), PolicyError>>>>,
     engine: PolicyEngine,
@@ -491,37 +498,33 @@ impl PolicyEngine {
             ExportsMismatch::NoEvaluator => interface_error(None),
             ExportsMismatch::Types(detail) => interface_error(Some(detail)),
         })?;
-        let mut policy = LoadedPolicy {
+        let policy = LoadedPolicy {
             name: name.into(),
             sha256,
             pre,
             exports: exports_found,
             interface: version,
-            description: None,
+            description: Arc::default(),
             validated: Arc::default(),
             engine: self.clone(),
         };
         // The functions' types are checked when an instance is made: do it now,
         // so a module with the right export names but the wrong signatures fails
         // at load. So does one that traps or runs out of memory while it is set
-        // up, or in `describe`, which is asked once, here.
+        // up. (Not `describe`: no evaluation needs it, and a first call can
+        // run past the deadline on an emulated CPU; it is asked when needed.)
         let mut store = self.store();
         let _running = self.ticker.running();
-        let described = policy.pre.instantiate(&mut store).and_then(|instance| {
-            policy.exports.check_types(&mut store, &instance)?;
-            policy.exports.describe(&mut store, &instance)
-        });
-        match described {
-            Ok(description) => policy.description = description.map(bounded_description),
-            Err(error) => {
-                let refused = store.data().limits.refused;
-                return Err(match policy.classify(error, refused) {
-                    PolicyError::Host { reason, .. } if !reason.starts_with(POOL_EXHAUSTED) => {
-                        interface_error(Some(reason))
-                    }
-                    other => other,
-                });
-            }
+        let checked = policy
+            .pre
+            .instantiate(&mut store)
+            .and_then(|instance| policy.exports.check_types(&mut store, &instance));
+        if let Err(error) = checked {
+            let refused = store.data().limits.refused;
+            return Err(match policy.classify(error, refused) {
+                PolicyError::Host { reason, .. } if !reason.starts_with(POOL_EXHAUSTED) => interface_error(Some(reason)),
+                other => other,
+            });
         }
         Ok(policy)
     }
@@ -558,9 +561,35 @@ impl LoadedPolicy {
         self.interface
     }
 
-    /// What the module says about itself (`describe`), if it can.
-    pub fn description(&self) -> Option<&Description> {
-        self.description.as_ref()
+    /// What the module says about itself (`describe`); `None` for a module
+    /// without it (interface 0.1, or no `metadata`). Asked once and
+    /// remembered; a timeout is tried again (a first call pays one-time
+    /// costs), a trap or running out of memory is the module's failure.
+    pub fn describe(&self) -> Result<Option<&Description>, PolicyError> {
+        if let Some(described) = self.description.get() {
+            return Ok(described.as_ref());
+        }
+        let described = self.retrying_timeouts(|| {
+            let mut store = self.engine.store();
+            let _running = self.engine.ticker.running();
+            self.pre
+                .instantiate(&mut store)
+                .and_then(|instance| self.exports.describe(&mut store, &instance))
+                .map_err(|e| self.classify(e, store.data().limits.refused))
+        })?;
+        Ok(self.description.get_or_init(|| described.map(bounded_description)).as_ref())
+    }
+
+    /// `call`, called again (up to [`FIRST_CALL_ATTEMPTS`] times in all) while
+    /// it runs out of time.
+    fn retrying_timeouts<T>(&self, call: impl Fn() -> Result<T, PolicyError>) -> Result<T, PolicyError> {
+        let mut attempts = 1;
+        loop {
+            match call() {
+                Err(PolicyError::Timeout { .. }) if attempts < FIRST_CALL_ATTEMPTS => attempts += 1,
+                other => return other,
+            }
+        }
     }
 
     /// The module's verdict on `config` (`validate-config`), asked once per
@@ -576,7 +605,7 @@ impl LoadedPolicy {
         if let Some(verdict) = remembered {
             return verdict;
         }
-        let verdict = self.call_validate_config(config);
+        let verdict = self.retrying_timeouts(|| self.call_validate_config(config));
         // A verdict is a pure function of the module and the config, except
         // running out of time (a busy CPU) and the host's trouble: asked again.
         if !matches!(&verdict, Err(e) if e.is_host_trouble() || matches!(e, PolicyError::Timeout { .. })) {
