@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => match names.first() {
             Some(Some(name)) => eval::choose_weighted_service(path, objects.weighted_services.clone(), Some(name))
                 .expect("the WeightedService named exists"),
-            _ => serde_yaml::from_str::<WeightedService>(DEFAULT_WS).unwrap(),
+            _ => serde_saphyr::from_str::<WeightedService>(DEFAULT_WS).unwrap(),
         },
     };
     let node_name = objects.nodes.first().and_then(|n| n.metadata.name.clone()).unwrap_or_else(|| "node-1".into());

@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         check(&ws);
     }
     if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(ws) = serde_yaml::from_str::<WeightedService>(text)
+        && let Ok(ws) = serde_saphyr::from_str::<WeightedService>(text)
     {
         check(&ws);
     }

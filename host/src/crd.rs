@@ -352,9 +352,9 @@ impl WeightedService {
 
 /// The CustomResourceDefinitions as deploy/crd.yaml has them: WeightedService,
 /// then PodInfoSlice, as YAML documents.
-pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crds_yaml() -> Result<String, serde_saphyr::SerializeError> {
     use kube::CustomResourceExt;
-    Ok(format!("{}---\n{}", serde_yaml::to_string(&WeightedService::crd())?, serde_yaml::to_string(&PodInfoSlice::crd())?))
+    Ok(format!("{}---\n{}", serde_saphyr::to_string(&WeightedService::crd())?, serde_saphyr::to_string(&PodInfoSlice::crd())?))
 }
 
 fn scheduler_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -424,7 +424,7 @@ spec:
 
     #[test]
     fn the_original_readme_example_parses() {
-        let ws: WeightedService = serde_yaml::from_str(SEED_README).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(SEED_README).unwrap();
         assert_eq!(ws.metadata.name.as_deref(), Some("example"));
         assert_eq!(ws.scheduler(), "wlc");
         assert_eq!(ws.policy_name(), DEFAULT_POLICY);
@@ -444,15 +444,15 @@ spec:
     #[test]
     fn an_empty_scheduler_means_wrr_as_in_the_original() {
         // The Go type serialized `scheduler` without omitempty, so "" reaches us.
-        let ws: WeightedService = serde_yaml::from_str(&SEED_README.replace("scheduler: wlc", "scheduler: \"\"")).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(&SEED_README.replace("scheduler: wlc", "scheduler: \"\"")).unwrap();
         assert_eq!(ws.scheduler(), "wrr");
-        let ws: WeightedService = serde_yaml::from_str(&SEED_README.replace("  scheduler: wlc\n", "")).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(&SEED_README.replace("  scheduler: wlc\n", "")).unwrap();
         assert_eq!(ws.scheduler(), "wrr");
     }
 
     #[test]
     fn the_service_spec_round_trips_inline() {
-        let ws: WeightedService = serde_yaml::from_str(SEED_README).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(SEED_README).unwrap();
         let json = serde_json::to_value(&ws).unwrap();
         assert_eq!(json["spec"]["selector"]["app"], "nginx");
         assert_eq!(json["spec"]["ports"][0]["targetPort"], "www");
@@ -465,7 +465,7 @@ spec:
     fn policy_fields() {
         let text = SEED_README.to_string()
             + "  policy:\n    name: gradual-rollout\n    config: {canary: {env: canary}, allowAllZero: true}\n";
-        let ws: WeightedService = serde_yaml::from_str(&text).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(&text).unwrap();
         assert_eq!(ws.policy_name(), "gradual-rollout");
         let config: serde_json::Value = serde_json::from_str(&ws.policy_config()).unwrap();
         assert_eq!(config["canary"]["env"], "canary");
@@ -474,12 +474,12 @@ spec:
 
     #[test]
     fn proxy_is_kube_proxy_unless_the_agents_are_named() {
-        let ws: WeightedService = serde_yaml::from_str(SEED_README).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(SEED_README).unwrap();
         assert_eq!((ws.proxy(), ws.spec.proxy), (Proxy::KubeProxy, None));
-        let ws: WeightedService = serde_yaml::from_str(&(SEED_README.to_string() + "  proxy: ipvs-operator\n")).unwrap();
+        let ws: WeightedService = serde_saphyr::from_str(&(SEED_README.to_string() + "  proxy: ipvs-operator\n")).unwrap();
         assert_eq!(ws.proxy(), Proxy::IpvsOperator);
         assert_eq!(serde_json::to_value(&ws).unwrap()["spec"]["proxy"], "ipvs-operator");
-        let bad: Result<WeightedService, _> = serde_yaml::from_str(&(SEED_README.to_string() + "  proxy: cilium\n"));
+        let bad: Result<WeightedService, _> = serde_saphyr::from_str(&(SEED_README.to_string() + "  proxy: cilium\n"));
         assert!(bad.is_err(), "an unknown proxy is refused, not taken for kube-proxy");
     }
 }

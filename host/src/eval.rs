@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::jiff::Timestamp;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::WeightedService;
@@ -74,15 +73,68 @@ pub struct Objects {
 }
 
 #[derive(Deserialize)]
-struct Kind {
-    #[serde(default)]
-    kind: String,
-}
-
-#[derive(Deserialize)]
 struct List {
     #[serde(default)]
-    items: Vec<serde_yaml::Value>,
+    items: Vec<serde_json::Value>,
+}
+
+/// One document of a file, typed by its kind.
+enum Document {
+    Pod(Box<Pod>),
+    Node(Box<Node>),
+    WeightedService(Box<WeightedService>),
+    /// A `List`, `PodList` or `NodeList`: its kind and items.
+    List(String, Vec<serde_json::Value>),
+    /// Another kind (empty: none), or an empty document.
+    Other(String),
+}
+
+std::thread_local! {
+    /// The kinds of the documents still to be typed, in order: a document's
+    /// kind decides its type, but the YAML reader hands a type one document
+    /// at a time (see [`parse_objects`]).
+    static KINDS_AHEAD: std::cell::RefCell<std::collections::VecDeque<String>> = Default::default();
+}
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let kind = KINDS_AHEAD.with(|k| k.borrow_mut().pop_front()).unwrap_or_default();
+        Ok(match kind.as_str() {
+            "Pod" => Document::Pod(with_path(d)?),
+            "Node" => Document::Node(with_path(d)?),
+            "WeightedService" => Document::WeightedService(with_path(d)?),
+            "List" | "PodList" | "NodeList" => Document::List(kind, with_path::<List, D>(d)?.items),
+            _ => {
+                serde::de::IgnoredAny::deserialize(d)?;
+                Document::Other(kind)
+            }
+        })
+    }
+}
+
+/// `T` from `d`, its error prefixed with the path of the offending field.
+fn with_path<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+    serde_path_to_error::deserialize(d).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match path.as_str() {
+            "." => inner,
+            _ => serde::de::Error::custom(format!("{path}: {inner}")),
+        }
+    })
+}
+
+/// How YAML files of the user's are read: the reader's budget (1,024
+/// documents, 250,000 nodes) guards against hostile input, and a file here is
+/// one the user chose, e.g. `kubectl get pods -o yaml` of a large cluster.
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1 << 20,
+            max_nodes: 1 << 26,
+            max_events: 1 << 28,
+        },
+    }
 }
 
 /// Read every document of a YAML file (`---`-separated), unfolding `List`s (what
@@ -98,71 +150,54 @@ pub fn read_objects(path: &Path) -> Result<Objects, InputError> {
 
 /// [`read_objects`] of a file's text; `path` names the file in errors.
 pub fn parse_objects(text: &str, path: &Path) -> Result<Objects, InputError> {
+    // The reader's messages start with "error: ", which the CLI says already.
     let yaml_error = |message: String| InputError::Yaml {
         path: path.into(),
-        message,
+        message: message.strip_prefix("error: ").map(str::to_string).unwrap_or(message),
     };
+    // Twice through the text, each in linear time: the documents' kinds, then
+    // each document typed by its kind straight from the text, so that an error
+    // has a line and column (a document read into a value first has none).
+    let values: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, yaml_options()).map_err(|e| yaml_error(e.to_string()))?;
+    let kinds: std::collections::VecDeque<String> =
+        values.iter().map(|v| v["kind"].as_str().unwrap_or_default().to_string()).collect();
+    let count = kinds.len();
+    KINDS_AHEAD.with(|k| *k.borrow_mut() = kinds);
+    let documents = serde_saphyr::from_multiple_with_options::<Document>(text, yaml_options());
+    let typed_so_far = count - KINDS_AHEAD.with(|k| std::mem::take(&mut *k.borrow_mut()).len());
+    let documents = documents.map_err(|e| yaml_error(format!("document {typed_so_far}: {}", e.to_string().trim_start_matches("error: "))))?;
     let mut objects = Objects::default();
-    // The same documents again, in step, for the typed reading: from the text,
-    // so that errors have a line and column. Not `.nth(index)` of a fresh
-    // parse per document, which made a file of n documents cost n² (2,000
-    // pods as separate documents took 40 s).
-    let mut again = serde_yaml::Deserializer::from_str(text);
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let typed_document = again.next();
-        let value = serde_yaml::Value::deserialize(document)
-            .map_err(|e| yaml_error(format!("document {}: {e}", index + 1)))?;
-        if value.is_null() {
-            continue;
-        }
-        let kind = serde_yaml::from_value::<Kind>(value.clone()).map(|k| k.kind).unwrap_or_default();
-        match kind.as_str() {
-            "List" | "PodList" | "NodeList" => {
-                let list: List = typed(typed_document, index).map_err(yaml_error)?;
+    for (index, document) in documents.into_iter().enumerate() {
+        match document {
+            Document::Pod(pod) => objects.pods.push(*pod),
+            Document::Node(node) => objects.nodes.push(*node),
+            Document::WeightedService(ws) => objects.weighted_services.push(*ws),
+            Document::Other(kind) if kind.is_empty() && values.get(index).is_none_or(serde_json::Value::is_null) => {}
+            Document::Other(kind) => {
+                objects.ignored_kinds.push(if kind.is_empty() { "(no kind)".into() } else { kind })
+            }
+            Document::List(kind, items) => {
                 // Items of a PodList may omit their kind; those of a List carry it.
                 let default_kind = kind.strip_suffix("List").unwrap_or_default();
-                for (i, item) in list.items.into_iter().enumerate() {
-                    let item_kind = serde_yaml::from_value::<Kind>(item.clone())
-                        .map(|k| k.kind)
-                        .ok()
-                        .filter(|k| !k.is_empty())
-                        .unwrap_or_else(|| default_kind.to_string());
-                    let at = |e: serde_path_to_error::Error<serde_yaml::Error>| {
+                for (i, item) in items.into_iter().enumerate() {
+                    let item_kind = item["kind"].as_str().filter(|k| !k.is_empty()).unwrap_or(default_kind).to_string();
+                    let at = |e: serde_path_to_error::Error<serde_json::Error>| {
                         yaml_error(format!("document {}: items[{i}].{}: {}", index + 1, e.path(), e.inner()))
                     };
                     match item_kind.as_str() {
                         "Pod" => objects.pods.push(serde_path_to_error::deserialize(item).map_err(at)?),
                         "Node" => objects.nodes.push(serde_path_to_error::deserialize(item).map_err(at)?),
-                        "WeightedService" => objects
-                            .weighted_services
-                            .push(serde_path_to_error::deserialize(item).map_err(at)?),
+                        "WeightedService" => {
+                            objects.weighted_services.push(serde_path_to_error::deserialize(item).map_err(at)?)
+                        }
                         other => objects.ignored_kinds.push(other.to_string()),
                     }
                 }
             }
-            "Pod" => objects.pods.push(typed(typed_document, index).map_err(yaml_error)?),
-            "Node" => objects.nodes.push(typed(typed_document, index).map_err(yaml_error)?),
-            "WeightedService" => objects.weighted_services.push(typed(typed_document, index).map_err(yaml_error)?),
-            other => objects.ignored_kinds.push(if other.is_empty() { "(no kind)".into() } else { other.into() }),
         }
     }
     Ok(objects)
-}
-
-/// Deserialize document `index` as `T`, straight from the text so that the
-/// error has a line and column, and the field path.
-fn typed<T: DeserializeOwned>(document: Option<serde_yaml::Deserializer<'_>>, index: usize) -> Result<T, String> {
-    let document = document
-        .ok_or_else(|| format!("document {} disappeared", index + 1))?;
-    serde_path_to_error::deserialize(document).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." {
-            format!("document {}: {inner}", index + 1)
-        } else {
-            format!("document {}: {path}: {inner}", index + 1)
-        }
-    })
 }
 
 /// Pick the WeightedService to evaluate from a file: the only one, or the one named.

@@ -98,8 +98,11 @@ pub enum CaseFileError {
 /// `expectError` is an error here, not a failed case.
 pub fn read_case_file(path: &Path) -> Result<CaseFile, CaseFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| CaseFileError::Read { path: path.into(), source })?;
-    let file: CaseFile = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-        .map_err(|e| CaseFileError::Parse { path: path.into(), message: format!("{}: {}", e.path(), e.inner()) })?;
+    let file: CaseFile = serde_saphyr::with_deserializer_from_str_with_options(&text, crate::eval::yaml_options(), |d| {
+        serde_path_to_error::deserialize(d)
+            .map_err(|e| serde::de::Error::custom(format!("{}: {}", e.path(), e.inner())))
+    })
+    .map_err(|e| CaseFileError::Parse { path: path.into(), message: e.to_string() })?;
     for (i, case) in file.cases.iter().enumerate() {
         if case.expect.is_some() == case.expect_error.is_some() {
             return Err(CaseFileError::Parse {

@@ -530,11 +530,11 @@ mod tests {
     use super::*;
 
     fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     fn ws() -> WeightedService {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             r#"
 apiVersion: codesink.net/v1alpha1
 kind: WeightedService

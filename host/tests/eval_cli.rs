@@ -118,7 +118,8 @@ fn a_yaml_error_names_the_line() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "apiVersion: v1\nkind: List\nitems: [\n").unwrap();
     let ws = repo("examples/seed-canary.yaml").display().to_string();
-    fails_with(&["--weighted-service", &ws, "--pods", bad.to_str().unwrap()], "line 4");
+    // Where the bracket that is never closed opens.
+    fails_with(&["--weighted-service", &ws, "--pods", bad.to_str().unwrap()], "line 3 column 8: unclosed bracket");
 }
 
 #[test]

@@ -1095,7 +1095,7 @@ fn sample(
         for revival in events.revivals {
             let Revival { seen, uid, zeroed_at, weights, .. } = revival;
             let kind = ViolationKind::DrainRevived { uid, zeroed_at, weights };
-            r.violations.push(Violation { at, wall: jiff::Timestamp::now().to_string(), seen, kind });
+            r.violations.push(Violation { at, wall: k8s_openapi::jiff::Timestamp::now().to_string(), seen, kind });
         }
         drop(r);
         for (zero, ready_for) in candidates {
@@ -1111,7 +1111,7 @@ fn sample(
             } else {
                 r.violations.push(Violation {
                     at,
-                    wall: jiff::Timestamp::now().to_string(),
+                    wall: k8s_openapi::jiff::Timestamp::now().to_string(),
                     seen: zero,
                     kind: ViolationKind::ZeroOnReady { ready_for },
                 });

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
-use jiff::Timestamp;
+use k8s_openapi::jiff::Timestamp;
 
 /// A policy directory laid out as the kubelet mounts a ConfigMap: the files in
 /// a timestamped directory, `..data` pointing at it, `NAME` → `..data/NAME`.

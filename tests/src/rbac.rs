@@ -303,9 +303,9 @@ impl Rbac {
     /// prints; `List`s are opened). Other kinds are skipped.
     pub fn parse(yaml: &str) -> Result<Self, RbacError> {
         let mut rbac = Rbac::default();
-        for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-            let value = serde_json::Value::deserialize(document)
-                .map_err(|e| RbacError::Document { index, message: e.to_string() })?;
+        let documents = serde_saphyr::from_multiple::<serde_json::Value>(yaml)
+            .map_err(|e| RbacError::Document { index: 0, message: e.to_string() })?;
+        for (index, value) in documents.into_iter().enumerate() {
             if value.is_null() {
                 continue; // an empty document (a trailing `---`)
             }

@@ -898,14 +898,14 @@ mod tests {
     #[test]
     fn a_dual_stack_pod_manifest_gives_both_addresses() {
         let yaml = dual_stack_pod_manifest("web-1", &[("app", "web")], NODE_NAME, "10.244.9.21", "fd00:10:244::9:21");
-        let pod: Value = serde_yaml::from_str(yaml.trim_end().trim_end_matches("---")).expect("the manifest is YAML");
+        let pod: Value = serde_saphyr::from_str(yaml.trim_end().trim_end_matches("---")).expect("the manifest is YAML");
         assert_eq!(pod["status"]["podIP"], "10.244.9.21");
         assert_eq!(pod["status"]["podIPs"], serde_json::json!([{"ip": "10.244.9.21"}, {"ip": "fd00:10:244::9:21"}]));
         let ips: Vec<String> = pod_ips(&pod).iter().map(ToString::to_string).collect();
         assert_eq!(ips, ["10.244.9.21", "fd00:10:244::9:21"]);
         // The single-stack manifest has its one address in both fields.
         let yaml = pod_manifest("web-2", &[], NODE_NAME, "10.244.9.22");
-        let pod: Value = serde_yaml::from_str(yaml.trim_end().trim_end_matches("---")).expect("the manifest is YAML");
+        let pod: Value = serde_saphyr::from_str(yaml.trim_end().trim_end_matches("---")).expect("the manifest is YAML");
         assert_eq!(pod_ips(&pod), [IpAddr::V4(Ipv4Addr::new(10, 244, 9, 22))]);
     }
 

@@ -24,7 +24,6 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 
 const NAMESPACE: &str = "ipvs-operator";
@@ -106,8 +105,8 @@ fn lost_fields(original: &Value, round_trip: &Value, path: String, out: &mut Vec
 
 fn parse(yaml: &str) -> Objects {
     let mut objects = Objects::default();
-    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let value = Value::deserialize(document).unwrap_or_else(|e| panic!("document {index} is not YAML: {e}"));
+    let documents = serde_saphyr::from_multiple::<Value>(yaml).unwrap_or_else(|e| panic!("not YAML: {e}"));
+    for (index, value) in documents.into_iter().enumerate() {
         if value.is_null() {
             continue;
         }

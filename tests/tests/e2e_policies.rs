@@ -19,7 +19,7 @@ use ipvs_operator_tests::apiserver::PodUpdate;
 use ipvs_operator_tests::procstat::status_kib;
 use ipvs_operator_tests::policy_dir::{ConfigMapDir, with_custom_section};
 use ipvs_operator_tests::testbed::{Testbed, TestbedConfig, pod_manifest, wait_until};
-use jiff::Timestamp;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{json, Value};
 
@@ -228,7 +228,7 @@ spec:
 "#;
     // The example's scheduler is wlc: so is kube-proxy's.
     let mut bed = Testbed::new(config("wlc"));
-    let pods: Value = serde_yaml::from_str(include_str!("../../examples/slow-start-pods.yaml")).expect("the example's pods");
+    let pods: Value = serde_saphyr::from_str(include_str!("../../examples/slow-start-pods.yaml")).expect("the example's pods");
     let (new, old): (Vec<&Value>, Vec<&Value>) =
         pods["items"].as_array().expect("a List").iter().partition(|p| p["metadata"]["name"] == "api-4");
     // api-1..3 have been running for an hour; api-4 is the scale-up, later.
@@ -1119,4 +1119,42 @@ fn two_versions_of_a_policy_serve_side_by_side_and_a_refused_config_is_never_eva
     wait_for_status(&bed, "new", "the fixed config evaluated", |s| {
         condition(s, "PolicyReady").is_some_and(|c| c["status"] == "True")
     });
+}
+
+// ---- the shipped binary (issue 22) ----
+
+#[test]
+fn the_release_binary_takes_binary_components_and_refuses_wat_text() {
+    // A component exporting the evaluator with the wrong signature: the
+    // binary form gets as far as the interface check; the text form must not
+    // even be parsed (wasmtime's `wat` feature is for our tests only). This
+    // runs target/release's binary, which `cargo build --release` made: the
+    // tests' own builds turn dev features on.
+    let text = format!(
+        r#"(component
+            (core module $m (func (export "f") (result i32) i32.const 1))
+            (core instance $i (instantiate $m))
+            (func $f (result u32) (canon lift (core func $i "f")))
+            (instance $e (export "evaluate" (func $f)))
+            (export "ipvs-operator:policy/evaluator@{}" (instance $e)))"#,
+        ipvs_operator::policy::served_interfaces()[0]
+    );
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let (as_text, as_binary) = (dir.path().join("text.wasm"), dir.path().join("binary.wasm"));
+    std::fs::write(&as_text, &text).expect("write");
+    std::fs::write(&as_binary, wat::parse_str(&text).expect("valid WAT")).expect("write");
+    let describe = |file: &std::path::Path| {
+        let binary = ipvs_operator_tests::project_binary("ipvs-operator").expect("the binary");
+        let out = std::process::Command::new(binary)
+            .args(["policy", "describe", "--policy-compiler", "in-process", "--policy-file"])
+            .arg(file)
+            .output()
+            .expect("run ipvs-operator");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let binary = describe(&as_binary);
+    assert!(binary.contains("does not export"), "the binary component reaches the interface check: {binary}");
+    let text = describe(&as_text);
+    assert!(text.contains("does not compile") && !text.contains("does not export"), "WAT text is refused unparsed: {text}");
 }

@@ -14,7 +14,6 @@ use ipvs_operator_tests::kube_proxy::{
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize as _;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -226,11 +225,10 @@ async fn drains_tcp_destinations_with_connections_and_falls_back_to_terminating_
 /// Services and EndpointSlices from YAML documents.
 fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     let (mut services, mut slices) = (Vec::new(), Vec::new());
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = serde_yaml::Value::deserialize(doc).expect("YAML");
-        match v.get("kind").and_then(serde_yaml::Value::as_str) {
-            Some("Service") => services.push(serde_yaml::from_value(v).expect("a Service")),
-            Some("EndpointSlice") => slices.push(serde_yaml::from_value(v).expect("an EndpointSlice")),
+    for v in serde_saphyr::from_multiple::<serde_json::Value>(yaml).expect("YAML") {
+        match v.get("kind").and_then(serde_json::Value::as_str) {
+            Some("Service") => services.push(serde_json::from_value(v).expect("a Service")),
+            Some("EndpointSlice") => slices.push(serde_json::from_value(v).expect("an EndpointSlice")),
             other => panic!("unexpected kind {other:?}"),
         }
     }

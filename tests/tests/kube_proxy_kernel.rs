@@ -13,7 +13,6 @@ use ipvs_operator_tests::kube_proxy::{
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize as _;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -199,11 +198,10 @@ endpoints: [{addresses: ["fd00:1::10"], nodeName: node-1}]
 
 fn objects(yaml: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     let (mut services, mut slices) = (Vec::new(), Vec::new());
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = serde_yaml::Value::deserialize(doc).expect("YAML");
-        match v.get("kind").and_then(serde_yaml::Value::as_str) {
-            Some("Service") => services.push(serde_yaml::from_value(v).expect("a Service")),
-            _ => slices.push(serde_yaml::from_value(v).expect("an EndpointSlice")),
+    for v in serde_saphyr::from_multiple::<serde_json::Value>(yaml).expect("YAML") {
+        match v.get("kind").and_then(serde_json::Value::as_str) {
+            Some("Service") => services.push(serde_json::from_value(v).expect("a Service")),
+            _ => slices.push(serde_json::from_value(v).expect("an EndpointSlice")),
         }
     }
     (services, slices)

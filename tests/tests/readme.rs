@@ -62,11 +62,11 @@ fn the_readme_weighted_service_is_the_example_file() {
         .find(|(lang, body)| lang == "yaml" && body.contains("kind: WeightedService"))
         .map(|(_, body)| body)
         .expect("the README shows a WeightedService");
-    let in_readme: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("the README's WeightedService is YAML");
+    let in_readme: serde_json::Value = serde_saphyr::from_str(&yaml).expect("the README's WeightedService is YAML");
     let file = std::fs::read_to_string(repo().join("examples/seed-canary.yaml")).expect("examples/seed-canary.yaml");
-    let in_file: serde_yaml::Value = serde_yaml::from_str(&file).expect("examples/seed-canary.yaml is YAML");
+    let in_file: serde_json::Value = serde_saphyr::from_str(&file).expect("examples/seed-canary.yaml is YAML");
     assert_eq!(in_readme, in_file, "the README's WeightedService differs from examples/seed-canary.yaml");
-    let typed: ipvs_operator::crd::WeightedService = serde_yaml::from_str(&yaml).expect("it decodes as a WeightedService");
+    let typed: ipvs_operator::crd::WeightedService = serde_saphyr::from_str(&yaml).expect("it decodes as a WeightedService");
     assert_eq!(typed.spec.weights.len(), 2);
 }
 

@@ -400,7 +400,7 @@ async fn a_new_user_follows_the_readme() {
 
     // "`kubectl get weightedservice example -o yaml` shows it all" (the Status table).
     let yaml = kubectl("kubectl get weightedservice example -o yaml".into(), None).await.stdout;
-    let full: Value = serde_yaml::from_str(&yaml).expect("YAML");
+    let full: Value = serde_saphyr::from_str(&yaml).expect("YAML");
     let status = &full["status"];
     assert_eq!(status["observedGeneration"], full["metadata"]["generation"]);
     assert_eq!(status["serviceName"], "example");

@@ -432,7 +432,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     fn service(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     fn endpoint(address: &str, ready: bool, terminating: bool, ports: &[(u16, u16)]) -> Endpoint {

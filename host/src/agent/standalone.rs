@@ -105,7 +105,7 @@ mod tests {
     use std::sync::Arc;
 
     fn service(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).expect("a Service")
+        serde_saphyr::from_str(yaml).expect("a Service")
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -251,7 +251,7 @@ pub enum Error {
     Api(#[from] ApiError),
     /// A manifest is not valid YAML.
     #[error("manifest is not valid YAML")]
-    Yaml(#[from] serde_yaml::Error),
+    Yaml(#[from] serde_saphyr::Error),
     /// A manifest object names a kind the server does not serve.
     #[error("unsupported kind {api_version}/{kind} in manifest")]
     UnsupportedKind {

@@ -450,7 +450,7 @@ async fn object_request(
                 return Err(ApiError::method_not_allowed("create"));
             }
             let obj: Value = serde_json::from_slice(body)
-                .or_else(|_| serde_yaml::from_slice(body))
+                .or_else(|_| serde_saphyr::from_slice(body))
                 .map_err(|e| ApiError::bad_request(format!("error decoding the body: {e}")))?;
             if dry_run(query) {
                 // Checked, not stored (and not defaulted: a limit of the double).

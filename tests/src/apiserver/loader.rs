@@ -1,7 +1,6 @@
 //! Loading manifests: multi-document YAML (and `kind: List`) applied object by
 //! object, as `kubectl apply --server-side` would, creating missing namespaces.
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{Error, Result};
@@ -12,8 +11,7 @@ const MANAGER: &str = "test-apiserver-load";
 
 fn documents(yaml: &str) -> Result<Vec<Value>> {
     let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = Value::deserialize(doc)?;
+    for v in serde_saphyr::from_multiple::<Value>(yaml)? {
         if v.is_null() {
             continue;
         }

@@ -560,7 +560,7 @@ mod test {
         let ours = crate::apiserver::operator_crds();
         assert_eq!(ours.len(), 2, "deploy/crd.yaml: WeightedService and PodInfoSlice");
         for doc in ours {
-            let crd: Value = serde_yaml::from_str(&doc).expect("a CRD of deploy/crd.yaml");
+            let crd: Value = serde_saphyr::from_str(&doc).expect("a CRD of deploy/crd.yaml");
             let name = crd["metadata"]["name"].clone();
             let errors = messages(&structural_errors(&crd));
             assert_eq!(errors, Vec::<String>::new(), "the operator's CRD {name} is structural");

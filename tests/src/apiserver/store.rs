@@ -170,13 +170,13 @@ pub(crate) struct Store {
 
 /// Now, as Kubernetes timestamps are written.
 pub(crate) fn now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// Now plus `d`, as a Kubernetes timestamp.
 pub(crate) fn now_plus(d: Duration) -> String {
-    let ts = jiff::Timestamp::now();
-    let later = jiff::SignedDuration::try_from(d).ok().and_then(|d| ts.checked_add(d).ok()).unwrap_or(ts);
+    let ts = k8s_openapi::jiff::Timestamp::now();
+    let later = k8s_openapi::jiff::SignedDuration::try_from(d).ok().and_then(|d| ts.checked_add(d).ok()).unwrap_or(ts);
     later.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
@@ -294,7 +294,7 @@ impl Store {
             }
         }
         for doc in s.cfg.crds.iter().flat_map(|crds| super::yaml_documents(crds)).collect::<Vec<_>>() {
-            let created = serde_yaml::from_str::<Value>(&doc)
+            let created = serde_saphyr::from_str::<Value>(&doc)
                 .map_err(|e| ApiError::bad_request(format!("a configured CRD is not YAML: {e}")))
                 .and_then(|crd| s.create(ids::crds(), "", crd));
             if let Err(e) = created {
@@ -799,7 +799,7 @@ impl Store {
         let rk = &KINDS[kind];
         let ct = content_type.split(';').next().unwrap_or_default().trim();
         if ct == "application/apply-patch+yaml" {
-            let applied: Value = serde_yaml::from_slice(body)
+            let applied: Value = serde_saphyr::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
             let Some(manager) = field_manager.filter(|m| !m.is_empty()) else {
                 return Err(ApiError::invalid(rk, name, "fieldManager: Required value: is required for apply patch"));

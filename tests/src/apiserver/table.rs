@@ -253,7 +253,7 @@ fn cell(c: &Cell, o: &Value) -> Value {
                 ("integer", Value::Number(n)) => n.as_i64().map(|i| json!(i)).or_else(|| n.as_f64().map(|f| json!(f as i64))).unwrap_or(Value::Null),
                 ("number", Value::Number(n)) => n.as_f64().map(|f| json!(f)).unwrap_or(Value::Null),
                 ("boolean", Value::Bool(b)) => json!(b),
-                ("date", Value::String(s)) => match s.parse::<jiff::Timestamp>() {
+                ("date", Value::String(s)) => match s.parse::<k8s_openapi::jiff::Timestamp>() {
                     Ok(_) => json!(age(Some(&s))),
                     Err(_) => json!("<invalid>"),
                 },
@@ -402,8 +402,8 @@ fn event_source(o: &Value) -> Value {
 /// How long ago `ts` was, as kubectl prints ages (apimachinery's
 /// `duration.HumanDuration`).
 pub(crate) fn age(ts: Option<&str>) -> String {
-    let Some(then) = ts.and_then(|t| t.parse::<jiff::Timestamp>().ok()) else { return "<unknown>".into() };
-    human_duration(jiff::Timestamp::now().as_second() - then.as_second())
+    let Some(then) = ts.and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok()) else { return "<unknown>".into() };
+    human_duration(k8s_openapi::jiff::Timestamp::now().as_second() - then.as_second())
 }
 
 /// apimachinery's `duration.HumanDuration`, for whole seconds.

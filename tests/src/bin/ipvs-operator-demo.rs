@@ -302,8 +302,7 @@ fn select_documents(text: &str) -> Result<(String, Vec<Value>)> {
     let mut kept = Vec::new();
     let mut weighted_services = Vec::new();
     let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(document).context("the manifest is not valid YAML")?;
+    for value in serde_saphyr::from_multiple::<Value>(text).context("the manifest is not valid YAML")? {
         match value["kind"].as_str() {
             Some("List") => documents.extend(value["items"].as_array().cloned().unwrap_or_default()),
             _ if value.is_null() => {}
@@ -339,12 +338,11 @@ fn select_documents(text: &str) -> Result<(String, Vec<Value>)> {
             }
             weighted_services.push(value.clone());
         }
-        kept.push(serde_yaml::to_string(&value)?);
+        kept.push(serde_saphyr::to_string(&value)?);
     }
     Ok((kept.join("---\n"), weighted_services))
 }
 
-use serde::Deserialize as _;
 
 /// Wait until the kernel has the weights the WeightedService's status promises
 /// on every address of its Service, then open connections to each (its first
@@ -743,7 +741,7 @@ fn elf_facts(elf: &[u8]) -> Option<(Option<String>, bool)> {
 fn get_table(items: &[Value]) -> Result<String> {
     let crds = ipvs_operator_tests::apiserver::yaml_documents(CRD_YAML)
         .iter()
-        .map(|doc| serde_yaml::from_str::<Value>(doc))
+        .map(|doc| serde_saphyr::from_str::<Value>(doc))
         .collect::<Result<Vec<Value>, _>>()
         .context("deploy/crd.yaml")?;
     let crd = crds
@@ -758,7 +756,7 @@ fn get_table(items: &[Value]) -> Result<String> {
             .chain(columns.iter().map(|c| c["name"].as_str().unwrap_or_default().to_uppercase()))
             .collect::<Vec<_>>(),
     ];
-    let now = jiff::Timestamp::now();
+    let now = k8s_openapi::jiff::Timestamp::now();
     for item in items {
         let mut row = vec![
             item["metadata"]["namespace"].as_str().unwrap_or_default().to_string(),
@@ -767,7 +765,7 @@ fn get_table(items: &[Value]) -> Result<String> {
         for c in &columns {
             let value = json_path(item, c["jsonPath"].as_str().unwrap_or_default());
             let cell = match (c["type"].as_str(), value.as_ref().and_then(Value::as_str)) {
-                (Some("date"), Some(t)) => t.parse::<jiff::Timestamp>().map(|t| age(now.duration_since(t).as_secs())).unwrap_or_else(|_| t.to_string()),
+                (Some("date"), Some(t)) => t.parse::<k8s_openapi::jiff::Timestamp>().map(|t| age(now.duration_since(t).as_secs())).unwrap_or_else(|_| t.to_string()),
                 (_, Some(s)) => s.to_string(),
                 (_, None) => value.map(|v| v.to_string()).unwrap_or_else(|| "<none>".into()),
             };

@@ -92,7 +92,7 @@ mod tests {
     use super::*;
 
     fn service(yaml: &str) -> Service {
-        serde_yaml::from_str(yaml).expect("a Service")
+        serde_saphyr::from_str(yaml).expect("a Service")
     }
 
     #[test]
