@@ -565,9 +565,11 @@ fn a_policy_failing_mid_rollout_keeps_the_last_good_weights() {
     let config = TestbedConfig { policy_dir: Some(dir.path().to_path_buf()), ..agreeing() };
     let (bed, sampler) = start(config, Some("{name: mine, config: {}}"));
     let good = kernel_weights(&bed);
+    // Failed evaluations, and configs refused by validate-config (never evaluated).
     let failures = |bed: &Testbed| {
         let all = bed.agent_metric("ipvs_operator_policy_evaluations_total", "policy=\"mine\"").unwrap_or(0.0);
-        all - bed.agent_metric("ipvs_operator_policy_evaluations_total", "policy=\"mine\",result=\"ok\"").unwrap_or(0.0)
+        let refused = bed.agent_metric("ipvs_operator_policy_config_refusals_total", "policy=\"mine\"").unwrap_or(0.0);
+        all + refused - bed.agent_metric("ipvs_operator_policy_evaluations_total", "policy=\"mine\",result=\"ok\"").unwrap_or(0.0)
     };
     let hold = |bed: &Testbed, what: &str, length: Duration, changes: &mut usize| {
         let started = Instant::now();
@@ -588,7 +590,7 @@ fn a_policy_failing_mid_rollout_keeps_the_last_good_weights() {
 
     // The rollout: first its config, which the working module refuses…
     bed.handle().load_manifests(&weighted_service(1, Some("{name: mine, config: {behave: trap}}"))).expect("editing the WeightedService");
-    wait_until(TIMEOUT, "the agent to count a failed evaluation (config refused)", || (failures(&bed) >= 1.0).then_some(()));
+    wait_until(TIMEOUT, "the agent to count the refused config", || (failures(&bed) >= 1.0).then_some(()));
     hold(&bed, "the config refused", phase(), &mut changes);
     // …then its module, which traps on every evaluation…
     generation += 1;
