@@ -606,10 +606,11 @@ async fn reconcile_once(ws: Arc<WeightedService>, ctx: Arc<Context>) -> Result<A
                     // Never waits for a compile: the catalog's Loaded event reconciles again.
                     let policy = catalog.ready(&policy_name, pin.as_deref())?;
                     let evaluation = policy.evaluate(&input)?;
+                    let (name, version) = crate::policy::split_key(policy.name());
                     Ok((
                         PolicyStatus {
-                            name: crate::policy::split_key(policy.name()).0.into(),
-                            version: crate::policy::split_key(policy.name()).1.map(Into::into),
+                            name: name.into(),
+                            version: version.map(Into::into),
                             sha256: policy.sha256().into(),
                         },
                         evaluation,
