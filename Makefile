@@ -130,60 +130,96 @@ bench-apiload: setup
 	$(CARGO) build --release -p ipvs-operator
 	APILOAD_SERVICES=$(APILOAD_SERVICES) APILOAD_OTHER_PODS=$(APILOAD_OTHER_PODS) $(CARGO) bench -p ipvs-operator-tests --bench apiload
 
-## musl-binary: the binary we ship — static, for BINARY_TARGET with musl,
-## stripped — at SHIPPED_BINARY: the image holds it (`make image`), and
-## `make test` runs it in the VM (`make test-demo`) and `make bench` measures
-## it (footprint). Cargo caches the build, so it is built once (cold, the musl
-## build of every dependency: about 7 minutes on 2 cores); the stripped copy is
-## replaced only when it differs. Installs musl-tools (musl-gcc, for
-## ring's and wasmtime's C parts) when musl-gcc is missing. Another target:
-## BINARY_TARGET=<triple> (and, for one musl-gcc cannot build for, BINARY_CC
-## or the whole BINARY_BUILD command).
-BINARY_TARGET ?= x86_64-unknown-linux-musl
-BINARY_CC ?= musl-gcc
-BINARY_BUILD ?= CC_$(subst -,_,$(BINARY_TARGET))=$(BINARY_CC) $(CARGO) build --release --target $(BINARY_TARGET) -p ipvs-operator
-STRIP ?= strip
+## The binaries we ship, one per architecture: static (musl), built with the
+## `image` profile (release, stripped: Cargo.toml), each left at
+## target/image/<arch>/ipvs-operator. `make binary-amd64`, `make binary-arm64`
+## build one; `make musl-binary` builds this machine's (SHIPPED_BINARY), which
+## `make test` runs in the VM (`make test-demo`) and `make bench` measures
+## (footprint). Cargo caches the builds (cold, every dependency for musl: about
+## 8 minutes per architecture on 2 cores); a binary is replaced only when it
+## differs. Each installs what it misses: its Rust target, and its C compiler
+## (for ring's and psm's C and assembly) which also links: musl-gcc (Debian
+## package musl-tools) for amd64, and Debian's aarch64 cross gcc for arm64
+## (gcc-aarch64-linux-gnu; it links against Rust's own self-contained musl,
+## so no musl for arm64 is needed). On an arm64 machine the roles swap.
+BINARY_PROFILE := image
+RUST_TARGET_amd64 := x86_64-unknown-linux-musl
+RUST_TARGET_arm64 := aarch64-unknown-linux-musl
+HOST_ARCH := $(patsubst x86_64,amd64,$(patsubst aarch64,arm64,$(shell uname -m)))
+BINARY_CC_amd64 := $(if $(filter amd64,$(HOST_ARCH)),musl-gcc,x86_64-linux-gnu-gcc)
+BINARY_CC_arm64 := $(if $(filter arm64,$(HOST_ARCH)),musl-gcc,aarch64-linux-gnu-gcc)
+BINARY_CC_PACKAGE_musl-gcc := musl-tools
+BINARY_CC_PACKAGE_x86_64-linux-gnu-gcc := gcc-x86-64-linux-gnu
+BINARY_CC_PACKAGE_aarch64-linux-gnu-gcc := gcc-aarch64-linux-gnu
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
-# What cargo builds, and the stripped copy that ships (the image's build
-# context is its directory).
-BUILT_BINARY := $(TARGET_DIR)/$(BINARY_TARGET)/release/ipvs-operator
-SHIPPED_BINARY := $(TARGET_DIR)/image/$(BINARY_TARGET)/ipvs-operator
+SHIPPED_BINARY := $(TARGET_DIR)/image/$(HOST_ARCH)/ipvs-operator
 .PHONY: musl-binary
-musl-binary: setup
-	@if [ "$(BINARY_CC)" = musl-gcc ] && ! command -v musl-gcc >/dev/null; then \
-	  echo "installing Debian packages for the musl build: musl-tools"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq musl-tools; } || { \
-	    echo "make musl-binary needs musl-gcc (Debian package musl-tools): could not install it" >&2; exit 1; }; \
-	fi
-	$(BINARY_BUILD)
-	@mkdir -p "$(dir $(SHIPPED_BINARY))" && $(STRIP) -o "$(SHIPPED_BINARY).part" "$(BUILT_BINARY)" && \
-	if cmp -s "$(SHIPPED_BINARY).part" "$(SHIPPED_BINARY)"; then rm -f "$(SHIPPED_BINARY).part"; \
-	else mv -f "$(SHIPPED_BINARY).part" "$(SHIPPED_BINARY)" && echo "stripped $(BUILT_BINARY) into $(SHIPPED_BINARY)"; fi
+musl-binary: binary-$(HOST_ARCH)
 
-## image: the container image — the shipped binary (`make musl-binary`) in an
-## image FROM scratch (Containerfile) — built with podman or buildah, exported
-## as an OCI layout to target/image/oci, and checked (tests/tests/image.rs).
-## Not part of `make test` (the binary in it is: `make test-demo` runs it).
-IMAGE ?= localhost/ipvs-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
-# It installs buildah when neither podman nor buildah is there.
-image: setup musl-binary
-	@if ! command -v podman >/dev/null && ! command -v buildah >/dev/null; then \
-	  echo "installing Debian packages for the image: buildah"; \
+.PHONY: binary-amd64 binary-arm64
+binary-amd64: BINARY_ARCH := amd64
+binary-arm64: BINARY_ARCH := arm64
+binary-amd64 binary-arm64: setup
+	@triple="$(RUST_TARGET_$(BINARY_ARCH))"; cc="$(BINARY_CC_$(BINARY_ARCH))"; package="$(BINARY_CC_PACKAGE_$(BINARY_CC_$(BINARY_ARCH)))"; \
+	$(RUSTUP) target list --installed | grep -qx "$$triple" || $(RUSTUP) target add "$$triple" || exit 1; \
+	if ! command -v "$$cc" >/dev/null; then \
+	  echo "installing Debian packages for the $(BINARY_ARCH) build: $$package"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq buildah; } || { \
-	    echo "make image needs podman or buildah (Debian packages podman, buildah): could not install buildah" >&2; exit 1; }; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq "$$package"; } || { \
+	    echo "make binary-$(BINARY_ARCH) needs $$cc (Debian package $$package): could not install it" >&2; exit 1; }; \
+	fi
+	CC_$(subst -,_,$(RUST_TARGET_$(BINARY_ARCH)))=$(BINARY_CC_$(BINARY_ARCH)) \
+	  $(if $(filter-out musl-gcc,$(BINARY_CC_$(BINARY_ARCH))),CARGO_TARGET_$(shell echo $(RUST_TARGET_$(BINARY_ARCH)) | tr a-z- A-Z_)_LINKER=$(BINARY_CC_$(BINARY_ARCH))) \
+	  $(CARGO) build --profile $(BINARY_PROFILE) --target $(RUST_TARGET_$(BINARY_ARCH)) -p ipvs-operator
+	@built="$(TARGET_DIR)/$(RUST_TARGET_$(BINARY_ARCH))/$(BINARY_PROFILE)/ipvs-operator"; shipped="$(TARGET_DIR)/image/$(BINARY_ARCH)/ipvs-operator"; \
+	mkdir -p "$(TARGET_DIR)/image/$(BINARY_ARCH)" && \
+	if ! cmp -s "$$built" "$$shipped"; then cp -f "$$built" "$$shipped.part" && mv -f "$$shipped.part" "$$shipped" && echo "copied $$built to $$shipped"; fi
+
+## image: the container image, an OCI image index of one image per platform in
+## PLATFORMS (default linux/amd64 linux/arm64): each the architecture's shipped
+## binary (`make binary-amd64`, `make binary-arm64`) in an image FROM scratch (Containerfile),
+## built with podman or buildah (installs buildah when neither is there),
+## exported as an OCI layout to target/image/oci, and checked
+## (tests/tests/image.rs: the index, each image, and each binary run — the
+## other architecture's under qemu-user, which it installs). Prints each
+## binary's size beside the release profile's (`cargo build --release`, with
+## symbols) when that build is there. Not part of `make test` (the amd64
+## binary is: `make test-demo` runs it).
+PLATFORMS ?= linux/amd64 linux/arm64
+IMAGE_ARCHES := $(patsubst linux/%,%,$(PLATFORMS))
+ifneq ($(filter image,$(MAKECMDGOALS)),)
+$(if $(filter-out linux/amd64 linux/arm64,$(PLATFORMS)),$(error make image: PLATFORMS has $(filter-out linux/amd64 linux/arm64,$(PLATFORMS)): the platforms built are linux/amd64 and linux/arm64))
+$(if $(strip $(PLATFORMS)),,$(error make image: PLATFORMS is empty))
+endif
+IMAGE ?= localhost/ipvs-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+image: setup $(foreach a,$(IMAGE_ARCHES),binary-$(a))
+	@missing=""; \
+	command -v podman >/dev/null || command -v buildah >/dev/null || missing="$$missing buildah"; \
+	for a in $(filter-out $(HOST_ARCH),$(IMAGE_ARCHES)); do \
+	  q=$$(echo $$a | sed 's/amd64/x86_64/; s/arm64/aarch64/'); \
+	  command -v qemu-$$q >/dev/null || command -v qemu-$$q-static >/dev/null || missing="$$missing qemu-user"; \
+	done; missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the image: $$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; } || { \
+	    echo "make image needs$$missing: could not install it" >&2; exit 1; }; \
 	fi
 	rm -rf target/image/oci
-	@if command -v podman >/dev/null; then \
-	  set -x; podman build -f Containerfile -t $(IMAGE) "$(dir $(SHIPPED_BINARY))" && \
-	  podman save --format oci-dir -o target/image/oci $(IMAGE); \
-	else \
-	  set -x; buildah build --layers=false -f Containerfile -t $(IMAGE) "$(dir $(SHIPPED_BINARY))" && \
-	  buildah push $(IMAGE) oci:target/image/oci:$(IMAGE); \
-	fi
-	IPVS_OPERATOR_IMAGE_OCI=$(CURDIR)/target/image/oci $(CARGO) test --release -p ipvs-operator-tests --features image-tests --test image -- --nocapture
-	@echo "built $(IMAGE) (OCI layout in target/image/oci)"
+	@if command -v podman >/dev/null; then tool=podman; else tool=buildah; fi; set -ex; \
+	$$tool manifest rm $(IMAGE) >/dev/null 2>&1 || true; \
+	$$tool manifest create $(IMAGE); \
+	for p in $(PLATFORMS); do \
+	  $$tool build --platform $$p --manifest $(IMAGE) -f Containerfile "$(TARGET_DIR)/image"; \
+	done; \
+	$$tool manifest push --all --format oci $(IMAGE) oci:target/image/oci:$(IMAGE)
+	IPVS_OPERATOR_IMAGE_OCI=$(CURDIR)/target/image/oci IPVS_OPERATOR_IMAGE_PLATFORMS="$(PLATFORMS)" \
+	  IPVS_OPERATOR_IMAGE_BINARIES=$(TARGET_DIR)/image \
+	  $(CARGO) test --release -p ipvs-operator-tests --features image-tests --test image -- --nocapture
+	@$(foreach a,$(IMAGE_ARCHES),release="$(TARGET_DIR)/$(RUST_TARGET_$(a))/release/ipvs-operator"; \
+	  printf 'linux/$(a): %s bytes (profile $(BINARY_PROFILE))' $$(stat -c %s "$(TARGET_DIR)/image/$(a)/ipvs-operator"); \
+	  if [ -f "$$release" ]; then printf ', %s bytes with the release profile (%s)' $$(stat -c %s "$$release") "$$release"; fi; echo;)
+	@echo "built $(IMAGE) for $(PLATFORMS) (OCI layout in target/image/oci)"
 
 include tests/vm/vm.mk
 
