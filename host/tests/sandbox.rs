@@ -235,7 +235,7 @@ fn a_component_that_imports_wasi_is_refused_at_load() {
             (export "get-arguments" (func (result (list string))))
         ))
     )"#;
-    let err = engine().load("wants-env", wat.as_bytes()).err().unwrap();
+    let err = engine().load("wants-env", &wat::parse_str(wat).expect("valid WAT")).err().unwrap();
     assert!(matches!(err, PolicyError::Imports { .. }), "{err}");
     assert!(err.to_string().contains("wasi:cli/environment@0.2.0"), "{err}");
 }
@@ -249,7 +249,7 @@ fn another_interface_version_is_refused_at_load() {
         (instance $evaluator (export "evaluate" (func $f)))
         (export "ipvs-operator:policy/evaluator@0.3.0" (instance $evaluator))
     )"#;
-    let err = engine().load("future", wat.as_bytes()).err().unwrap();
+    let err = engine().load("future", &wat::parse_str(wat).expect("valid WAT")).err().unwrap();
     assert!(matches!(err, PolicyError::Interface { .. }), "{err}");
     let text = err.to_string();
     assert!(text.contains("@0.2.x or @0.1.x") && text.contains("@0.3.0"), "{text}");
@@ -264,7 +264,7 @@ fn the_right_name_with_the_wrong_signature_is_refused_at_load() {
         (instance $evaluator (export "evaluate" (func $f)))
         (export "ipvs-operator:policy/evaluator@0.1.0" (instance $evaluator))
     )"#;
-    let err = engine().load("liar", wat.as_bytes()).err().unwrap();
+    let err = engine().load("liar", &wat::parse_str(wat).expect("valid WAT")).err().unwrap();
     assert!(matches!(err, PolicyError::Interface { .. }), "{err}");
 }
 
@@ -335,7 +335,7 @@ fn each_kind_of_host_access_is_refused_naming_the_import() {
         ("host:anything/at-all", r#"(export "f" (func))"#),
     ] {
         let wat = format!(r#"(component (import "{import}" (instance {func})))"#);
-        let err = engine().load("curious", wat.as_bytes()).err().unwrap_or_else(|| panic!("{import} was accepted"));
+        let err = engine().load("curious", &wat::parse_str(&wat).expect("valid WAT")).err().unwrap_or_else(|| panic!("{import} was accepted"));
         assert!(matches!(err, PolicyError::Imports { .. }), "{import}: {err}");
         assert!(err.to_string().contains(import), "{import}: {err}");
     }
