@@ -136,7 +136,7 @@ bench-apiload: setup
 ## build one; `make musl-binary` builds this machine's (SHIPPED_BINARY), which
 ## `make test` runs in the VM (`make test-demo`) and `make bench` measures
 ## (footprint). Cargo caches the builds (cold, every dependency for musl: about
-## 8 minutes per architecture on 2 cores); a binary is replaced only when it
+## 7 minutes per architecture on 2 cores); a binary is replaced only when it
 ## differs. Each installs what it misses: its Rust target, and its C compiler
 ## (for ring's and psm's C and assembly) which also links: musl-gcc (Debian
 ## package musl-tools) for amd64, and Debian's aarch64 cross gcc for arm64

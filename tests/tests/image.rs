@@ -45,13 +45,23 @@ fn architectures() -> Vec<String> {
         .collect()
 }
 
+/// The architectures an image is built for: the OCI name, the machine's name
+/// (Rust's `std::env::consts::ARCH`, qemu-user's), and ELF's e_machine.
+const MACHINES: [(&str, &str, u16); 2] = [("amd64", "x86_64", 62), ("arm64", "aarch64", 183)];
+
+/// An architecture's machine name and ELF e_machine, by its OCI name.
+fn machine(architecture: &str) -> (&'static str, u16) {
+    let &(_, name, elf) = MACHINES
+        .iter()
+        .find(|(oci, _, _)| *oci == architecture)
+        .unwrap_or_else(|| panic!("no machine known for {architecture}"));
+    (name, elf)
+}
+
 /// This machine's architecture, as OCI names it.
 fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
+    let host = MACHINES.iter().find(|(_, name, _)| *name == std::env::consts::ARCH);
+    host.map(|(oci, _, _)| *oci).unwrap_or(std::env::consts::ARCH)
 }
 
 /// A blob of the layout by digest (`sha256:…`).
@@ -99,15 +109,6 @@ fn elf_interpreter_and_machine(elf: &[u8]) -> (bool, u16) {
     ((0..phnum).any(|i| u32_at(phoff + i * phentsize) == PT_INTERP), u16_at(0x12))
 }
 
-/// ELF's e_machine for an architecture.
-fn elf_machine(architecture: &str) -> u16 {
-    match architecture {
-        "amd64" => 62,  // EM_X86_64
-        "arm64" => 183, // EM_AARCH64
-        other => panic!("no ELF machine known for {other}"),
-    }
-}
-
 /// A command running `binary`: directly when it is this machine's
 /// architecture, else under qemu-user (`qemu-<arch>` or `qemu-<arch>-static`,
 /// Debian's qemu-user and qemu-user-static). Not through binfmt_misc, which a
@@ -117,17 +118,13 @@ fn command(architecture: &str, binary: &Path) -> Command {
     if architecture == host_architecture() {
         return Command::new(binary);
     }
-    let machine = match architecture {
-        "amd64" => "x86_64",
-        "arm64" => "aarch64",
-        other => panic!("no qemu-user known for {other}"),
-    };
+    let (qemu_machine, _) = machine(architecture);
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let qemu = [format!("qemu-{machine}"), format!("qemu-{machine}-static")]
+    let qemu = [format!("qemu-{qemu_machine}"), format!("qemu-{qemu_machine}-static")]
         .iter()
         .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
         .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| panic!("no qemu-{machine} in PATH to run the {architecture} binary (Debian: qemu-user)"));
+        .unwrap_or_else(|| panic!("no qemu-{qemu_machine} in PATH to run the {architecture} binary (Debian: qemu-user)"));
     let mut command = Command::new(qemu);
     command.arg(binary);
     command
@@ -212,9 +209,9 @@ fn the_image_index_holds_each_architectures_static_binary_alone_and_each_evaluat
         let bytes = std::fs::read(&binary).expect("the binary");
         let size = bytes.len() as u64;
         assert!(size <= MAX_UNCOMPRESSED, "{architecture}: the binary is {size} bytes, over {MAX_UNCOMPRESSED}");
-        let (interpreter, machine) = elf_interpreter_and_machine(&bytes);
+        let (interpreter, e_machine) = elf_interpreter_and_machine(&bytes);
         assert!(!interpreter, "{architecture}: the binary is dynamically linked: an image from scratch has no loader");
-        assert_eq!(machine, elf_machine(&architecture), "{architecture}: the binary is for another machine");
+        assert_eq!(e_machine, machine(&architecture).1, "{architecture}: the binary is for another machine");
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&binary).expect("metadata").permissions());
         assert!(mode & 0o005 == 0o005, "{architecture}: user 65532 can run it (mode {mode:o})");
         if let Some(shipped) = std::env::var_os("IPVS_OPERATOR_IMAGE_BINARIES") {
@@ -257,7 +254,7 @@ fn the_image_index_holds_each_architectures_static_binary_alone_and_each_evaluat
 fn an_elf_interpreter_is_found() {
     // This test binary is dynamically linked (glibc) for this machine.
     let me = std::fs::read(std::env::current_exe().expect("the test's path")).expect("reading the test binary");
-    let (interpreter, machine) = elf_interpreter_and_machine(&me);
+    let (interpreter, e_machine) = elf_interpreter_and_machine(&me);
     assert!(interpreter);
-    assert_eq!(machine, elf_machine(host_architecture()));
+    assert_eq!(e_machine, machine(host_architecture()).1);
 }
